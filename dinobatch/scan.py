@@ -1,0 +1,144 @@
+"""Walk an input folder safely and fingerprint each file's bytes (no decoding here)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError
+
+__all__ = ["FileEntry", "walk", "sha256_file", "read_bytes", "display_path", "MAX_FILE_BYTES"]
+
+log = logging.getLogger(__name__)
+
+# A larger file is refused before it is read: no photo or drawing comes near this.
+MAX_FILE_BYTES = 512 * 1024 * 1024
+_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One candidate file found under the root, with why it cannot be read if it cannot."""
+
+    path: str  # relative to the root, '/'-separated, printable
+    abspath: str
+    size: int | None = None
+    mtime_ns: int | None = None
+    error: str | None = None
+
+
+def display_path(raw: str) -> str:
+    """A printable, UTF-8-safe form of a file name (undecodable bytes shown as \\xNN)."""
+    return os.fsencode(raw).decode("utf-8", "backslashreplace")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _entry(root: str, full: str, st: os.stat_result | None, error: str | None) -> FileEntry:
+    rel = display_path(os.path.relpath(full, root)).replace(os.sep, "/")
+    if error is None and st is not None and not stat.S_ISREG(st.st_mode):
+        error = f"skipped: {_kind(st.st_mode)}, not an image file"
+    if error is None and st is not None and st.st_size == 0:
+        error = "empty file (0 bytes)"
+    if error is None and st is not None and st.st_size > MAX_FILE_BYTES:
+        error = f"file too large ({st.st_size} bytes; the limit is {MAX_FILE_BYTES})"
+    return FileEntry(rel, full, st.st_size if st else None, st.st_mtime_ns if st else None, error)
+
+
+def _is_inside(path: str, root_real: str) -> bool:
+    return path == root_real or path.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def walk(root: str | Path) -> Iterator[FileEntry]:
+    """Yield every non-hidden file under root in sorted order, without following links out or in loops."""
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise InputError(f"input folder not found or not a folder: {root}")
+    root_real = os.path.realpath(root)
+    seen_dirs = {root_real}
+    stack = [iter(_listing(root))]
+    while stack:
+        e = next(stack[-1], None)
+        if e is None:
+            stack.pop()
+            continue
+        sub = _classify_entry(root, root_real, e, seen_dirs)
+        if isinstance(sub, FileEntry):
+            yield sub
+        elif sub is not None:
+            stack.append(iter(_listing(sub)))
+
+
+def _listing(folder: str) -> list[os.DirEntry]:
+    """Non-hidden entries of a folder sorted by name; an unlistable folder is logged and skipped."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("cannot list folder %s: %s", display_path(folder), exc.strerror or exc)
+        return []
+
+
+def _classify_entry(root: str, root_real: str, e: os.DirEntry, seen: set[str]) -> FileEntry | str | None:
+    """A FileEntry for a file, a folder path to descend into, or None for a folder to skip."""
+    try:
+        is_dir = e.is_dir(follow_symlinks=True)
+    except OSError:
+        is_dir = False
+    if is_dir:
+        real = os.path.realpath(e.path)
+        if e.is_symlink() and not _is_inside(real, root_real):
+            log.info("not following link %s: it points outside the input folder", display_path(e.path))
+            return None
+        if real in seen:
+            log.info("not following %s: folder already scanned (link loop or second link)", display_path(e.path))
+            return None
+        seen.add(real)
+        return e.path
+    try:
+        st = os.stat(e.path)  # follows a link to a file: the file's bytes are what we classify
+    except OSError as exc:
+        reason = "broken symbolic link" if e.is_symlink() else (exc.strerror or str(exc))
+        return _entry(root, e.path, None, f"cannot read file: {reason}")
+    return _entry(root, e.path, st, None)
+
+
+def _open_regular(path: str):
+    """Open a file for reading without ever blocking on a FIFO that replaced it after the walk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{_kind(st.st_mode)}, not an image file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise OSError(f"file too large ({st.st_size} bytes; the limit is {MAX_FILE_BYTES})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes, streamed in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with _open_regular(path) as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole file, refusing non-regular and oversized files."""
+    with _open_regular(path) as fh:
+        return fh.read(MAX_FILE_BYTES + 1)

@@ -1,0 +1,97 @@
+"""Fixtures: images, folders and tiny models that the tests generate themselves."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+LABELS = ("triceratops", "stegosaurus", "velociraptor")
+
+
+def picture(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
+    """A distinct RGB picture per seed: coloured shapes on a coloured background."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    for _ in range(8):
+        x0, y0 = rng.randrange(w), rng.randrange(h)
+        box = [x0, y0, x0 + rng.randrange(w // 6, w // 2), y0 + rng.randrange(h // 6, h // 2)]
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    return img
+
+
+def save(img: Image.Image, path: Path, fmt: str | None = None, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **kwargs)
+    return path
+
+
+def jpeg_bytes(img: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92, **kwargs)
+    return buf.getvalue()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 and mode of every file under root: proof that a command left the input alone."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            if p.is_file() and not p.is_symlink():
+                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest() + oct(p.stat().st_mode)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised resnet18 with three dinosaur labels and a 32-pixel input."""
+    import torch
+
+    from dinobatch.model import ModelSpec, Preprocessing, build_module, save_model
+
+    torch.manual_seed(0)
+    module = build_module("resnet18", len(LABELS))
+    spec = ModelSpec(arch="resnet18", labels=LABELS, preprocessing=Preprocessing(resize=36, crop=32),
+                     source={"kind": "test", "note": "random weights"})
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    save_model(path, spec, module.state_dict())
+    return path
+
+
+@pytest.fixture
+def inbox(tmp_path) -> dict[str, Path]:
+    """A folder of photos and drawings with every awkward case classify must handle."""
+    root = tmp_path / "inbox"
+    files = {
+        "a.jpg": save(picture(1), root / "a.jpg", quality=92),
+        "b.png": save(picture(2), root / "b.png"),
+        "c.webp": save(picture(3), root / "sub" / "c.webp", quality=90),
+        "d.gif": save(picture(4).convert("P", palette=Image.ADAPTIVE), root / "sub" / "d.gif"),
+        "e.bmp": save(picture(5), root / "e.bmp"),
+        "f.tiff": save(picture(6), root / "f.tiff"),
+        "big.png": save(picture(7, (320, 240)), root / "big.png"),
+    }
+    files["small_copy.jpg"] = save(picture(7, (320, 240)).resize((160, 120), Image.LANCZOS),
+                                   root / "small_copy.jpg", quality=90)
+    (root / "copy_of_a.jpg").write_bytes(files["a.jpg"].read_bytes())
+    files["copy_of_a.jpg"] = root / "copy_of_a.jpg"
+    (root / "truncated.jpg").write_bytes(jpeg_bytes(picture(8))[:700])
+    files["truncated.jpg"] = root / "truncated.jpg"
+    (root / "notes.txt").write_text("not an image\n")
+    files["notes.txt"] = root / "notes.txt"
+    (root / "empty.png").write_bytes(b"")
+    files["empty.png"] = root / "empty.png"
+    save(picture(9), root / ".hidden.jpg")
+    save(picture(10), root / ".thumbs" / "x.jpg")
+    return files

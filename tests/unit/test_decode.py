@@ -1,0 +1,119 @@
+"""Decoding: what a user sees of odd files is a correct picture or a readable reason."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from dinobatch.decode import DecodeError, decode
+from tests.conftest import jpeg_bytes, picture
+
+
+def png_bytes(img: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kwargs)
+    return buf.getvalue()
+
+
+def test_transparent_pixels_are_composited_on_white_not_on_hidden_colour():
+    img = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # invisible red
+    img.paste((0, 0, 255, 255), (10, 10, 30, 30))
+    dec = decode(png_bytes(img))
+    assert dec.image.mode == "RGB"
+    assert dec.image.getpixel((0, 0)) == (255, 255, 255)
+    assert dec.image.getpixel((20, 20)) == (0, 0, 255)
+
+
+def test_palette_transparency_becomes_white():
+    img = Image.new("P", (20, 20), 0)
+    img.putpalette([0, 255, 0] + [0, 0, 0] * 255)
+    dec = decode(png_bytes(img, transparency=0))
+    assert dec.image.getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied_and_size_reported_as_displayed():
+    img = Image.new("RGB", (60, 30), (255, 255, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # red mark in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    dec = decode(jpeg_bytes(img, exif=exif.tobytes()))
+    assert (dec.width, dec.height) == (30, 60)
+    assert dec.image.size == (30, 60)
+    r, g, b = dec.image.getpixel((25, 4))  # the mark is now in the top-right corner
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_cmyk_jpeg_is_converted_to_rgb():
+    img = Image.new("CMYK", (32, 32), (255, 0, 0, 0))  # pure cyan ink
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    dec = decode(buf.getvalue())
+    assert dec.mode == "CMYK" and dec.image.mode == "RGB"
+    r, g, b = dec.image.getpixel((16, 16))
+    assert r < 40 and g > 215 and b > 215
+
+
+def test_16_bit_grey_keeps_its_tones_instead_of_clipping_to_white():
+    img = Image.new("I;16", (16, 16), 32768)
+    dec = decode(png_bytes(img))
+    value = dec.image.getpixel((8, 8))[0]
+    assert 120 <= value <= 136
+
+
+def test_first_frame_of_an_animation_is_used():
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    dec = decode(buf.getvalue())
+    r, g, b = dec.image.getpixel((10, 10))
+    assert r > 200 and b < 50
+
+
+def test_format_is_recognised_by_content_not_name():
+    dec = decode(png_bytes(picture(1)))
+    assert dec.format == "PNG"
+
+
+def test_large_jpeg_is_decoded_reduced_but_reports_full_size():
+    img = picture(3, (2048, 1536))
+    dec = decode(jpeg_bytes(img), min_side=224)
+    assert (dec.width, dec.height) == (2048, 1536)
+    assert 256 <= min(dec.image.size) < 1536
+
+
+def test_truncated_jpeg_is_an_error_that_says_truncated():
+    with pytest.raises(DecodeError, match="truncated"):
+        decode(jpeg_bytes(picture(2))[:600])
+
+
+def test_non_image_and_empty_bytes_are_errors():
+    with pytest.raises(DecodeError, match="not an image"):
+        decode(b"hello, this is text\n" * 10)
+    with pytest.raises(DecodeError, match="empty"):
+        decode(b"")
+
+
+def _png_with_declared_size(width: int, height: int) -> bytes:
+    data = png_bytes(Image.new("L", (1, 1)))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    patched = struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return data[:8] + patched + data[8 + 25:]
+
+
+@pytest.mark.parametrize("side", [20_000, 100_000])
+def test_decompression_bomb_is_refused_before_decoding(side):
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode(_png_with_declared_size(side, side))
+
+
+def test_same_picture_in_two_formats_has_close_hashes():
+    img = picture(5)
+    a, b = decode(png_bytes(img)), decode(jpeg_bytes(img))
+    ph = bin(int(a.phash, 16) ^ int(b.phash, 16)).count("1")
+    dh = bin(int(a.dhash, 16) ^ int(b.dhash, 16)).count("1")
+    assert ph <= 8 and dh <= 3

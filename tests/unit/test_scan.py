@@ -1,0 +1,80 @@
+"""Walking a folder: hidden files, links, loops and special files never hang or escape the root."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dinobatch.errors import InputError
+from dinobatch.scan import sha256_file, walk
+from tests.conftest import picture, save
+
+
+def paths(root):
+    return {e.path: e for e in walk(root)}
+
+
+def test_walk_is_recursive_sorted_and_skips_hidden(tmp_path):
+    save(picture(1), tmp_path / "b.png")
+    save(picture(2), tmp_path / "a" / "z.png")
+    save(picture(3), tmp_path / ".hidden.png")
+    save(picture(4), tmp_path / ".cache" / "y.png")
+    found = [e.path for e in walk(tmp_path)]
+    assert found == ["a/z.png", "b.png"]
+
+
+def test_link_to_folder_outside_root_is_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    save(picture(1), outside / "secret.png")
+    root = tmp_path / "root"
+    save(picture(2), root / "in.png")
+    os.symlink(outside, root / "link")
+    assert list(paths(root)) == ["in.png"]
+
+
+def test_link_loop_terminates_and_each_folder_is_walked_once(tmp_path):
+    save(picture(1), tmp_path / "a" / "x.png")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "loop")
+    os.symlink(tmp_path, tmp_path / "a" / "up")
+    assert list(paths(tmp_path)) == ["a/x.png"]
+
+
+def test_link_to_folder_inside_root_is_followed_once(tmp_path):
+    save(picture(1), tmp_path / "real" / "x.png")
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    # 'alias' sorts first, so the folder is read through it; 'real' is then not read again
+    assert list(paths(tmp_path)) == ["alias/x.png"]
+
+
+def test_broken_link_fifo_and_empty_file_are_rows_with_reasons(tmp_path):
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "broken.png")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    found = paths(tmp_path)
+    assert "broken symbolic link" in found["broken.png"].error
+    assert "FIFO" in found["pipe.jpg"].error
+    assert "empty" in found["empty.jpg"].error
+
+
+def test_file_link_loop_is_a_row_not_a_hang(tmp_path):
+    os.symlink(tmp_path / "b.png", tmp_path / "a.png")
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    found = paths(tmp_path)
+    assert set(found) == {"a.png", "b.png"}
+    assert all(e.error for e in found.values())
+
+
+def test_missing_root_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        list(walk(tmp_path / "missing"))
+
+
+def test_undecodable_file_name_is_kept_printable(tmp_path):
+    raw = os.fsencode(str(tmp_path)) + b"/caf\xe9.png"
+    with open(raw, "wb") as fh:
+        picture(1).save(fh, "PNG")
+    (entry,) = walk(tmp_path)
+    assert entry.path == "caf\\xe9.png"
+    assert entry.error is None
+    assert len(sha256_file(entry.abspath)) == 64
