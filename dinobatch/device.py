@@ -1,0 +1,103 @@
+"""The one place that knows about devices, precision, autocast and memory format."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from .errors import DeviceError
+
+__all__ = ["PRECISIONS", "Runtime", "resolve_runtime"]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the model runs: a resolved device and precision."""
+
+    device: Any  # torch.device
+    precision: str  # fp32 | bf16 | fp16 (never auto once resolved)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def pin_memory(self) -> bool:
+        """Pinned host memory makes non-blocking host-to-GPU copies possible."""
+        return self.is_cuda
+
+    def describe(self) -> str:
+        """Human-readable device and precision, for logs and summaries."""
+        if self.is_cuda:
+            import torch
+
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)}), {self.precision}"
+        return f"{self.device}, {self.precision}"
+
+    def prepare(self, module):
+        """Move a model to the device in eval mode and channels-last layout (faster convolutions)."""
+        import torch
+
+        return module.to(self.device).eval().to(memory_format=torch.channels_last)
+
+    def to_device(self, batch):
+        """Copy a uint8 NCHW batch to the device (non-blocking from pinned memory)."""
+        import torch
+
+        return batch.to(self.device, non_blocking=self.pin_memory).contiguous(memory_format=torch.channels_last)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Mixed precision for the forward pass when a lower precision was resolved."""
+        import torch
+
+        if self.precision == "fp32":
+            with torch.inference_mode():
+                yield
+            return
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=dtype):
+            yield
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """Resolve 'auto' choices; a device or precision asked for and missing is an error, never a fallback."""
+    import torch
+
+    dev = _resolve_device(device, torch)
+    if precision not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"  # measured: bf16 autocast gives no gain on CPUs without AMX
+    elif precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"{dev} does not support bf16; use --precision fp16 or fp32")
+    return Runtime(dev, precision)
+
+
+def _resolve_device(device: str, torch: Any):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise DeviceError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {device} was asked for, but CUDA is not available on this machine "
+                          f"(torch {torch.__version__}); use --device cpu or auto")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)

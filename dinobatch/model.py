@@ -1,0 +1,289 @@
+"""The dinobatch model file: architecture, labels, preprocessing, weights and provenance.
+
+A model file is a ``torch.save`` of a plain dict (loaded back with ``weights_only=True``, so no
+code in the file ever runs)::
+
+    {"format": "dinobatch-model", "format_version": 1,
+     "spec": "<JSON: arch, labels, preprocessing, source, temperature>",
+     "state_dict": {parameter name: tensor}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ARCHS",
+    "Preprocessing",
+    "ModelSpec",
+    "LoadedModel",
+    "build_module",
+    "save_model",
+    "load_model",
+    "import_state_dict",
+    "read_labels",
+    "load_imagenet",
+    "resolve_model",
+    "file_sha256",
+]
+
+FORMAT = "dinobatch-model"
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+         "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a picture becomes model input: resize the shorter side, centre-crop, normalise."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ModelError(f"unknown interpolation {self.interpolation!r}; use one of {INTERPOLATIONS}")
+        if not (0 < self.crop <= self.resize):
+            raise ModelError(f"preprocessing needs 0 < crop <= resize, got crop={self.crop} resize={self.resize}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything about a model except its weights."""
+
+    arch: str
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    source: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0  # softmax temperature; 1.0 means uncalibrated
+
+    def to_json(self) -> str:
+        """Serialise for the model file."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        """Parse the spec stored in a model file, with clear errors for missing fields."""
+        try:
+            raw = json.loads(text)
+            prep = Preprocessing(**{**raw.get("preprocessing", {}),
+                                    "mean": tuple(raw["preprocessing"]["mean"]),
+                                    "std": tuple(raw["preprocessing"]["std"])})
+            return cls(arch=raw["arch"], labels=tuple(raw["labels"]), preprocessing=prep,
+                       source=dict(raw.get("source", {})), temperature=float(raw.get("temperature", 1.0)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"model file has an invalid spec: {exc}") from exc
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run model: spec, torch module (eval mode, CPU) and identity."""
+
+    spec: ModelSpec
+    module: Any  # torch.nn.Module; typed loosely so importing this module does not import torch
+    fingerprint: str  # sha256 of the model file's bytes
+    name: str
+
+
+def build_module(arch: str, num_classes: int):
+    """A randomly initialised torchvision ResNet-family network with num_classes outputs."""
+    if arch not in ARCHS:
+        raise ModelError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
+    if num_classes < 1:
+        raise ModelError("a model needs at least one class label")
+    import torchvision.models as tvm
+
+    return getattr(tvm, arch)(weights=None, num_classes=num_classes)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file: the model fingerprint that keys incremental results."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(path: str | Path, spec: ModelSpec, state_dict: dict) -> str:
+    """Write a model file atomically (temporary name, then rename); return its fingerprint."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json(),
+               "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return file_sha256(path)
+
+
+def _torch_load(path: Path) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise ModelError(f"model file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise ModelError(f"model path is a folder, not a file: {path}") from exc
+    except pickle.UnpicklingError as exc:
+        raise ModelError(f"{path} holds Python objects other than tensors, which dinobatch refuses "
+                         f"to unpickle (it could run code). Save a state_dict instead: "
+                         f"torch.save(model.state_dict(), PATH)") from exc
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # arbitrary bytes make the unpickler fail in arbitrary ways
+        raise ModelError(f"{path} is not a PyTorch file ({type(exc).__name__}: {exc})") from exc
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load a dinobatch model file without executing code from it."""
+    path = Path(path)
+    payload = _torch_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a dinobatch model file. To wrap a plain state_dict, run: "
+                         f"dinobatch model import {path} --arch resnet50 --labels LABELS.txt --out MODEL")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{path} has model format version {payload.get('format_version')!r}; "
+                         f"this dinobatch reads version {FORMAT_VERSION}")
+    spec = ModelSpec.from_json(str(payload.get("spec", "")))
+    module = _module_with_weights(spec.arch, spec.labels, payload.get("state_dict"), str(path))
+    return LoadedModel(spec, module, file_sha256(path), path.name)
+
+
+def _module_with_weights(arch: str, labels: tuple[str, ...], state_dict: Any, where: str):
+    """Build arch and load the weights strictly, turning every mismatch into a readable error."""
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise ModelError(f"{where}: no weights (state_dict) found")
+    fc = state_dict.get("fc.weight")
+    if fc is not None and fc.shape[0] != len(labels):
+        raise ModelError(f"{where}: the classifier has {fc.shape[0]} outputs but {len(labels)} "
+                         f"labels were given; the labels file must list one label per class, in order")
+    module = build_module(arch, len(labels))
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:4])
+        raise ModelError(f"{where}: weights do not fit a torchvision {arch}: {detail}") from exc
+    return module.eval()
+
+
+def read_labels(path: str | Path) -> tuple[str, ...]:
+    """Class labels, one per line in class-index order; blank lines at the end are ignored."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"cannot read labels file {path}: {exc}") from exc
+    while lines and not lines[-1].strip():
+        lines.pop()
+    labels = tuple(line.strip() for line in lines)
+    if not labels:
+        raise ModelError(f"labels file {path} is empty")
+    for number, label in enumerate(labels, 1):
+        if not label:
+            raise ModelError(f"labels file {path}, line {number}: blank label (class indices would shift)")
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ModelError(f"labels file {path} repeats labels: {', '.join(dupes)}")
+    return labels
+
+
+def _unwrap_state_dict(obj: Any, where: str) -> dict:
+    """Accept a bare state_dict or the usual checkpoint wrappers; strip DataParallel prefixes."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise ModelError(f"{where} does not hold a state_dict (a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def import_state_dict(state_dict_path: str | Path, *, arch: str, labels_path: str | Path,
+                      out: str | Path, preprocessing: Preprocessing | None = None) -> LoadedModel:
+    """Wrap a plain torchvision ResNet state_dict and its labels into a dinobatch model file."""
+    labels = read_labels(labels_path)
+    state_dict = _unwrap_state_dict(_torch_load(Path(state_dict_path)), str(state_dict_path))
+    module = _module_with_weights(arch, labels, state_dict, str(state_dict_path))
+    source = {"kind": "import", "state_dict": os.path.abspath(state_dict_path),
+              "state_dict_sha256": file_sha256(state_dict_path)}
+    spec = ModelSpec(arch=arch, labels=labels, preprocessing=preprocessing or Preprocessing(), source=source)
+    fingerprint = save_model(out, spec, module.state_dict())
+    return LoadedModel(spec, module, fingerprint, Path(out).name)
+
+
+def load_imagenet(weights_name: str = "DEFAULT") -> LoadedModel:
+    """torchvision's ResNet50 ImageNet weights through its own weights API and cache."""
+    import torch
+    from torchvision.models import ResNet50_Weights
+
+    try:
+        weights = ResNet50_Weights[weights_name] if weights_name != "DEFAULT" else ResNet50_Weights.DEFAULT
+    except KeyError as exc:
+        names = ", ".join(w.name for w in ResNet50_Weights)
+        raise ModelError(f"unknown ResNet50 weights {weights_name!r}; use one of: {names}") from exc
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    state_dict = _fetch_weights(weights, cached)
+    prep = weights.transforms()
+    spec = ModelSpec(
+        arch="resnet50", labels=tuple(weights.meta["categories"]),
+        preprocessing=Preprocessing(resize=int(prep.resize_size[0]), crop=int(prep.crop_size[0]),
+                                    mean=tuple(prep.mean), std=tuple(prep.std),
+                                    interpolation=prep.interpolation.value),
+        source={"kind": "torchvision", "weights": f"ResNet50_Weights.{weights.name}", "url": weights.url})
+    module = _module_with_weights("resnet50", spec.labels, state_dict, str(cached))
+    return LoadedModel(spec, module, file_sha256(cached), f"imagenet:{weights.name}")
+
+
+def _fetch_weights(weights: Any, cached: Path) -> dict:
+    """Load from torchvision's cache, downloading (hash-checked) only when it is missing."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torch.hub's urlopen has no timeout of its own
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(
+            f"cannot get torchvision's ResNet50 ImageNet weights ({weights.name}): {exc}.\n"
+            f"They are not in the cache at {cached} and could not be downloaded from {weights.url} "
+            f"(offline?). Either copy that file to {cached} (TORCH_HOME moves the cache), "
+            f"or pass a dinobatch model file with --model FILE (see 'dinobatch model import').") from exc
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def resolve_model(ref: str) -> LoadedModel:
+    """'imagenet', 'imagenet:<WEIGHTS_NAME>' or a path to a dinobatch model file."""
+    if ref == "imagenet" or ref.startswith("imagenet:"):
+        return load_imagenet(ref.partition(":")[2] or "DEFAULT")
+    return load_model(ref)
