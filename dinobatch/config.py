@@ -1,0 +1,93 @@
+"""Resolved run configuration: one frozen dataclass per command, and the TOML file that fills it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["ClassifyConfig", "load_config_file", "workers_for", "MODEL_ENV", "CONFIG_ENV"]
+
+MODEL_ENV = "DINOBATCH_MODEL"
+KNOWN_SECTIONS = ("classify",)  # one table per command that reads the file
+CONFIG_ENV = "DINOBATCH_CONFIG"
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """Everything a classify run depends on, after flags, environment and config file are merged."""
+
+    folder: str
+    out: str = "results"
+    model: str = "imagenet"
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None  # None: chosen for the device (see workers_for)
+    top_k: int = 3
+    embeddings: bool = False
+    force: bool = False
+    species: str | None = None
+    phash_max: int = 8
+    dhash_max: int = 3
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be at least 1")
+        if self.top_k < 1:
+            raise ConfigError("top_k must be at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError("workers must be 0 or more")
+        if not (0 <= self.phash_max <= 64 and 0 <= self.dhash_max <= 64):
+            raise ConfigError("phash_max and dhash_max must be between 0 and 64")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def workers_for(device_type: str, requested: int | None) -> int:
+    """Decode workers: as asked, else one per spare core (the model's threads need the rest on CPU)."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device_type == "cuda":
+        return max(1, min(8, cores - 1))
+    return max(1, min(4, cores // 2))
+
+
+def load_config_file(path: str | os.PathLike, section: str, allowed: set[str]) -> dict[str, Any]:
+    """The [section] table of a TOML file, with '-' and '_' both accepted; unknown keys are errors."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    unknown_sections = sorted(set(data) - set(KNOWN_SECTIONS))
+    if unknown_sections:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown_sections)}; "
+                          f"known: {', '.join(KNOWN_SECTIONS)}")
+    table = data.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{section}] must be a table")
+    out = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in allowed:
+            raise ConfigError(f"{path}: unknown key {key!r} in [{section}]; known: {', '.join(sorted(allowed))}")
+        out[name] = value
+    base = Path(path).resolve().parent
+    for key in ("model", "out", "species"):  # relative paths in a config file are relative to the file
+        value = out.get(key)
+        if not isinstance(value, str) or os.path.isabs(value):
+            continue
+        if key == "model" and (value == "imagenet" or value.startswith("imagenet:")):
+            continue
+        out[key] = str(base / value)
+    return out

@@ -1,0 +1,208 @@
+"""The only code that reads or writes dinobatch's Parquet and summary files.
+
+Layout of an output folder (everything not ending in .parquet, or starting with '_' or '.',
+is invisible to ``pyarrow.parquet.read_table(DIR)``)::
+
+    DIR/<run_id>.parquet                one row per input file, per run
+    DIR/_summary.json                   the latest run's summary
+    DIR/_runs/<run_id>.json             every run's summary (with its resolved configuration)
+    DIR/_cache/<model>/part-*.parquet   per-content predictions, written as batches finish
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import OutputError
+from .schema import Col, cache_schema, row_schema
+
+__all__ = ["ResultsDir", "CacheWriter", "read_rows"]
+
+log = logging.getLogger(__name__)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _Atomic:
+    """Write to a hidden temporary file beside the target, then rename: never a half-written file."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any file
+
+    def commit(self) -> Path:
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.target)
+        _fsync_dir(self.target.parent)
+        return self.target
+
+    def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _output_error(action: str, path: Path, exc: OSError) -> OutputError:
+    return OutputError(f"cannot {action} {path}: {exc.strerror or exc}")
+
+
+class CacheWriter:
+    """Streams per-content predictions to the cache, one Parquet part per finished batch."""
+
+    def __init__(self, folder: Path, run_id: str, metadata: dict[bytes, bytes]):
+        self.folder = folder
+        self.run_id = run_id
+        self.schema = cache_schema(metadata)
+        self.parts = 0
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Write rows (sha256 + facts + prediction columns) as one atomically committed part."""
+        if not rows:
+            return
+        table = pa.Table.from_pylist(list(rows), schema=self.schema)
+        target = self.folder / f"part-{self.run_id}-{self.parts:05d}.parquet"
+        atomic = _Atomic(target)
+        try:
+            pq.write_table(table, atomic.tmp)
+            atomic.commit()
+        except OSError as exc:
+            atomic.abort()
+            raise _output_error("write results to", target, exc) from exc
+        except BaseException:
+            atomic.abort()
+            raise
+        self.parts += 1
+
+
+class ResultsDir:
+    """An output folder: per-run rows, summaries and the per-model content cache."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def ensure(self) -> None:
+        """Create the folder tree, failing early and clearly when it cannot be written."""
+        try:
+            (self.path / "_runs").mkdir(parents=True, exist_ok=True)
+            (self.path / "_cache").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise _output_error("create output folder", self.path, exc) from exc
+        if not os.access(self.path, os.W_OK):
+            raise OutputError(f"output folder is not writable: {self.path}")
+
+    def _cache_folder(self, fingerprint: str) -> Path:
+        return self.path / "_cache" / fingerprint[:16]
+
+    def _cache_parts(self, fingerprint: str) -> list[Path]:
+        folder = self._cache_folder(fingerprint)
+        return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+    def cache_writer(self, fingerprint: str, run_id: str, metadata: dict[bytes, bytes]) -> CacheWriter:
+        folder = self._cache_folder(fingerprint)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _output_error("create cache folder", folder, exc) from exc
+        return CacheWriter(folder, run_id, metadata)
+
+    def cached_shas(self, fingerprint: str, *, with_embeddings: bool) -> set[str]:
+        """sha256 of every content this model already has a prediction for."""
+        cols = [Col.SHA256, Col.EMBEDDING] if with_embeddings else [Col.SHA256]
+        found: set[str] = set()
+        for part in self._cache_parts(fingerprint):
+            table = _read_part(part, cols)
+            if table is None:
+                continue
+            if with_embeddings:
+                table = table.filter(table[Col.EMBEDDING].is_valid())
+            found.update(table[Col.SHA256].to_pylist())
+        return found
+
+    def read_cache(self, fingerprint: str, shas: set[str]) -> pa.Table:
+        """The newest cached row of each wanted sha256 (later parts win), as one table."""
+        wanted = pa.array(sorted(shas), pa.string())
+        pieces = []
+        for part in self._cache_parts(fingerprint):
+            table = _read_part(part, None)
+            if table is not None:
+                pieces.append(table.filter(pc.is_in(table[Col.SHA256], value_set=wanted)))
+        schema = cache_schema()
+        if not pieces:
+            return schema.empty_table()
+        table = pa.concat_tables([p.select(schema.names).cast(schema) for p in pieces])
+        last: dict[str, int] = {}
+        for index, sha in enumerate(table[Col.SHA256].to_pylist()):
+            last[sha] = index
+        return table.take(sorted(last.values()))
+
+    def write_rows(self, run_id: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Path:
+        """Stream record batches into DIR/<run_id>.parquet, committed only when complete."""
+        target = self.path / f"{run_id}.parquet"
+        atomic = _Atomic(target)
+        try:
+            with pq.ParquetWriter(atomic.tmp, schema) as writer:
+                for batch in batches:
+                    writer.write_batch(batch)
+            return atomic.commit()
+        except OSError as exc:
+            atomic.abort()
+            raise _output_error("write results to", target, exc) from exc
+        except BaseException:
+            atomic.abort()
+            raise
+
+    def write_summary(self, run_id: str, summary: dict[str, Any]) -> Path:
+        """DIR/_runs/<run_id>.json for the record, and DIR/_summary.json for monitoring."""
+        text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
+        for target in (self.path / "_runs" / f"{run_id}.json", self.path / "_summary.json"):
+            atomic = _Atomic(target)
+            try:
+                atomic.tmp.write_text(text, encoding="utf-8")
+                atomic.commit()
+            except OSError as exc:
+                atomic.abort()
+                raise _output_error("write summary", target, exc) from exc
+        return self.path / "_summary.json"
+
+
+def _read_part(path: Path, columns: list[str] | None) -> pa.Table | None:
+    """One cache part; an unreadable one is skipped with a warning (its work is simply redone)."""
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("ignoring unreadable cache part %s: %s", path, exc)
+        return None
+
+
+def read_rows(path: str | os.PathLike) -> pa.Table:
+    """Every per-file row under an output folder (all runs), as one table."""
+    return pq.read_table(path, schema=row_schema())
+

@@ -1,0 +1,163 @@
+"""The Parquet schema of dinobatch's outputs: the only place column names are spelled."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "STATUS_OK",
+    "STATUS_DUPLICATE",
+    "STATUS_ERROR",
+    "STATUSES",
+    "Col",
+    "FACT_COLUMNS",
+    "PREDICTION_COLUMNS",
+    "SPECIES_COLUMNS",
+    "row_schema",
+    "cache_schema",
+    "schema_metadata",
+    "read_metadata",
+]
+
+SCHEMA_VERSION = "1"
+
+STATUS_OK = "ok"
+STATUS_DUPLICATE = "duplicate"
+STATUS_ERROR = "error"
+STATUSES = (STATUS_OK, STATUS_DUPLICATE, STATUS_ERROR)
+
+DUPLICATE_EXACT = "exact"
+DUPLICATE_NEAR = "near"
+
+
+class Col:
+    """Column names, spelled once."""
+
+    RUN_ID = "run_id"
+    PATH = "path"
+    BYTES = "bytes"
+    MTIME = "mtime"
+    SHA256 = "sha256"
+    STATUS = "status"
+    ERROR = "error"
+    FORMAT = "format"
+    WIDTH = "width"
+    HEIGHT = "height"
+    MODE = "mode"
+    PHASH = "phash"
+    DHASH = "dhash"
+    DUPLICATE_OF = "duplicate_of"
+    DUPLICATE_KIND = "duplicate_kind"
+    DUPLICATE_GROUP = "duplicate_group"
+    MODEL = "model"
+    MODEL_FINGERPRINT = "model_fingerprint"
+    LABEL = "label"
+    CONFIDENCE = "confidence"
+    TOPK_LABELS = "topk_labels"
+    TOPK_PROBS = "topk_probs"
+    PROBS = "probs"
+    MARGIN = "margin"
+    ENTROPY = "entropy"
+    EMBEDDING = "embedding"
+    SPECIES_COMMON_NAME = "species_common_name"
+    SPECIES_SCIENTIFIC_NAME = "species_scientific_name"
+    SPECIES_PERIOD = "species_period"
+    SPECIES_DIET = "species_diet"
+    SPECIES_LENGTH_M = "species_length_m"
+
+
+_FLOATS = pa.list_(pa.float32())
+
+# Facts decoded from the bytes: the same for every copy of the same content.
+FACT_FIELDS = [
+    pa.field(Col.FORMAT, pa.string()),
+    pa.field(Col.WIDTH, pa.int32()),
+    pa.field(Col.HEIGHT, pa.int32()),
+    pa.field(Col.MODE, pa.string()),
+    pa.field(Col.PHASH, pa.string()),  # 16 hex digits, as str(imagehash.phash(img))
+    pa.field(Col.DHASH, pa.string()),
+]
+# What the model says about one content (sha256), in the model's label order.
+PREDICTION_FIELDS = [
+    pa.field(Col.LABEL, pa.string()),
+    pa.field(Col.CONFIDENCE, pa.float32()),
+    pa.field(Col.TOPK_LABELS, pa.list_(pa.string())),
+    pa.field(Col.TOPK_PROBS, _FLOATS),
+    pa.field(Col.PROBS, _FLOATS),
+    pa.field(Col.MARGIN, pa.float32()),
+    pa.field(Col.ENTROPY, pa.float32()),
+    pa.field(Col.EMBEDDING, _FLOATS),
+]
+SPECIES_FIELDS = [
+    pa.field(Col.SPECIES_COMMON_NAME, pa.string()),
+    pa.field(Col.SPECIES_SCIENTIFIC_NAME, pa.string()),
+    pa.field(Col.SPECIES_PERIOD, pa.string()),
+    pa.field(Col.SPECIES_DIET, pa.string()),
+    pa.field(Col.SPECIES_LENGTH_M, pa.string()),
+]
+FACT_COLUMNS = tuple(f.name for f in FACT_FIELDS)
+PREDICTION_COLUMNS = tuple(f.name for f in PREDICTION_FIELDS)
+SPECIES_COLUMNS = tuple(f.name for f in SPECIES_FIELDS)
+
+_FILE_FIELDS = [
+    pa.field(Col.RUN_ID, pa.string(), nullable=False),
+    pa.field(Col.PATH, pa.string(), nullable=False),
+    pa.field(Col.BYTES, pa.int64()),
+    pa.field(Col.MTIME, pa.timestamp("us", tz="UTC")),
+    pa.field(Col.SHA256, pa.string()),
+    pa.field(Col.STATUS, pa.string(), nullable=False),
+    pa.field(Col.ERROR, pa.string()),
+]
+_DUPLICATE_FIELDS = [
+    pa.field(Col.DUPLICATE_OF, pa.string()),
+    pa.field(Col.DUPLICATE_KIND, pa.string()),
+    pa.field(Col.DUPLICATE_GROUP, pa.int64()),
+]
+_MODEL_FIELDS = [
+    pa.field(Col.MODEL, pa.string()),
+    pa.field(Col.MODEL_FINGERPRINT, pa.string()),
+]
+
+
+def row_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
+    """Schema of the per-file rows a run writes: one row per input file."""
+    fields = _FILE_FIELDS + FACT_FIELDS + _DUPLICATE_FIELDS + _MODEL_FIELDS + PREDICTION_FIELDS
+    return pa.schema(fields + SPECIES_FIELDS, metadata=metadata)
+
+
+def cache_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
+    """Schema of the per-content cache: one row per (sha256, model) that decoded and was inferred."""
+    fields = [pa.field(Col.SHA256, pa.string(), nullable=False)] + FACT_FIELDS + PREDICTION_FIELDS
+    return pa.schema(fields, metadata=metadata)
+
+
+_META_PREFIX = "dinobatch."
+
+
+def schema_metadata(*, version: str, model_name: str, model_fingerprint: str,
+                    labels: list[str]) -> dict[bytes, bytes]:
+    """Key-value metadata stored in every Parquet file dinobatch writes."""
+    values = {
+        "schema_version": SCHEMA_VERSION,
+        "version": version,
+        "model": model_name,
+        "model_fingerprint": model_fingerprint,
+        "labels": json.dumps(labels),
+    }
+    return {(_META_PREFIX + k).encode(): v.encode() for k, v in values.items()}
+
+
+def read_metadata(schema: pa.Schema) -> dict[str, object]:
+    """Decode dinobatch's key-value metadata from a Parquet schema (labels as a list)."""
+    raw = schema.metadata or {}
+    out: dict[str, object] = {}
+    for key, value in raw.items():
+        name = key.decode()
+        if name.startswith(_META_PREFIX):
+            out[name[len(_META_PREFIX):]] = value.decode()
+    if "labels" in out:
+        out["labels"] = json.loads(str(out["labels"]))
+    return out
