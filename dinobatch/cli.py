@@ -1,0 +1,240 @@
+"""Command line: parse options into a frozen config, call the library, map the outcome to an exit code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .config import CONFIG_ENV, MODEL_ENV, ClassifyConfig, load_config_file
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, DinobatchError
+
+__all__ = ["main", "cli"]
+
+log = logging.getLogger("dinobatch")
+
+_PROGRESS_LOG_EVERY_S = 10.0
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("dinobatch: %(levelname)s: %(message)s" if verbose
+                                           else "dinobatch: %(message)s"))
+    root = logging.getLogger("dinobatch")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _run(action: Callable[[], Any]) -> Any:
+    """Run a command body; turn domain errors, interrupts and bugs into a message and an exit code."""
+
+    def on_term(signum, frame):  # cron's timeout or a shutdown: stop like Ctrl-C, keeping finished work
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return action()
+    except DinobatchError as exc:
+        click.echo(f"dinobatch: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("dinobatch: interrupted; finished batches are saved and a rerun continues from them",
+                   err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception:  # a bug: say so plainly, with the traceback, and a distinct exit code
+        log.exception("unexpected error (please report it with this traceback)")
+        sys.exit(EXIT_FAILED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; a log line every few seconds otherwise (cron, pipes)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bars: dict[str, Any] = {}
+        self.last_log = 0.0
+        self.started: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled or total == 0:
+            return
+        if self.tty:
+            self._bar(stage, done, total)
+            return
+        now = time.monotonic()
+        if stage not in self.started:
+            self.started[stage] = self.last_log = now
+        if now - self.last_log >= _PROGRESS_LOG_EVERY_S or done == total:
+            elapsed = now - self.started[stage]
+            rate = f", {done / elapsed:.1f} files/s" if elapsed >= 1 else ""
+            log.info("%s: %d/%d (%.0f%%)%s", stage, done, total, 100 * done / total, rate)
+            self.last_log = now
+
+    def _bar(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="img", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE fills Click's default_map, so flags and environment variables still win."""
+    if value:
+        params = {p.name for p in ctx.command.params if p.name not in ("config", "folder")}
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **load_config_file(value, ctx.command.name, params)}
+        except DinobatchError as exc:
+            click.echo(f"dinobatch: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+    return value
+
+
+def _verbosity(f):
+    f = click.option("-v", "--verbose", is_flag=True, help="Debug logging.")(f)
+    return click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress.")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="dinobatch")
+def cli() -> None:
+    """Curate an image-classification dataset with a model in the loop."""
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.option("--config", type=click.Path(dir_okay=False), envvar=CONFIG_ENV, callback=_load_config,
+              is_eager=True, expose_value=False, help=f"TOML file with a [classify] table [env {CONFIG_ENV}].")
+@click.option("-o", "--out", default="results", help="Output folder for Parquet rows and summaries.")
+@click.option("-m", "--model", envvar=MODEL_ENV, default="imagenet",
+              help=f"Model file, or 'imagenet' (torchvision ResNet50 weights) [env {MODEL_ENV}].")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (asked for and missing: error).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32)
+@click.option("-j", "--workers", type=click.IntRange(min=0), default=None,
+              help="Decode worker processes [default: half the cores on CPU, cores-1 (max 8) on CUDA].")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=3, help="Labels kept in topk_labels.")
+@click.option("--embeddings", is_flag=True, help="Also store the 2048-d penultimate features per image.")
+@click.option("--force", is_flag=True, help="Recompute every prediction, ignoring earlier results.")
+@click.option("--species", type=click.Path(dir_okay=False), default=None,
+              help="Species facts CSV [default: manifests/species.csv].")
+@click.option("--phash-max", type=click.IntRange(0, 64), default=8, help="Near duplicate: pHash distance.")
+@click.option("--dhash-max", type=click.IntRange(0, 64), default=3, help="Near duplicate: dHash distance.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
+@_verbosity
+def classify(folder: str, quiet: bool, verbose: bool, as_json: bool, **options: Any) -> None:
+    """Classify every image under FOLDER; write one Parquet row per file to --out."""
+    _setup_logging(quiet, verbose)
+
+    def body():
+        from .classify import classify as run_classify
+
+        cfg = ClassifyConfig(folder=folder, **options)
+        progress = _Progress(enabled=not quiet)
+        try:
+            summary = run_classify(cfg, progress)
+        finally:
+            progress.close()
+        if as_json:
+            click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
+        elif not quiet:
+            _print_summary(summary)
+
+    _run(body)
+
+
+def _print_summary(s) -> None:
+    c = s.counts
+    click.echo(f"{s.files} files: {c.get('ok', 0)} ok, {c.get('duplicate', 0)} duplicate, "
+               f"{c.get('error', 0)} error ({s.duplicate_groups} duplicate groups)")
+    rate = f", {s.images_per_second} images/s" if s.images_per_second else ""
+    click.echo(f"inferred {s.inferred} new, reused {s.reused}; {s.seconds:.1f} s{rate} on {s.runtime}")
+    click.echo(f"rows: {s.rows_file}")
+    for err in s.errors[:5]:
+        click.echo(f"  error: {err['path']}: {err['error']}")
+
+
+@cli.group()
+def model() -> None:
+    """Create and inspect dinobatch model files."""
+
+
+@model.command("import")
+@click.argument("state_dict", type=click.Path(exists=True, dir_okay=False))
+@click.option("--arch", default="resnet50", help="torchvision architecture of the state_dict.")
+@click.option("--labels", "labels_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text file: one class label per line, in class-index order.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+@click.option("--resize", type=click.IntRange(min=1), default=256, help="Shorter side before cropping.")
+@click.option("--crop", type=click.IntRange(min=1), default=224, help="Centre crop (model input size).")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default="bilinear")
+@_verbosity
+def model_import(state_dict: str, arch: str, labels_path: str, out: str, resize: int, crop: int,
+                 interpolation: str, quiet: bool, verbose: bool) -> None:
+    """Wrap a PyTorch state_dict of a torchvision ResNet and its labels into a model file."""
+    _setup_logging(quiet, verbose)
+
+    def body():
+        from .model import Preprocessing, import_state_dict
+
+        loaded = import_state_dict(state_dict, arch=arch, labels_path=labels_path, out=out,
+                                   preprocessing=Preprocessing(resize=resize, crop=crop,
+                                                               interpolation=interpolation))
+        if not quiet:
+            click.echo(f"wrote {out}: {arch}, {len(loaded.spec.labels)} classes, "
+                       f"fingerprint {loaded.fingerprint[:16]}")
+
+    _run(body)
+
+
+@model.command("info")
+@click.argument("model_ref")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def model_info(model_ref: str, as_json: bool) -> None:
+    """Show what a model file (or 'imagenet') holds: architecture, labels, preprocessing, source."""
+    _setup_logging(False, False)
+
+    def body():
+        from dataclasses import asdict
+
+        from .model import resolve_model
+
+        loaded = resolve_model(model_ref)
+        info = {"name": loaded.name, "fingerprint": loaded.fingerprint, **asdict(loaded.spec)}
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+            return
+        spec = loaded.spec
+        p = spec.preprocessing
+        click.echo(f"model:          {loaded.name}\nfingerprint:    {loaded.fingerprint}\n"
+                   f"architecture:   {spec.arch}\nclasses:        {len(spec.labels)}\n"
+                   f"preprocessing:  resize {p.resize} ({p.interpolation}), crop {p.crop}, "
+                   f"mean {list(p.mean)}, std {list(p.std)}\ntemperature:    {spec.temperature}\n"
+                   f"source:         {json.dumps(spec.source)}")
+        click.echo("labels:         " + ", ".join(spec.labels[:20]) + (" ..." if len(spec.labels) > 20 else ""))
+
+    _run(body)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="dinobatch")
