@@ -84,6 +84,13 @@ def inbox(tmp_path) -> dict[str, Path]:
     }
     files["small_copy.jpg"] = save(picture(7, (320, 240)).resize((160, 120), Image.LANCZOS),
                                    root / "small_copy.jpg", quality=90)
+    files["cmyk.jpg"] = save(picture(11).convert("CMYK"), root / "cmyk.jpg", quality=92)
+    clear = picture(12).convert("RGBA")
+    clear.paste((255, 0, 0, 0), (0, 0, 80, 120))  # left half invisible, hiding red
+    files["transparent.png"] = save(clear, root / "transparent.png")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # displayed rotated 90 degrees counter-clockwise
+    files["rotated.jpg"] = save(picture(13, (200, 100)), root / "rotated.jpg", quality=92, exif=exif.tobytes())
     (root / "copy_of_a.jpg").write_bytes(files["a.jpg"].read_bytes())
     files["copy_of_a.jpg"] = root / "copy_of_a.jpg"
     (root / "truncated.jpg").write_bytes(jpeg_bytes(picture(8))[:700])

@@ -29,7 +29,8 @@ def test_one_row_per_file_with_errors_and_duplicates_where_they_belong(tmp_path,
     root = inbox["a.jpg"].parent
     summary, rows = run(root, tmp_path / "out", tiny_model)
     assert set(rows) == {"a.jpg", "b.png", "sub/c.webp", "sub/d.gif", "e.bmp", "f.tiff", "big.png",
-                         "small_copy.jpg", "copy_of_a.jpg", "truncated.jpg", "notes.txt", "empty.png"}
+                         "small_copy.jpg", "copy_of_a.jpg", "truncated.jpg", "notes.txt", "empty.png",
+                         "cmyk.jpg", "transparent.png", "rotated.jpg"}
     assert rows["truncated.jpg"]["status"] == "error" and "truncated" in rows["truncated.jpg"]["error"]
     assert rows["notes.txt"]["status"] == "error" and "not an image" in rows["notes.txt"]["error"]
     assert rows["empty.png"]["status"] == "error" and "empty" in rows["empty.png"]["error"]
@@ -39,9 +40,12 @@ def test_one_row_per_file_with_errors_and_duplicates_where_they_belong(tmp_path,
     assert (near["status"], near["duplicate_of"], near["duplicate_kind"]) == ("duplicate", "big.png", "near")
     assert near["probs"] == rows["big.png"]["probs"] and near["label"] == rows["big.png"]["label"]
     assert near["width"] == 160 and rows["big.png"]["width"] == 320  # facts stay the file's own
-    for path in ("b.png", "sub/c.webp", "sub/d.gif", "e.bmp", "f.tiff"):
+    for path in ("b.png", "sub/c.webp", "sub/d.gif", "e.bmp", "f.tiff", "cmyk.jpg", "transparent.png"):
         assert rows[path]["status"] == "ok" and rows[path]["duplicate_of"] is None
-    assert summary.counts == {"ok": 7, "duplicate": 2, "error": 3}
+    assert (rows["cmyk.jpg"]["mode"], rows["transparent.png"]["mode"]) == ("CMYK", "RGBA")
+    rotated = rows["rotated.jpg"]
+    assert (rotated["status"], rotated["width"], rotated["height"]) == ("ok", 100, 200)
+    assert summary.counts == {"ok": 10, "duplicate": 2, "error": 3}
     assert summary.duplicate_groups == 2
 
 
@@ -71,7 +75,7 @@ def test_metadata_names_model_and_labels_and_dataset_reads_as_one(tmp_path, inbo
     assert meta["labels"] == list(LABELS) and meta["schema_version"] == "1" and meta["version"]
     run(inbox["a.jpg"].parent, out, tiny_model)
     table = pq.read_table(out)  # every run's rows; _summary.json and _cache/ are not in the way
-    assert table.num_rows == 24 and len(set(table["run_id"].to_pylist())) == 2
+    assert table.num_rows == 30 and len(set(table["run_id"].to_pylist())) == 2
     latest = json.loads((out / "_summary.json").read_text())
     assert latest["counts"]["error"] == 3 and latest["config"]["batch_size"] == 4
 
@@ -79,16 +83,16 @@ def test_metadata_names_model_and_labels_and_dataset_reads_as_one(tmp_path, inbo
 def test_second_run_infers_nothing_and_new_files_only_themselves(tmp_path, inbox, tiny_model):
     root, out = inbox["a.jpg"].parent, tmp_path / "out"
     first, rows1 = run(root, out, tiny_model)
-    assert first.inferred == 9 - 1  # nine readable files, one an exact copy
+    assert first.inferred == 12 - 1  # twelve readable files, one an exact copy
     second, rows2 = run(root, out, tiny_model)
-    assert (second.inferred, second.reused) == (0, 8)
+    assert (second.inferred, second.reused) == (0, 11)
     assert {p: r["probs"] for p, r in rows1.items()} == {p: r["probs"] for p, r in rows2.items()}
     save(picture(20), root / "new1.png")
     save(picture(21), root / "new2.png")
     third, _ = run(root, out, tiny_model)
     assert third.inferred == 2
     forced, _ = run(root, out, tiny_model, force=True)
-    assert forced.inferred == 10
+    assert forced.inferred == 13
 
 
 def test_changed_bytes_are_inferred_again(tmp_path, inbox, tiny_model):
@@ -111,7 +115,7 @@ def test_interrupted_run_keeps_finished_batches(tmp_path, inbox, tiny_model):
         classify(cfg, stop_after_two_batches)
     assert not list(out.glob("*.parquet"))  # no half-written rows file
     summary = classify(cfg)
-    assert summary.inferred == 8 - 4 and summary.reused == 4
+    assert summary.inferred == 11 - 4 and summary.reused == 4
 
 
 def test_input_folder_is_left_byte_identical(tmp_path, inbox, tiny_model):
@@ -136,7 +140,7 @@ def test_embeddings_on_request_and_backfilled_for_cached_files(tmp_path, inbox, 
     _, rows = run(root, out, tiny_model)
     assert all(r["embedding"] is None for r in rows.values())
     summary, rows = run(root, out, tiny_model, embeddings=True)
-    assert summary.inferred == 8  # cached predictions had no embeddings
+    assert summary.inferred == 11  # cached predictions had no embeddings
     assert len(rows["b.png"]["embedding"]) == 512  # resnet18's penultimate width
     assert rows["notes.txt"]["embedding"] is None
 
