@@ -10,13 +10,13 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Sequence
 
 from . import __version__
-from .config import ClassifyConfig, workers_for
+from .config import ClassifyConfig
 from .dedupe import DedupeItem, group_duplicates
-from .device import resolve_runtime
+from .device import default_workers, resolve_runtime
 from .infer import WorkItem, predict
 from .model import resolve_model
 from .results import ResultsDir
-from .scan import FileEntry, sha256_file, walk
+from .scan import FileEntry, check_folder, sha256_file, walk
 from .schema import (FACT_COLUMNS, PREDICTION_COLUMNS, SPECIES_COLUMNS, STATUS_DUPLICATE, STATUS_ERROR,
                      STATUS_OK, Col, row_schema, schema_metadata)
 from .species import default_species_csv, load_species
@@ -83,54 +83,76 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
     """Run the classify job over cfg.folder and write its rows and summary under cfg.out."""
     t0, started = time.monotonic(), datetime.now(timezone.utc)
     run_id = new_run_id(started)
-    out = ResultsDir(cfg.out)
-    out.ensure()
+    check_folder(cfg.folder)
     runtime = resolve_runtime(cfg.device, cfg.precision)
     model = resolve_model(cfg.model)
     species = load_species(cfg.species if cfg.species else default_species_csv())
+    out = ResultsDir(cfg.out)
+    out.ensure()
     entries = list(walk(cfg.folder))
     log.info("found %d files under %s", len(entries), cfg.folder)
     shas, unreadable = _fingerprint(entries, progress)
 
     cached = set() if cfg.force else out.cached_shas(model.fingerprint, with_embeddings=cfg.embeddings)
-    todo: dict[str, WorkItem] = {}
+    todo: dict[str, list[str]] = {}
     for entry in entries:
         sha = shas.get(entry.path)
-        if sha is not None and sha not in cached and sha not in todo:
-            todo[sha] = WorkItem(entry.abspath, sha)
+        if sha is not None and sha not in cached:
+            todo.setdefault(sha, []).append(entry.abspath)
     reused = len(set(shas.values()) & cached)
     log.info("%d unique contents to infer, %d already have predictions from this model", len(todo), reused)
 
     metadata = schema_metadata(version=__version__, model_name=model.name,
                                model_fingerprint=model.fingerprint, labels=list(model.spec.labels))
-    writer = out.cache_writer(model.fingerprint, run_id, metadata)
-    workers = workers_for(runtime.device.type, cfg.workers)
-    decode_errors: dict[str, str] = {}
-    infer_t0, done = time.monotonic(), 0
-    for results in predict(model, runtime, list(todo.values()), batch_size=cfg.batch_size,
-                           workers=workers, top_k=cfg.top_k, embeddings=cfg.embeddings):
-        writer.write([{Col.SHA256: r.sha256, **r.facts, **r.prediction} for r in results if r.error is None])
-        decode_errors.update({r.sha256: r.error for r in results if r.error is not None})
-        done += len(results)
-        if progress:
-            progress("infer", done, len(todo))
-    infer_seconds = time.monotonic() - infer_t0
+    decode_errors, changed, infer_seconds = _infer(cfg, out, model, runtime, todo, run_id, metadata, progress)
+    by_abspath = {e.abspath: e.path for e in entries}
+    unreadable.update({by_abspath[p]: "file changed while dinobatch was reading it; the next run classifies it"
+                       for p in changed})
 
-    content = out.read_cache(model.fingerprint, set(shas.values()) - set(decode_errors))
-    rows_file = out.write_rows(run_id, _row_batches(entries, shas, unreadable, decode_errors, content, species,
-                                                    cfg, model, run_id), row_schema(metadata))
-    summary = _summarise(run_id, rows_file, len(entries), cfg, model, runtime, len(todo) - len(decode_errors), reused,
-                         infer_seconds, t0, started)
+    content = out.read_cache(model.fingerprint, set(shas.values()) - set(decode_errors),
+                             with_embeddings=cfg.embeddings)
+    stats: dict[str, Any] = {}
+    rows = _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg, model, run_id, stats)
+    rows_file = out.write_rows(run_id, rows, row_schema(metadata))
+    inferred = len(todo) - len(decode_errors)
+    summary = RunSummary(
+        run_id=run_id, rows_file=str(rows_file), files=len(entries), counts=stats["counts"],
+        inferred=inferred, reused=reused, duplicate_groups=stats["groups"],
+        seconds=round(time.monotonic() - t0, 3),
+        images_per_second=round(inferred / infer_seconds, 2) if inferred and infer_seconds > 0 else None,
+        model={"name": model.name, "fingerprint": model.fingerprint, "arch": model.spec.arch,
+               "classes": len(model.spec.labels)},
+        runtime=runtime.describe(), config=cfg.to_dict(), started=started.isoformat(),
+        finished=datetime.now(timezone.utc).isoformat(), errors=stats["errors"][:20])
     out.write_summary(run_id, summary.to_dict())
     return summary
 
 
-def _assignments(entries, shas, content, cfg) -> dict[str, Any]:
+def _infer(cfg, out, model, runtime, todo, run_id, metadata, progress) -> tuple[dict[str, str], set[str], float]:
+    """Decode and infer each new content; commit every batch to the cache as it finishes."""
+    writer = out.cache_writer(model.fingerprint, run_id, metadata)
+    items = [WorkItem(tuple(paths), sha) for sha, paths in todo.items()]
+    decode_errors: dict[str, str] = {}
+    changed: set[str] = set()
+    t, done = time.monotonic(), 0
+    for results in predict(model, runtime, items, batch_size=cfg.batch_size,
+                           workers=default_workers(runtime.device.type, cfg.workers), embeddings=cfg.embeddings):
+        writer.write([{Col.SHA256: r.sha256, **r.facts, **r.prediction} for r in results if r.error is None])
+        decode_errors.update({r.sha256: r.error for r in results if r.error is not None})
+        changed.update(p for r in results for p in r.changed)
+        done += len(results)
+        if progress:
+            progress("infer", done, len(items))
+    return decode_errors, changed, time.monotonic() - t
+
+
+def _assignments(entries, shas, unreadable, content, cfg) -> dict[str, Any]:
+    """Duplicate groups over the files that have a prediction (a file in error is in no group)."""
     index = {sha: i for i, sha in enumerate(content[Col.SHA256].to_pylist())}
     facts = content.select([Col.PHASH, Col.DHASH, Col.WIDTH, Col.HEIGHT]).to_pylist()
     items = []
     for e in entries:
-        i = index.get(shas.get(e.path, ""))
+        i = None if e.path in unreadable else index.get(shas.get(e.path, ""))
         if i is not None:
             f = facts[i]
             items.append(DedupeItem(e.path, shas[e.path], int(f[Col.PHASH], 16), int(f[Col.DHASH], 16),
@@ -138,13 +160,34 @@ def _assignments(entries, shas, content, cfg) -> dict[str, Any]:
     return {a.path: a for a in group_duplicates(items, phash_max=cfg.phash_max, dhash_max=cfg.dhash_max)}
 
 
-def _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg, model, run_id) -> Iterator:
-    """Per-file rows in path order, built in slices; duplicates carry the kept file's prediction."""
+def _top_k(probs: list[list[float] | None], labels: Sequence[str], k: int) -> tuple[list, list]:
+    """topk_labels and topk_probs from probs, best first (null where probs is null)."""
+    import numpy as np
+
+    names, values = [], []
+    for p in probs:
+        if p is None:
+            names.append(None)
+            values.append(None)
+            continue
+        order = np.argsort(-np.asarray(p, dtype=np.float32), kind="stable")[:k]
+        names.append([labels[i] for i in order])
+        values.append([p[i] for i in order])
+    return names, values
+
+
+def _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg, model, run_id,
+                 stats: dict[str, Any]) -> Iterator:
+    """Per-file rows in path order, built in slices; duplicates carry the kept file's prediction.
+
+    Fills stats with counts, duplicate groups and errors as the rows are produced."""
     import pyarrow as pa
 
     schema = row_schema()
     index = {sha: i for i, sha in enumerate(content[Col.SHA256].to_pylist())}
-    groups = _assignments(entries, shas, content, cfg)
+    groups = _assignments(entries, shas, unreadable, content, cfg)
+    stats.update(counts={STATUS_OK: 0, STATUS_DUPLICATE: 0, STATUS_ERROR: 0}, errors=[],
+                 groups=len({g.group for g in groups.values()}))
     ordered = sorted(entries, key=lambda e: e.path)
     for lo in range(0, len(ordered), _ROWS_PER_BATCH):
         chunk = ordered[lo:lo + _ROWS_PER_BATCH]
@@ -157,11 +200,14 @@ def _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg
             g = groups.get(e.path)
             error = unreadable.get(e.path) or (decode_errors.get(sha) if sha else None)
             if error is None and i is None:
-                error = "no prediction was produced for this file (interrupted earlier?); rerun"
+                error = "no prediction was produced for this file; rerun"
             status = STATUS_ERROR if error else (STATUS_DUPLICATE if g and g.duplicate_of else STATUS_OK)
-            keeper = index[shas[g.duplicate_of]] if status == STATUS_DUPLICATE else i
+            stats["counts"][status] += 1
+            if error:
+                stats["errors"].append({"path": e.path, "error": error})
+                g = i = None
             own.append(i)
-            pred.append(keeper if status != STATUS_ERROR else None)
+            pred.append(index[shas[g.duplicate_of]] if status == STATUS_DUPLICATE else i)
             values = (run_id, e.path, e.size, _utc(e.mtime_ns), sha, status, error,
                       g.duplicate_of if g else None, g.kind if g else None, g.group if g else None)
             for name, value in zip(cols, values):
@@ -169,8 +215,12 @@ def _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg
         facts = content.select(list(FACT_COLUMNS)).take(pa.array(own, pa.int64()))
         preds = content.select(list(PREDICTION_COLUMNS)).take(pa.array(pred, pa.int64()))
         labels = preds[Col.LABEL].to_pylist()
+        topk_labels, topk_probs = _top_k(preds[Col.PROBS].to_pylist(), model.spec.labels, cfg.top_k)
         arrays = {**cols, **{c: facts[c] for c in FACT_COLUMNS}, **{c: preds[c] for c in PREDICTION_COLUMNS},
+                  Col.TOPK_LABELS: topk_labels, Col.TOPK_PROBS: topk_probs,
                   Col.MODEL: [model.name] * len(chunk), Col.MODEL_FINGERPRINT: [model.fingerprint] * len(chunk)}
+        if not cfg.embeddings:
+            arrays[Col.EMBEDDING] = pa.nulls(len(chunk), pa.list_(pa.float32()))
         for c in SPECIES_COLUMNS:
             arrays[c] = [species.get(label, {}).get(c) if label else None for label in labels]
         yield from pa.Table.from_pydict({f.name: arrays[f.name] for f in schema}, schema=schema).to_batches()
@@ -178,25 +228,3 @@ def _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg
 
 def _utc(mtime_ns: int | None) -> datetime | None:
     return datetime.fromtimestamp(mtime_ns / 1e9, timezone.utc) if mtime_ns is not None else None
-
-
-def _summarise(run_id, rows_file, files, cfg, model, runtime, inferred, reused, infer_seconds, t0,
-               started) -> RunSummary:
-    """Counts are read back from the committed rows file, so the summary always matches it."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(rows_file, columns=[Col.PATH, Col.STATUS, Col.ERROR, Col.DUPLICATE_GROUP])
-    statuses = table[Col.STATUS].to_pylist()
-    errors = [{"path": p, "error": err} for p, s, err in zip(table[Col.PATH].to_pylist(), statuses,
-                                                           table[Col.ERROR].to_pylist()) if s == STATUS_ERROR]
-    return RunSummary(
-        run_id=run_id, rows_file=str(rows_file), files=files,
-        counts={s: statuses.count(s) for s in (STATUS_OK, STATUS_DUPLICATE, STATUS_ERROR)},
-        inferred=inferred, reused=reused,
-        duplicate_groups=len({g for g in table[Col.DUPLICATE_GROUP].to_pylist() if g is not None}),
-        seconds=round(time.monotonic() - t0, 3),
-        images_per_second=round(inferred / infer_seconds, 2) if inferred and infer_seconds > 0 else None,
-        model={"name": model.name, "fingerprint": model.fingerprint, "arch": model.spec.arch,
-               "classes": len(model.spec.labels)},
-        runtime=runtime.describe(), config=cfg.to_dict(), started=started.isoformat(),
-        finished=datetime.now(timezone.utc).isoformat(), errors=errors[:20])

@@ -13,7 +13,8 @@ import click
 
 from . import __version__
 from .config import CONFIG_ENV, MODEL_ENV, ClassifyConfig, load_config_file
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, DinobatchError
+from .device import PRECISIONS
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, DinobatchError
 
 __all__ = ["main", "cli"]
 
@@ -99,12 +100,18 @@ class _Progress:
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--config FILE fills Click's default_map, so flags and environment variables still win."""
     if value:
-        params = {p.name for p in ctx.command.params if p.name not in ("config", "folder")}
+        params = {p.name: p for p in ctx.command.params if p.name not in ("config", "folder")}
         try:
-            ctx.default_map = {**(ctx.default_map or {}), **load_config_file(value, ctx.command.name, params)}
+            values = load_config_file(value, ctx.command.name, set(params))
+            for key, raw in values.items():  # check types here, so the message names the file and key
+                try:
+                    params[key].type_cast_value(ctx, raw)
+                except click.BadParameter as exc:
+                    raise ConfigError(f"{value}: [{ctx.command.name}] {key} = {raw!r}: {exc.message}") from exc
         except DinobatchError as exc:
             click.echo(f"dinobatch: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 
 
@@ -127,7 +134,7 @@ def cli() -> None:
 @click.option("-m", "--model", envvar=MODEL_ENV, default="imagenet",
               help=f"Model file, or 'imagenet' (torchvision ResNet50 weights) [env {MODEL_ENV}].")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (asked for and missing: error).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("-j", "--workers", type=click.IntRange(min=0), default=None,

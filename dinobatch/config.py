@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ClassifyConfig", "load_config_file", "workers_for", "MODEL_ENV", "CONFIG_ENV"]
+__all__ = ["ClassifyConfig", "load_config_file", "MODEL_ENV", "CONFIG_ENV"]
 
 MODEL_ENV = "DINOBATCH_MODEL"
 KNOWN_SECTIONS = ("classify",)  # one table per command that reads the file
@@ -28,7 +28,7 @@ class ClassifyConfig:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int = 32
-    workers: int | None = None  # None: chosen for the device (see workers_for)
+    workers: int | None = None  # None: chosen for the device (device.default_workers)
     top_k: int = 3
     embeddings: bool = False
     force: bool = False
@@ -48,16 +48,6 @@ class ClassifyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def workers_for(device_type: str, requested: int | None) -> int:
-    """Decode workers: as asked, else one per spare core (the model's threads need the rest on CPU)."""
-    if requested is not None:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device_type == "cuda":
-        return max(1, min(8, cores - 1))
-    return max(1, min(4, cores // 2))
 
 
 def load_config_file(path: str | os.PathLike, section: str, allowed: set[str]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -19,9 +20,13 @@ log = logging.getLogger(__name__)
 
 # Declared sizes above this are refused before any pixel is allocated (Pillow's own default limit).
 MAX_PIXELS = 89_478_485
-# JPEGs are decoded at a reduced DCT scale whose shorter side stays >= this, so hashes do not
-# depend on which model asked for the decode (every torchvision ResNet preprocesses at <= 256).
+# Pictures are decoded (JPEG: at a reduced DCT scale) or reduced to a shorter side of at least
+# max(this, the model's resize); for every model that resizes to <= 256 (all torchvision ResNet
+# recipes) hashes are therefore the same whichever model asked for the decode.
 HASH_MIN_SIDE = 256
+# Formats Pillow may try. Anything else (EPS, which runs Ghostscript; PDF; WMF; ...) is refused.
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "ICO", "CUR", "AVIF",
+           "JPEG2000", "PPM", "PCX", "TGA", "PSD", "QOI", "DDS", "XBM", "ICNS", "SGI")
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -68,6 +73,13 @@ def decode(data: bytes, *, min_side: int = HASH_MIN_SIDE) -> Decoded:
             raise DecodeError(_reason(exc)) from exc
 
 
+@functools.cache
+def _available_formats() -> tuple[str, ...]:
+    """The allowed formats this Pillow build can open (plugins register lazily, hence init())."""
+    Image.init()
+    return tuple(f for f in FORMATS if f in Image.OPEN)
+
+
 @contextlib.contextmanager
 def _silenced_c_stderr():
     """libtiff and friends print warnings straight to fd 2; keep cron mail clean unless debugging."""
@@ -90,7 +102,7 @@ def _silenced_c_stderr():
 
 
 def _decode(data: bytes, min_side: int) -> Decoded:
-    img = Image.open(io.BytesIO(data))
+    img = Image.open(io.BytesIO(data), formats=_available_formats())
     fmt, mode = img.format or "unknown", img.mode
     width, height = img.size
     if width * height > MAX_PIXELS:
@@ -98,14 +110,17 @@ def _decode(data: bytes, min_side: int) -> Decoded:
                           f"{MAX_PIXELS} pixels (possible decompression bomb)")
     if width == 0 or height == 0:
         raise DecodeError(f"invalid image size {width}x{height}")
+    side = max(min_side, HASH_MIN_SIDE)
     if fmt in ("JPEG", "MPO"):
-        side = max(min_side, HASH_MIN_SIDE)
         img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode, (side, side))
     img.load()  # before any EXIF read: PNG's getexif() would load (and swallow a truncation) itself
     if _orientation(img) in _ROTATING_ORIENTATIONS:
         width, height = height, width
     img = _oriented(img)
     rgb = to_rgb(img)
+    factor = min(rgb.size) // side
+    if factor >= 2:  # what JPEG's draft does while decoding, done after decoding for other formats
+        rgb = rgb.reduce(factor)
     return Decoded(fmt, width, height, mode, str(imagehash.phash(rgb)), str(imagehash.dhash(rgb)), rgb)
 
 
@@ -155,14 +170,14 @@ def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
     trns = img.info.get("transparency")
     mask = (arr == trns) if isinstance(trns, int) else None
     if arr.dtype.kind == "f":
-        arr = np.nan_to_num(arr.astype(np.float64))
-        lo, hi = (0.0, 1.0) if arr.min() >= 0 and arr.max() <= 1 else (arr.min(), arr.max())
+        arr = np.nan_to_num(arr.astype(np.float32))
+        lo, hi = (0.0, 1.0) if arr.min() >= 0 and arr.max() <= 1 else (float(arr.min()), float(arr.max()))
     else:
-        arr = arr.astype(np.float64)
-        lo, hi = arr.min(), arr.max()
+        arr = arr.astype(np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
         if lo >= 0:  # the bit depth actually used (8, 12, 16, ...): 12-bit data in 16-bit files is common
             lo, hi = 0.0, float(2 ** max(8, int(np.ceil(np.log2(hi + 1)))) - 1)
-    scaled = np.clip((arr - lo) * (255.0 / max(hi - lo, 1e-12)), 0, 255).round().astype(np.uint8)
+    scaled = np.clip((arr - lo) * np.float32(255.0 / max(hi - lo, 1e-12)), 0, 255).round().astype(np.uint8)
     grey = Image.fromarray(scaled, "L")
     if mask is None:
         return grey

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -21,7 +21,6 @@ __all__ = [
     "DEFAULT_DHASH_MAX",
     "DedupeItem",
     "Assignment",
-    "hex_to_uint64",
     "popcount64",
     "near_pairs",
     "group_duplicates",
@@ -55,11 +54,6 @@ class Assignment:
     group: int
     duplicate_of: str | None  # None for the kept file
     kind: str | None  # "exact" (same bytes as the kept file) or "near"
-
-
-def hex_to_uint64(values: Iterable[str]) -> np.ndarray:
-    """16-digit hex hashes (as imagehash prints them) to a uint64 array."""
-    return np.array([int(v, 16) for v in values], dtype=np.uint64)
 
 
 _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -174,33 +168,70 @@ def _find(parent: list[int], x: int) -> int:
     return x
 
 
-def group_duplicates(items: Sequence[DedupeItem], *, phash_max: int = DEFAULT_PHASH_MAX,
-                     dhash_max: int = DEFAULT_DHASH_MAX) -> list[Assignment]:
-    """Group exact copies and near duplicates (pHash AND dHash within their limits); keep the largest."""
-    by_sha: dict[str, list[DedupeItem]] = {}
+def _hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def _linked_components(items: Sequence[DedupeItem], phash_max: int, dhash_max: int) -> list[list[DedupeItem]]:
+    """Items connected by exact copies or near links; identical hash pairs are collapsed first, so
+    a thousand blank pictures cost one index entry, not a million candidate pairs."""
+    pairs_of = {}
     for item in items:
-        by_sha.setdefault(item.sha256, []).append(item)
-    shas = list(by_sha)
-    parent = list(range(len(shas)))
-    if phash_max >= 0 and dhash_max >= 0:
-        ph = np.array([by_sha[s][0].phash for s in shas], dtype=np.uint64)
-        dh = np.array([by_sha[s][0].dhash for s in shas], dtype=np.uint64)
-        # index the hash with the tighter limit (fewer candidates), then check the other
-        (a, a_max), (b, b_max) = sorted([(ph, phash_max), (dh, dhash_max)], key=lambda t: t[1])
-        pairs = near_pairs(a, a_max)
-        if len(pairs):
-            pairs = pairs[popcount64(b[pairs[:, 0]] ^ b[pairs[:, 1]]) <= b_max]
-        for x, y in pairs.tolist():
-            rx, ry = _find(parent, x), _find(parent, y)
+        pairs_of.setdefault((item.phash, item.dhash), []).append(item)
+    keys = list(pairs_of)
+    parent = list(range(len(keys)))
+    ph = np.array([k[0] for k in keys], dtype=np.uint64)
+    dh = np.array([k[1] for k in keys], dtype=np.uint64)
+    # index the hash with the tighter limit (fewer candidates), then check the other
+    (a, a_max), (b, b_max) = sorted([(ph, phash_max), (dh, dhash_max)], key=lambda t: t[1])
+    links = near_pairs(a, a_max)
+    if len(links):
+        links = links[popcount64(b[links[:, 0]] ^ b[links[:, 1]]) <= b_max]
+    for x, y in links.tolist():
+        rx, ry = _find(parent, x), _find(parent, y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    by_sha: dict[str, int] = {}  # exact copies always share a component (their hashes are equal anyway)
+    for index, key in enumerate(keys):
+        for item in pairs_of[key]:
+            first = by_sha.setdefault(item.sha256, index)
+            rx, ry = _find(parent, first), _find(parent, index)
             if rx != ry:
                 parent[max(rx, ry)] = min(rx, ry)
     components: dict[int, list[DedupeItem]] = {}
-    for index, sha in enumerate(shas):
-        components.setdefault(_find(parent, index), []).extend(by_sha[sha])
-    groups = sorted((g for g in components.values() if len(g) > 1), key=lambda g: min(x.path for x in g))
+    for index, key in enumerate(keys):
+        components.setdefault(_find(parent, index), []).extend(pairs_of[key])
+    return [c for c in components.values() if len(c) > 1]
+
+
+def _stars(members: list[DedupeItem], phash_max: int, dhash_max: int) -> list[list[DedupeItem]]:
+    """Split a component into groups whose every member is directly within the limits of the kept
+    (largest, then first-path) file: A~B and B~C never make C a duplicate of A on their own."""
+    remaining = sorted(members, key=lambda x: (-x.pixels, x.path))
+    groups = []
+    while len(remaining) > 1:
+        keeper, rest = remaining[0], remaining[1:]
+        near = [x for x in rest if x.sha256 == keeper.sha256 or (
+            _hamming(x.phash, keeper.phash) <= phash_max and _hamming(x.dhash, keeper.dhash) <= dhash_max)]
+        if near:
+            groups.append([keeper] + near)
+        taken = {id(x) for x in near}
+        remaining = [x for x in rest if id(x) not in taken]
+    return groups
+
+
+def group_duplicates(items: Sequence[DedupeItem], *, phash_max: int = DEFAULT_PHASH_MAX,
+                     dhash_max: int = DEFAULT_DHASH_MAX) -> list[Assignment]:
+    """Group exact copies and near duplicates (pHash AND dHash within their limits) around the
+    largest file of each group, which is kept; every other member is directly near it."""
+    if not items:
+        return []
+    groups = [g for comp in _linked_components(items, phash_max, dhash_max)
+              for g in _stars(comp, phash_max, dhash_max)]
+    groups.sort(key=lambda g: min(x.path for x in g))
     out = []
     for number, members in enumerate(groups):
-        keeper = min(members, key=lambda x: (-x.pixels, x.path))
+        keeper = members[0]
         for x in sorted(members, key=lambda x: x.path):
             if x is keeper:
                 out.append(Assignment(x.path, number, None, None))

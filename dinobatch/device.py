@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .errors import DeviceError
 
-__all__ = ["PRECISIONS", "Runtime", "resolve_runtime"]
+__all__ = ["PRECISIONS", "Runtime", "resolve_runtime", "default_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,25 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     dev = _resolve_device(device, torch)
     if precision not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    native_bf16 = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)  # Ampere+
     if precision == "auto":
         if dev.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            precision = "bf16" if native_bf16 else "fp16"
         else:
             precision = "fp32"  # measured: bf16 autocast gives no gain on CPUs without AMX
-    elif precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DeviceError(f"{dev} does not support bf16; use --precision fp16 or fp32")
+    elif precision == "bf16" and dev.type == "cuda" and not native_bf16:
+        raise DeviceError(f"{dev} has no native bf16 (compute capability < 8.0); use --precision fp16 or fp32")
     return Runtime(dev, precision)
+
+
+def default_workers(device_type: str, requested: int | None) -> int:
+    """Decode workers: as asked, else one per spare core (on CPU the model's threads need the rest)."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device_type == "cuda":
+        return max(1, min(8, cores - 1))
+    return max(1, min(4, cores // 2))
 
 
 def _resolve_device(device: str, torch: Any):

@@ -75,6 +75,10 @@ class ModelSpec:
     source: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0  # softmax temperature; 1.0 means uncalibrated
 
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0 and self.temperature < float("inf")):
+            raise ModelError(f"softmax temperature must be a positive number, got {self.temperature}")
+
     def to_json(self) -> str:
         """Serialise for the model file."""
         return json.dumps(asdict(self), sort_keys=True)
@@ -144,13 +148,16 @@ def save_model(path: str | Path, spec: ModelSpec, state_dict: dict) -> str:
     return file_sha256(path)
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path) -> tuple[Any, str]:
+    """The file's content (weights only, no code run) and the sha256 of exactly those bytes."""
+    import io
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()  # read once: the fingerprint must describe the weights loaded
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), hashlib.sha256(data).hexdigest()
     except FileNotFoundError as exc:
         raise ModelError(f"model file not found: {path}") from exc
     except IsADirectoryError as exc:
@@ -168,7 +175,7 @@ def _torch_load(path: Path) -> Any:
 def load_model(path: str | Path) -> LoadedModel:
     """Load a dinobatch model file without executing code from it."""
     path = Path(path)
-    payload = _torch_load(path)
+    payload, fingerprint = _torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelError(f"{path} is not a dinobatch model file. To wrap a plain state_dict, run: "
                          f"dinobatch model import {path} --arch resnet50 --labels LABELS.txt --out MODEL")
@@ -177,7 +184,7 @@ def load_model(path: str | Path) -> LoadedModel:
                          f"this dinobatch reads version {FORMAT_VERSION}")
     spec = ModelSpec.from_json(str(payload.get("spec", "")))
     module = _module_with_weights(spec.arch, spec.labels, payload.get("state_dict"), str(path))
-    return LoadedModel(spec, module, file_sha256(path), path.name)
+    return LoadedModel(spec, module, fingerprint, path.name)
 
 
 def _module_with_weights(arch: str, labels: tuple[str, ...], state_dict: Any, where: str):
@@ -234,10 +241,10 @@ def import_state_dict(state_dict_path: str | Path, *, arch: str, labels_path: st
                       out: str | Path, preprocessing: Preprocessing | None = None) -> LoadedModel:
     """Wrap a plain torchvision ResNet state_dict and its labels into a dinobatch model file."""
     labels = read_labels(labels_path)
-    state_dict = _unwrap_state_dict(_torch_load(Path(state_dict_path)), str(state_dict_path))
+    payload, source_sha = _torch_load(Path(state_dict_path))
+    state_dict = _unwrap_state_dict(payload, str(state_dict_path))
     module = _module_with_weights(arch, labels, state_dict, str(state_dict_path))
-    source = {"kind": "import", "state_dict": os.path.abspath(state_dict_path),
-              "state_dict_sha256": file_sha256(state_dict_path)}
+    source = {"kind": "import", "state_dict": os.path.abspath(state_dict_path), "state_dict_sha256": source_sha}
     spec = ModelSpec(arch=arch, labels=labels, preprocessing=preprocessing or Preprocessing(), source=source)
     fingerprint = save_model(out, spec, module.state_dict())
     return LoadedModel(spec, module, fingerprint, Path(out).name)

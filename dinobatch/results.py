@@ -23,9 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import OutputError
-from .schema import Col, cache_schema, row_schema
+from .schema import Col, cache_schema
 
-__all__ = ["ResultsDir", "CacheWriter", "read_rows"]
+__all__ = ["ResultsDir", "CacheWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,11 @@ class _Atomic:
         self.tmp.unlink(missing_ok=True)
 
 
+def _abort(atomic: "_Atomic | None") -> None:
+    if atomic is not None:
+        atomic.abort()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -89,15 +94,16 @@ class CacheWriter:
             return
         table = pa.Table.from_pylist(list(rows), schema=self.schema)
         target = self.folder / f"part-{self.run_id}-{self.parts:05d}.parquet"
-        atomic = _Atomic(target)
+        atomic = None
         try:
+            atomic = _Atomic(target)
             pq.write_table(table, atomic.tmp)
             atomic.commit()
         except OSError as exc:
-            atomic.abort()
+            _abort(atomic)
             raise _output_error("write results to", target, exc) from exc
         except BaseException:
-            atomic.abort()
+            _abort(atomic)
             raise
         self.parts += 1
 
@@ -146,49 +152,66 @@ class ResultsDir:
             found.update(table[Col.SHA256].to_pylist())
         return found
 
-    def read_cache(self, fingerprint: str, shas: set[str]) -> pa.Table:
-        """The newest cached row of each wanted sha256 (later parts win), as one table."""
+    def read_cache(self, fingerprint: str, shas: set[str], *, with_embeddings: bool) -> pa.Table:
+        """The newest cached row of each wanted sha256 (later parts win), as one table.
+
+        With with_embeddings only rows that carry an embedding count; without, the embedding
+        column is not even read."""
+        schema = cache_schema()
+        columns = [n for n in schema.names if with_embeddings or n != Col.EMBEDDING]
         wanted = pa.array(sorted(shas), pa.string())
         pieces = []
         for part in self._cache_parts(fingerprint):
-            table = _read_part(part, None)
-            if table is not None:
-                pieces.append(table.filter(pc.is_in(table[Col.SHA256], value_set=wanted)))
-        schema = cache_schema()
+            table = _read_part(part, columns)
+            if table is None:
+                continue
+            keep = pc.is_in(table[Col.SHA256], value_set=wanted)
+            if with_embeddings:
+                keep = pc.and_(keep, table[Col.EMBEDDING].is_valid())
+            pieces.append(table.filter(keep))
+        if not with_embeddings:
+            schema = schema.remove(schema.get_field_index(Col.EMBEDDING))
         if not pieces:
-            return schema.empty_table()
-        table = pa.concat_tables([p.select(schema.names).cast(schema) for p in pieces])
+            table = schema.empty_table()
+        else:
+            table = pa.concat_tables([p.select(schema.names).cast(schema) for p in pieces])
         last: dict[str, int] = {}
         for index, sha in enumerate(table[Col.SHA256].to_pylist()):
             last[sha] = index
-        return table.take(sorted(last.values()))
+        table = table.take(pa.array(sorted(last.values()), pa.int64()))
+        if not with_embeddings:
+            table = table.append_column(cache_schema().field(Col.EMBEDDING),
+                                        pa.nulls(table.num_rows, pa.list_(pa.float32())))
+        return table
 
     def write_rows(self, run_id: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Path:
         """Stream record batches into DIR/<run_id>.parquet, committed only when complete."""
         target = self.path / f"{run_id}.parquet"
-        atomic = _Atomic(target)
+        atomic = None
         try:
+            atomic = _Atomic(target)
             with pq.ParquetWriter(atomic.tmp, schema) as writer:
                 for batch in batches:
                     writer.write_batch(batch)
             return atomic.commit()
         except OSError as exc:
-            atomic.abort()
+            _abort(atomic)
             raise _output_error("write results to", target, exc) from exc
         except BaseException:
-            atomic.abort()
+            _abort(atomic)
             raise
 
     def write_summary(self, run_id: str, summary: dict[str, Any]) -> Path:
         """DIR/_runs/<run_id>.json for the record, and DIR/_summary.json for monitoring."""
         text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
         for target in (self.path / "_runs" / f"{run_id}.json", self.path / "_summary.json"):
-            atomic = _Atomic(target)
+            atomic = None
             try:
+                atomic = _Atomic(target)
                 atomic.tmp.write_text(text, encoding="utf-8")
                 atomic.commit()
             except OSError as exc:
-                atomic.abort()
+                _abort(atomic)
                 raise _output_error("write summary", target, exc) from exc
         return self.path / "_summary.json"
 
@@ -200,9 +223,4 @@ def _read_part(path: Path, columns: list[str] | None) -> pa.Table | None:
     except (OSError, pa.ArrowException) as exc:
         log.warning("ignoring unreadable cache part %s: %s", path, exc)
         return None
-
-
-def read_rows(path: str | os.PathLike) -> pa.Table:
-    """Every per-file row under an output folder (all runs), as one table."""
-    return pq.read_table(path, schema=row_schema())
 

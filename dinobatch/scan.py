@@ -12,7 +12,7 @@ from typing import Iterator
 
 from .errors import InputError
 
-__all__ = ["FileEntry", "walk", "sha256_file", "read_bytes", "display_path", "MAX_FILE_BYTES"]
+__all__ = ["FileEntry", "check_folder", "walk", "sha256_file", "read_bytes", "display_path", "MAX_FILE_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,9 @@ class FileEntry:
 
 
 def display_path(raw: str) -> str:
-    """A printable, UTF-8-safe form of a file name (undecodable bytes shown as \\xNN)."""
-    return os.fsencode(raw).decode("utf-8", "backslashreplace")
+    """A printable, UTF-8-safe, one-to-one form of a file name: undecodable bytes are shown as
+    \\xNN and a literal backslash as two, so no two different names look the same."""
+    return os.fsencode(raw).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
 def _kind(mode: int) -> str:
@@ -62,9 +63,7 @@ def _is_inside(path: str, root_real: str) -> bool:
 
 def walk(root: str | Path) -> Iterator[FileEntry]:
     """Yield every non-hidden file under root in sorted order, without following links out or in loops."""
-    root = os.path.abspath(os.fspath(root))
-    if not os.path.isdir(root):
-        raise InputError(f"input folder not found or not a folder: {root}")
+    root = check_folder(root)
     root_real = os.path.realpath(root)
     seen_dirs = {root_real}
     stack = [iter(_listing(root))]
@@ -78,6 +77,16 @@ def walk(root: str | Path) -> Iterator[FileEntry]:
             yield sub
         elif sub is not None:
             stack.append(iter(_listing(sub)))
+
+
+def check_folder(root: str | Path) -> str:
+    """The absolute path of an input folder, or an InputError saying why it cannot be used."""
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise InputError(f"input folder not found or not a folder: {root}")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise InputError(f"input folder is not readable: {root}")
+    return root
 
 
 def _listing(folder: str) -> list[os.DirEntry]:

@@ -12,6 +12,8 @@ __all__ = [
     "STATUS_DUPLICATE",
     "STATUS_ERROR",
     "STATUSES",
+    "DUPLICATE_EXACT",
+    "DUPLICATE_NEAR",
     "Col",
     "FACT_COLUMNS",
     "PREDICTION_COLUMNS",
@@ -80,16 +82,19 @@ FACT_FIELDS = [
     pa.field(Col.PHASH, pa.string()),  # 16 hex digits, as str(imagehash.phash(img))
     pa.field(Col.DHASH, pa.string()),
 ]
-# What the model says about one content (sha256), in the model's label order.
+# What the model says about one content (cached per sha256 and model), in the model's label order.
 PREDICTION_FIELDS = [
     pa.field(Col.LABEL, pa.string()),
     pa.field(Col.CONFIDENCE, pa.float32()),
-    pa.field(Col.TOPK_LABELS, pa.list_(pa.string())),
-    pa.field(Col.TOPK_PROBS, _FLOATS),
     pa.field(Col.PROBS, _FLOATS),
     pa.field(Col.MARGIN, pa.float32()),
     pa.field(Col.ENTROPY, pa.float32()),
     pa.field(Col.EMBEDDING, _FLOATS),
+]
+# Derived from probs when rows are written, so that --top-k applies to cached predictions too.
+TOPK_FIELDS = [
+    pa.field(Col.TOPK_LABELS, pa.list_(pa.string())),
+    pa.field(Col.TOPK_PROBS, _FLOATS),
 ]
 SPECIES_FIELDS = [
     pa.field(Col.SPECIES_COMMON_NAME, pa.string()),
@@ -124,8 +129,8 @@ _MODEL_FIELDS = [
 
 def row_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
     """Schema of the per-file rows a run writes: one row per input file."""
-    fields = _FILE_FIELDS + FACT_FIELDS + _DUPLICATE_FIELDS + _MODEL_FIELDS + PREDICTION_FIELDS
-    return pa.schema(fields + SPECIES_FIELDS, metadata=metadata)
+    fields = _FILE_FIELDS + FACT_FIELDS + _DUPLICATE_FIELDS + _MODEL_FIELDS + PREDICTION_FIELDS[:2]
+    return pa.schema(fields + TOPK_FIELDS + PREDICTION_FIELDS[2:] + SPECIES_FIELDS, metadata=metadata)
 
 
 def cache_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:

@@ -123,3 +123,12 @@ def test_readme_documents_every_option_of_every_command():
             for opt in getattr(param, "opts", []):
                 if opt.startswith("--") and opt != "--help":
                     assert opt in readme, f"README does not document {name} {opt}"
+
+
+@pytest.mark.parametrize("line", ['batch-size = "lots"', "batch-size = 0", 'precision = "fp64"'])
+def test_wrong_config_values_are_config_errors_naming_the_key(runner, folder, tmp_path, line):
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"[classify]\n{line}\n")
+    result = runner.invoke(cli, ["classify", str(folder), "--config", str(conf)])
+    key = line.split(" = ")[0].replace("-", "_")
+    assert result.exit_code == EXIT_CONFIG and str(conf) in result.output and key in result.output

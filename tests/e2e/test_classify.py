@@ -13,6 +13,8 @@ from dinobatch.classify import classify
 from dinobatch.config import ClassifyConfig
 from dinobatch.model import file_sha256
 from dinobatch.schema import read_metadata
+from PIL import Image
+
 from tests.conftest import LABELS, REPO, picture, save, tree_digest
 
 
@@ -153,3 +155,64 @@ def test_a_folder_with_no_images_still_writes_rows_and_summary(tmp_path, tiny_mo
     (tmp_path / "empty").mkdir()
     summary, rows = run(tmp_path / "empty", tmp_path / "out2", tiny_model)
     assert summary.files == 0 and rows == {}
+
+
+def test_top_k_applies_to_cached_predictions_too(tmp_path, inbox, tiny_model):
+    root, out = inbox["a.jpg"].parent, tmp_path / "out"
+    run(root, out, tiny_model, top_k=1)
+    summary, rows = run(root, out, tiny_model, top_k=3)
+    assert summary.inferred == 0 and len(rows["b.png"]["topk_labels"]) == 3
+
+
+def test_embeddings_are_null_unless_asked_and_never_lost_by_a_forced_run(tmp_path, inbox, tiny_model):
+    root, out = inbox["a.jpg"].parent, tmp_path / "out"
+    run(root, out, tiny_model, embeddings=True)
+    _, rows = run(root, out, tiny_model)
+    assert rows["b.png"]["embedding"] is None  # not asked for this time
+    run(root, out, tiny_model, force=True)  # newer predictions, without embeddings
+    summary, rows = run(root, out, tiny_model, embeddings=True)
+    assert summary.inferred == 0 and len(rows["b.png"]["embedding"]) == 512
+
+
+def test_names_that_only_look_alike_stay_two_rows(tmp_path, tiny_model):
+    import os
+
+    root = tmp_path / "in"
+    root.mkdir()
+    with open(os.fsencode(str(root)) + b"/caf\xe9.png", "wb") as fh:
+        picture(1).save(fh, "PNG")
+    save(picture(2), root / "caf\\xe9.png")  # a real backslash in the name
+    _, rows = run(root, tmp_path / "out", tiny_model)
+    assert sorted(rows) == ["caf\\\\xe9.png", "caf\\xe9.png"]
+    assert {r["status"] for r in rows.values()} == {"ok"}
+
+
+def test_a_copy_changed_during_the_run_does_not_fail_its_untouched_twin(tmp_path, tiny_model):
+    root = tmp_path / "in"
+    save(picture(1), root / "a.png")
+    (root / "b.png").write_bytes((root / "a.png").read_bytes())
+    cfg = ClassifyConfig(folder=str(root), out=str(tmp_path / "out"), model=str(tiny_model), workers=0)
+
+    def rewrite_a_after_hashing(stage, done, total):
+        if stage == "fingerprint" and done == total:
+            save(picture(2), root / "a.png")
+
+    summary = classify(cfg, rewrite_a_after_hashing)
+    rows = {r["path"]: r for r in pq.read_table(summary.rows_file).to_pylist()}
+    assert rows["b.png"]["status"] == "ok" and rows["b.png"]["label"] is not None
+    assert rows["a.png"]["status"] == "error" and "changed" in rows["a.png"]["error"]
+    again = classify(cfg)
+    assert again.counts == {"ok": 2, "duplicate": 0, "error": 0}
+
+
+def test_special_and_hostile_files_are_rows_with_reasons(tmp_path, tiny_model):
+    import os
+
+    root = tmp_path / "in"
+    save(picture(1), root / "good.png")
+    os.mkfifo(root / "pipe.jpg")
+    os.symlink(root / "missing.png", root / "dangling.png")
+    save(Image.new("RGB", (200_000, 1), (0, 0, 255)), root / "strip.png")
+    _, rows = run(root, tmp_path / "out", tiny_model)
+    assert rows["good.png"]["status"] == "ok" and rows["strip.png"]["status"] == "ok"
+    assert "FIFO" in rows["pipe.jpg"]["error"] and "broken symbolic link" in rows["dangling.png"]["error"]

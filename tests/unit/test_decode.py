@@ -117,3 +117,40 @@ def test_same_picture_in_two_formats_has_close_hashes():
     ph = bin(int(a.phash, 16) ^ int(b.phash, 16)).count("1")
     dh = bin(int(a.dhash, 16) ^ int(b.dhash, 16)).count("1")
     assert ph <= 8 and dh <= 3
+
+
+def test_declared_size_between_one_and_two_times_the_limit_is_refused_by_dinobatch():
+    # Pillow itself only warns below twice its limit; dinobatch refuses from the limit on.
+    with pytest.raises(DecodeError, match="decompression bomb|exceeds the limit"):
+        decode(_png_with_declared_size(10_000, 10_000))
+
+
+def test_thin_strip_becomes_a_crop_sized_model_input():
+    from dinobatch.infer import model_input
+    from dinobatch.model import Preprocessing
+
+    strip = Image.new("RGB", (300_000, 1), (10, 200, 30))
+    dec = decode(png_bytes(strip))
+    tensor = model_input(dec.image, Preprocessing(resize=256, crop=224))
+    assert tuple(tensor.shape) == (3, 224, 224)
+    assert tensor[:, 112, 112].tolist() == [10, 200, 30]
+
+
+def test_model_input_matches_torchvision_resize_then_crop():
+    import torchvision.transforms.functional as F
+    from torchvision.transforms import InterpolationMode
+
+    from dinobatch.infer import model_input
+    from dinobatch.model import Preprocessing
+
+    for size in ((160, 120), (333, 1000)):
+        img = picture(3, size)
+        expected = F.pil_to_tensor(F.center_crop(F.resize(img, 256, InterpolationMode.BILINEAR), [224, 224]))
+        got = model_input(img, Preprocessing(resize=256, crop=224))
+        assert (got.int() - expected.int()).abs().max() <= 1
+
+
+def test_formats_outside_the_allowlist_are_refused():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(DecodeError, match="not an image"):
+        decode(eps)

@@ -80,3 +80,22 @@ def test_a_group_has_one_kept_file_and_all_others_point_to_it():
     kept = [a for a in assignments if a.duplicate_of is None]
     assert len(kept) == 1 and kept[0].path == "4.jpg"
     assert {a.duplicate_of for a in assignments if a.duplicate_of} == {"4.jpg"}
+
+
+def test_near_links_do_not_chain_a_file_onto_a_keeper_it_is_not_near():
+    base = 0
+    items = [
+        item("a.png", "s1", base, 0, pixels=300),
+        item("b.png", "s2", base ^ 0b1111, 0, pixels=200),  # pHash 4 from a
+        item("c.png", "s3", base ^ 0b11111111 << 4 | 0b1111, 0, pixels=100),  # 8 from b, 12 from a
+    ]
+    groups = {a.path: a for a in group_duplicates(items, phash_max=8, dhash_max=3)}
+    assert groups["b.png"].duplicate_of == "a.png"
+    assert "c.png" not in groups  # it is near b, but b is not kept, and it is not near a
+
+
+def test_thousands_of_identical_hashes_group_quickly_into_one():
+    items = [item(f"{i:05d}.png", f"s{i}", 0, 0, pixels=1) for i in range(20_000)]
+    assignments = group_duplicates(items)
+    assert len(assignments) == 20_000
+    assert {a.duplicate_of for a in assignments} == {None, "00000.png"}
