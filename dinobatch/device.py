@@ -67,6 +67,25 @@ class Runtime:
             yield
 
 
+    @contextlib.contextmanager
+    def train_autocast(self) -> Iterator[None]:
+        """Mixed precision for a training step (gradients allowed), or nothing in fp32."""
+        import torch
+
+        if self.precision == "fp32":
+            yield
+            return
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.autocast(device_type=self.device.type, dtype=dtype):
+            yield
+
+    def grad_scaler(self):
+        """A gradient scaler for fp16 on CUDA (bf16 and fp32 need none): a no-op when disabled."""
+        import torch
+
+        return torch.amp.GradScaler(self.device.type, enabled=self.is_cuda and self.precision == "fp16")
+
+
 def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Resolve 'auto' choices; a device or precision asked for and missing is an error, never a fallback."""
     import torch

@@ -34,6 +34,7 @@ __all__ = [
     "import_state_dict",
     "read_labels",
     "load_imagenet",
+    "initial_module",
     "resolve_model",
     "file_sha256",
 ]
@@ -120,11 +121,9 @@ def build_module(arch: str, num_classes: int):
 
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file: the model fingerprint that keys incremental results."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .scan import sha256_file
+
+    return sha256_file(str(path))
 
 
 def save_model(path: str | Path, spec: ModelSpec, state_dict: dict) -> str:
@@ -250,18 +249,24 @@ def import_state_dict(state_dict_path: str | Path, *, arch: str, labels_path: st
     return LoadedModel(spec, module, fingerprint, Path(out).name)
 
 
+def _imagenet_weights(arch: str, weights_name: str = "DEFAULT"):
+    """torchvision's ImageNet weights enum member for arch, its state_dict (cache or download) and cache path."""
+    import torch
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    try:
+        weights = enum.DEFAULT if weights_name == "DEFAULT" else enum[weights_name]
+    except KeyError as exc:
+        names = ", ".join(w.name for w in enum)
+        raise ModelError(f"unknown {arch} weights {weights_name!r}; use one of: {names}") from exc
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return weights, _fetch_weights(weights, cached), cached
+
+
 def load_imagenet(weights_name: str = "DEFAULT") -> LoadedModel:
     """torchvision's ResNet50 ImageNet weights through its own weights API and cache."""
-    import torch
-    from torchvision.models import ResNet50_Weights
-
-    try:
-        weights = ResNet50_Weights[weights_name] if weights_name != "DEFAULT" else ResNet50_Weights.DEFAULT
-    except KeyError as exc:
-        names = ", ".join(w.name for w in ResNet50_Weights)
-        raise ModelError(f"unknown ResNet50 weights {weights_name!r}; use one of: {names}") from exc
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    state_dict = _fetch_weights(weights, cached)
+    weights, state_dict, cached = _imagenet_weights("resnet50", weights_name)
     prep = weights.transforms()
     spec = ModelSpec(
         arch="resnet50", labels=tuple(weights.meta["categories"]),
@@ -271,6 +276,30 @@ def load_imagenet(weights_name: str = "DEFAULT") -> LoadedModel:
         source={"kind": "torchvision", "weights": f"ResNet50_Weights.{weights.name}", "url": weights.url})
     module = _module_with_weights("resnet50", spec.labels, state_dict, str(cached))
     return LoadedModel(spec, module, file_sha256(cached), f"imagenet:{weights.name}")
+
+
+def initial_module(arch: str, labels: tuple[str, ...], pretrained: str):
+    """A network to fine-tune: 'none' (random), 'imagenet' (torchvision weights) or a model file;
+    the classifier is replaced by a freshly initialised one when the classes differ."""
+    import torch
+
+    if pretrained == "none":
+        return build_module(arch, len(labels)), {"pretrained": "none"}
+    if pretrained == "imagenet" or pretrained.startswith("imagenet:"):
+        weights, state_dict, _ = _imagenet_weights(arch, pretrained.partition(":")[2] or "DEFAULT")
+        module = build_module(arch, len(weights.meta["categories"]))
+        module.load_state_dict(state_dict)
+        start = {"pretrained": f"torchvision:{type(weights).__name__}.{weights.name}"}
+    else:
+        loaded = load_model(pretrained)
+        if loaded.spec.arch != arch:
+            raise ModelError(f"--pretrained {pretrained} is a {loaded.spec.arch}, but --arch is {arch}")
+        module = loaded.module
+        start = {"pretrained": loaded.name, "pretrained_fingerprint": loaded.fingerprint}
+        if loaded.spec.labels == labels:
+            return module, start
+    module.fc = torch.nn.Linear(module.fc.in_features, len(labels))
+    return module, start
 
 
 def _fetch_weights(weights: Any, cached: Path) -> dict:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from .errors import OutputError
 from .schema import Col, cache_schema
 
-__all__ = ["ResultsDir", "CacheWriter"]
+__all__ = ["ResultsDir", "CacheWriter", "write_table", "read_table", "table_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -224,3 +224,37 @@ def _read_part(path: Path, columns: list[str] | None) -> pa.Table | None:
         log.warning("ignoring unreadable cache part %s: %s", path, exc)
         return None
 
+
+
+def write_table(table: pa.Table, target: str | os.PathLike) -> Path:
+    """Write one Parquet file atomically (manifests, evaluation and sweep tables)."""
+    target = Path(target)
+    atomic = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic = _Atomic(target)
+        pq.write_table(table, atomic.tmp)
+        return atomic.commit()
+    except OSError as exc:
+        _abort(atomic)
+        raise _output_error("write", target, exc) from exc
+    except BaseException:
+        _abort(atomic)
+        raise
+
+
+def read_table(path: str | os.PathLike) -> pa.Table:
+    """Read one Parquet file, with an InputError that names it when it is not one."""
+    from .errors import InputError
+
+    try:
+        return pq.read_table(path)
+    except FileNotFoundError as exc:
+        raise InputError(f"file not found: {path}") from exc
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{path} is not a readable Parquet file: {exc}") from exc
+
+
+def table_metadata(path: str | os.PathLike) -> dict[bytes, bytes]:
+    """Key-value metadata of a Parquet file without reading its rows."""
+    return pq.read_schema(path).metadata or {}

@@ -19,6 +19,8 @@ __all__ = [
     "PREDICTION_COLUMNS",
     "SPECIES_COLUMNS",
     "row_schema",
+    "manifest_schema",
+    "SPLITS",
     "cache_schema",
     "schema_metadata",
     "read_metadata",
@@ -69,6 +71,12 @@ class Col:
     SPECIES_PERIOD = "species_period"
     SPECIES_DIET = "species_diet"
     SPECIES_LENGTH_M = "species_length_m"
+    # manifests
+    SPLIT = "split"
+    GROUP = "group"
+    KIND = "kind"
+    SOURCE = "source"
+    VARIANT = "variant"
 
 
 _FLOATS = pa.list_(pa.float32())
@@ -131,6 +139,27 @@ def row_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
     """Schema of the per-file rows a run writes: one row per input file."""
     fields = _FILE_FIELDS + FACT_FIELDS + _DUPLICATE_FIELDS + _MODEL_FIELDS + PREDICTION_FIELDS[:2]
     return pa.schema(fields + TOPK_FIELDS + PREDICTION_FIELDS[2:] + SPECIES_FIELDS, metadata=metadata)
+
+
+SPLITS = ("train", "val", "test")
+
+
+def manifest_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
+    """A labelled dataset: one row per file, with its split; augmented copies name their source."""
+    return pa.schema([
+        pa.field(Col.PATH, pa.string(), nullable=False),  # relative to the manifest's root
+        pa.field(Col.LABEL, pa.string(), nullable=False),
+        pa.field(Col.SPLIT, pa.string()),  # train | val | test; null for files that are not images
+        pa.field(Col.SHA256, pa.string()),
+        pa.field(Col.WIDTH, pa.int32()),
+        pa.field(Col.HEIGHT, pa.int32()),
+        pa.field(Col.STATUS, pa.string(), nullable=False),  # ok | error
+        pa.field(Col.ERROR, pa.string()),
+        pa.field(Col.GROUP, pa.int64()),  # duplicate group (exact or near); members share a split
+        pa.field(Col.KIND, pa.string()),  # e.g. photo | drawing, when known
+        pa.field(Col.SOURCE, pa.string()),  # augmented copies: the original's path
+        pa.field(Col.VARIANT, pa.int32()),  # augmented copies: which variant of the original
+    ], metadata=metadata)
 
 
 def cache_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:

@@ -127,5 +127,5 @@ def test_imagenet_weights_come_from_torchvisions_cache(tmp_path, monkeypatch):
     assert len(loaded.spec.labels) == 1000 and loaded.spec.labels[0] == "tench"
     assert (loaded.spec.preprocessing.resize, loaded.spec.preprocessing.crop) == (232, 224)
     assert torch.equal(loaded.module.fc.bias, weights["fc.bias"])
-    with pytest.raises(ModelError, match="unknown ResNet50 weights"):
+    with pytest.raises(ModelError, match="unknown resnet50 weights"):
         resolve_model("imagenet:NOPE")

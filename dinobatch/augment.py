@@ -1,0 +1,121 @@
+"""The seed's augmentation levels: photo-taking conditions, then a horizontal flip; seeded.
+
+Level 0: none (x1). Level 1: horizontal flip (x2). Levels 2-6: photo-taking conditions x2, x4,
+x6, x8, x10, each followed by the flip (x2), so x4, x8, x12, x16, x20 in all. Condition 0 is
+the picture as it is; conditions 1.. are random camera effects. Variant v of an image is
+condition v // 2, flipped when v is odd (levels >= 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+from .errors import ConfigError
+
+__all__ = ["LEVELS", "multiplier", "variant_of", "augment_image", "materialize"]
+
+log = logging.getLogger(__name__)
+
+LEVELS = {0: 1, 1: 1, 2: 2, 3: 4, 4: 6, 5: 8, 6: 10}  # level -> photo-taking conditions
+
+
+def _check(level: int) -> None:
+    if level not in LEVELS:
+        raise ConfigError(f"augmentation level must be 0-6, got {level}")
+
+
+def multiplier(level: int) -> int:
+    """How many training samples each original becomes at this level."""
+    _check(level)
+    return LEVELS[level] * (2 if level >= 1 else 1)
+
+
+def variant_of(level: int, v: int) -> tuple[int, bool]:
+    """(condition index, flipped) of variant v; condition 0 is the unaltered picture."""
+    _check(level)
+    if not 0 <= v < multiplier(level):
+        raise ConfigError(f"variant {v} out of range for level {level}")
+    return (v // 2, v % 2 == 1) if level >= 1 else (0, False)
+
+
+def _photo_conditions():
+    """What a phone camera does to a picture of a model or a book (torchvision transforms v2)."""
+    import torch
+    from torchvision.transforms import v2
+
+    white = (255, 255, 255)
+    return v2.Compose([
+        v2.RandomAffine(degrees=8, translate=(0.05, 0.05), scale=(1.0, 1.25), fill=white),  # tilt, crop, zoom
+        v2.RandomPerspective(distortion_scale=0.15, p=0.5, fill=white),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.03),  # exposure and colour cast
+        v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.3),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomApply([v2.GaussianNoise(sigma=0.02)], p=0.5),  # sensor noise
+        v2.ToDtype(torch.uint8, scale=True),
+        v2.JPEG(quality=(50, 95)),  # re-compression
+        v2.ToPILImage(),
+    ])
+
+
+def _seed(key: Sequence[Any]) -> int:
+    return int.from_bytes(hashlib.sha256(repr(tuple(key)).encode()).digest()[:8], "little")
+
+
+def augment_image(img: Image.Image, level: int, v: int, key: Sequence[Any]) -> Image.Image:
+    """Variant v of an RGB picture; the same key and v always give the same pixels."""
+    import torch
+
+    condition, flipped = variant_of(level, v)
+    if condition > 0:
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+            torch.manual_seed(_seed((*key, condition)))
+            img = _photo_conditions()(img)
+    if flipped:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return img
+
+
+def materialize(manifest, level: int, out: str | Path, *, splits: Sequence[str] = ("train",),
+                seed: int = 0, progress=None):
+    """Write every variant of the manifest's images in splits under out/<label>/, plus its manifest.
+
+    Rows keep their original's label, split, kind and group, and name it in 'source', so
+    augmented copies can never cross splits. Returns the new manifest table."""
+    import pyarrow as pa
+
+    from .decode import DecodeError, decode
+    from .scan import read_bytes
+    from .schema import STATUS_OK, Col, manifest_schema
+
+    out = Path(out)
+    rows = [r for r in manifest.rows() if r[Col.SPLIT] in splits]
+    new_rows = []
+    for done, row in enumerate(rows, 1):
+        try:
+            rgb = decode(read_bytes(manifest.abspath(row))).image
+        except (OSError, DecodeError) as exc:
+            log.warning("skipping %s: %s", row[Col.PATH], exc)
+            continue
+        stem = Path(row[Col.PATH]).with_suffix("")
+        for v in range(multiplier(level)):
+            img = augment_image(rgb, level, v, (seed, row[Col.PATH]))
+            rel = f"{stem}__v{v:02d}.jpg"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            img.save(out / rel, "JPEG", quality=92)
+            new_rows.append({Col.PATH: rel, Col.LABEL: row[Col.LABEL], Col.SPLIT: row[Col.SPLIT],
+                             Col.STATUS: STATUS_OK, Col.WIDTH: img.width, Col.HEIGHT: img.height,
+                             Col.GROUP: row.get(Col.GROUP), Col.KIND: row.get(Col.KIND),
+                             Col.SOURCE: row[Col.PATH], Col.VARIANT: v})
+        if progress:
+            progress("augment", done, len(rows))
+    from .scan import sha256_file
+
+    for r in new_rows:
+        r[Col.SHA256] = sha256_file(str(out / r[Col.PATH]))
+    return pa.Table.from_pylist(new_rows, schema=manifest_schema())

@@ -1,0 +1,132 @@
+"""Evaluate a model on a manifest split: metrics, per-image predictions, a confusion-matrix picture."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .device import default_workers, resolve_runtime
+from .errors import InputError
+from .infer import WorkItem, predict
+from .manifest import load_manifest
+from .metrics import report
+from .model import resolve_model
+from .results import write_table
+from .schema import Col
+
+__all__ = ["evaluate", "format_table", "confusion_png"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]  # overall report, plus "by_kind" when the manifest says photo/drawing
+    out: Path
+
+
+def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None = "test", device: str = "auto",
+             precision: str = "auto", batch_size: int = 32, workers: int | None = None,
+             progress: Callable[[str, int, int], None] | None = None) -> Evaluation:
+    """Predict every usable row of the split and write metrics.json, predictions.parquet, confusion.png."""
+    manifest = load_manifest(manifest_path)
+    rows = manifest.rows(split)
+    if not rows:
+        raise InputError(f"{manifest_path} has no usable rows in split {split!r}")
+    runtime = resolve_runtime(device, precision)
+    model = resolve_model(model_ref)
+    labels = list(model.spec.labels)
+    known = [r for r in rows if r[Col.LABEL] in labels]
+    if len(known) < len(rows):
+        log.warning("%d image(s) have labels the model does not know; they are left out of the metrics",
+                    len(rows) - len(known))
+    items = {r[Col.SHA256]: WorkItem((manifest.abspath(r),), r[Col.SHA256]) for r in known}
+    results, done = {}, 0
+    for batch in predict(model, runtime, list(items.values()), batch_size=batch_size,
+                         workers=default_workers(runtime.device.type, workers), embeddings=False):
+        results.update({r.sha256: r for r in batch})
+        done += len(batch)
+        if progress:
+            progress("evaluate", done, len(items))
+    scored = [r for r in known if results[r[Col.SHA256]].error is None]
+    probs = np.array([results[r[Col.SHA256]].prediction[Col.PROBS] for r in scored]).reshape(-1, len(labels))
+    y = [labels.index(r[Col.LABEL]) for r in scored]
+    metrics = {**report(y, probs, labels), "split": split, "model": model.name,
+               "model_fingerprint": model.fingerprint, "manifest_sha256": manifest.sha256,
+               "unknown_label": len(rows) - len(known), "failed": len(known) - len(scored)}
+    kinds = sorted({r.get(Col.KIND) for r in scored if r.get(Col.KIND)})
+    if len(kinds) > 1:
+        metrics["by_kind"] = {k: _subset_report(scored, y, probs, labels, k) for k in kinds}
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_predictions(out_dir / "predictions.parquet", scored, y, probs, labels)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    confusion_png(metrics["confusion"], labels, out_dir / "confusion.png")
+    return Evaluation(metrics, out_dir)
+
+
+def _subset_report(rows, y, probs, labels, kind) -> dict[str, Any]:
+    keep = [i for i, r in enumerate(rows) if r.get(Col.KIND) == kind]
+    sub = report([y[i] for i in keep], probs[keep], labels)
+    return {k: sub[k] for k in ("count", "loss", "top1", "top3", "macro_f1", "micro_f1")}
+
+
+def _write_predictions(path: Path, rows, y, probs, labels) -> None:
+    import pyarrow as pa
+
+    pred = probs.argmax(axis=1) if len(rows) else []
+    table = pa.table({
+        Col.PATH: [r[Col.PATH] for r in rows], Col.LABEL: [r[Col.LABEL] for r in rows],
+        Col.KIND: [r.get(Col.KIND) for r in rows], Col.SPLIT: [r[Col.SPLIT] for r in rows],
+        "predicted": [labels[i] for i in pred], Col.CONFIDENCE: pa.array([float(probs[i].max()) for i in range(len(rows))], pa.float32()),
+        "correct": [labels[p] == r[Col.LABEL] for p, r in zip(pred, rows)],
+        "loss": pa.array([float(-np.log(max(probs[i, y[i]], 1e-12))) for i in range(len(rows))], pa.float32()),
+        Col.PROBS: pa.array([p.tolist() for p in probs], pa.list_(pa.float32())),
+    })
+    write_table(table, path)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The printed report: overall figures, per kind, then per class."""
+    lines = [f"{metrics['count']} images ({metrics['split']}): loss {metrics['loss']:.4f}  top-1 {metrics['top1']:.3f}  "
+             f"top-3 {metrics['top3']:.3f}  macro F1 {metrics['macro_f1']:.3f}  micro F1 {metrics['micro_f1']:.3f}"]
+    for kind, m in metrics.get("by_kind", {}).items():
+        lines.append(f"  {kind:<10} {m['count']:>5} images: top-1 {m['top1']:.3f}  top-3 {m['top3']:.3f}  "
+                     f"macro F1 {m['macro_f1']:.3f}")
+    width = max(len(c["label"]) for c in metrics["per_class"])
+    lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    for c in metrics["per_class"]:
+        lines.append(f"{c['label']:<{width}}  {c['precision']:>9.3f}  {c['recall']:>6.3f}  {c['f1']:>5.3f}  {c['support']:>7}")
+    return "\n".join(lines)
+
+
+def confusion_png(confusion: list[list[int]], labels: list[str], path: Path, cell: int = 28) -> Path:
+    """Draw the confusion matrix (rows: true, columns: predicted) as a PNG with Pillow."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n = len(labels)
+    font = ImageFont.load_default()
+    margin = 8 + 7 * max((len(x) for x in labels), default=1)
+    img = Image.new("RGB", (margin + n * cell + 10, margin + n * cell + 10), "white")
+    draw = ImageDraw.Draw(img)
+    peak = max((max(r) for r in confusion), default=1) or 1
+    for i, row in enumerate(confusion):
+        draw.text((4, margin + i * cell + cell // 3), labels[i], fill="black", font=font)
+        for j, count in enumerate(row):
+            shade = int(255 - 200 * count / peak)
+            colour = (shade, shade, 255) if i == j else (255, shade, shade)
+            box = [margin + j * cell, margin + i * cell, margin + (j + 1) * cell - 1, margin + (i + 1) * cell - 1]
+            draw.rectangle(box, fill=colour, outline=(220, 220, 220))
+            if count:
+                draw.text((box[0] + 4, box[1] + cell // 3), str(count), fill="black", font=font)
+    for j, label in enumerate(labels):  # predicted labels, written rotated above the columns
+        tile = Image.new("RGB", (margin, cell), "white")
+        ImageDraw.Draw(tile).text((4, cell // 3), label, fill="black", font=font)
+        img.paste(tile.rotate(90, expand=True), (margin + j * cell, 0))
+    img.save(path)
+    return path

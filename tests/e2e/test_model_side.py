@@ -1,0 +1,205 @@
+"""Manifest, augment, train, evaluate and sweep on generated labelled images with a tiny network."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from dinobatch.augment import LEVELS, materialize, multiplier
+from dinobatch.cli import cli
+from dinobatch.evaluate import evaluate
+from dinobatch.manifest import assign_splits, build_manifest, load_manifest, write_manifest
+from dinobatch.metrics import report
+from dinobatch.model import load_model
+from dinobatch.sweep import sweep
+from dinobatch.train import TrainConfig, checkpoint_path, metrics_path, train
+from tests.conftest import picture, save, tree_digest
+
+LABELS = ("stegosaurus", "triceratops")
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Two labels, 12 distinct pictures each, plus a copy and a resized copy that must stay together."""
+    root = tmp_path / "data"
+    for li, label in enumerate(LABELS):
+        for i in range(12):
+            img = picture(100 * li + i, (96, 72))
+            if li:  # make the classes learnable: a bright bar on every triceratops
+                img.paste((255, 255, 0), (0, 0, 96, 12))
+            save(img, root / label / f"{i:02d}.png")
+    (root / "stegosaurus" / "copy.png").write_bytes((root / "stegosaurus" / "00.png").read_bytes())
+    save(picture(1, (96, 72)).resize((192, 144)), root / "stegosaurus" / "big_copy.png")
+    (root / "triceratops" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def manifest(tmp_path, dataset):
+    table = build_manifest(dataset, fractions=(0.5, 0.25, 0.25), seed=3, kind="photo")
+    return write_manifest(table, tmp_path / "manifest.parquet", dataset)
+
+
+def tiny_cfg(manifest, out, **kw) -> TrainConfig:
+    base = dict(manifest=str(manifest), out=str(out), arch="resnet18", pretrained="none", epochs=1, final_epochs=1,
+                batch_size=8, augment_level=1, image_size=32, workers=0, lr=0.05)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_manifest_keeps_duplicates_together_and_stratifies(manifest):
+    rows = pq.read_table(manifest).to_pylist()
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["triceratops/notes.txt"]["status"] == "error" and by_path["triceratops/notes.txt"]["split"] is None
+    group = by_path["stegosaurus/00.png"]["group"]
+    members = [r for r in rows if r["group"] == group]
+    assert {r["path"] for r in members} >= {"stegosaurus/00.png", "stegosaurus/copy.png"}
+    assert len({r["split"] for r in members}) == 1
+    for g in {r["group"] for r in rows if r["group"] is not None}:
+        assert len({r["split"] for r in rows if r["group"] == g}) == 1
+    for label in LABELS:
+        counts = {s: sum(1 for r in rows if r["label"] == label and r["split"] == s) for s in ("train", "val", "test")}
+        assert counts["val"] >= 2 and counts["test"] >= 2 and counts["train"] >= 5
+    assert {r["kind"] for r in rows} == {"photo"}
+
+
+def test_split_assignment_never_breaks_a_group_and_follows_fractions():
+    groups = [(i, "a" if i % 2 else "b", 1 + (i % 5 == 0) * 3) for i in range(200)]
+    splits = assign_splits(groups, (0.8, 0.1, 0.1), seed=1)
+    assert set(splits) == set(range(200))
+    for label in "ab":
+        sizes = {s: sum(size for gid, lab, size in groups if lab == label and splits[gid] == s)
+                 for s in ("train", "val", "test")}
+        total = sum(sizes.values())
+        assert abs(sizes["val"] - 0.1 * total) <= 4 and abs(sizes["test"] - 0.1 * total) <= 4
+
+
+def test_csv_manifest_is_accepted(tmp_path, dataset):
+    csv_path = dataset / "list.csv"
+    csv_path.write_text("path,label,split\nstegosaurus/01.png,stegosaurus,train\ntriceratops/01.png,triceratops,val\n"
+                        "missing.png,stegosaurus,train\n")
+    m = load_manifest(csv_path)
+    assert [r["path"] for r in m.rows()] == ["stegosaurus/01.png", "triceratops/01.png"]
+    assert m.table.num_rows == 3 and m.rows("val")[0]["label"] == "triceratops"
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_augmentation_levels_give_the_promised_counts(level):
+    assert multiplier(level) == {0: 1, 1: 2, 2: 4, 3: 8, 4: 12, 5: 16, 6: 20}[level]
+
+
+def test_augment_writes_variants_that_stay_in_their_originals_split(tmp_path, manifest, dataset):
+    before = tree_digest(dataset)
+    m = load_manifest(manifest)
+    table = materialize(m, 2, tmp_path / "aug", splits=("train",), seed=0)
+    rows = table.to_pylist()
+    assert len(rows) == 4 * len(m.rows("train"))
+    originals = {r["path"]: r for r in m.rows()}
+    for r in rows:
+        assert r["split"] == originals[r["source"]]["split"] == "train"
+        assert r["label"] == originals[r["source"]]["label"]
+        assert Image.open(tmp_path / "aug" / r["path"]).size == (r["width"], r["height"])
+    again = materialize(m, 2, tmp_path / "aug2", splits=("train",), seed=0).to_pylist()
+    assert [r["sha256"] for r in again] == [r["sha256"] for r in rows]  # seeded: the same pixels
+    assert tree_digest(dataset) == before
+
+
+def test_training_writes_a_model_classify_takes_with_metrics_and_calibration(tmp_path, manifest):
+    cfg = tiny_cfg(manifest, tmp_path / "m.pt")
+    result = train(cfg)
+    assert [m["epoch"] for m in result.metrics] == [1, 2]
+    assert [m["lr"] for m in result.metrics] == [0.05, 0.025]
+    for m in result.metrics:
+        assert m["train_loss"] > 0 and 0 <= m["val_top1"] <= 1 and m["val_top3"] == 1.0  # two classes
+    lines = [json.loads(x) for x in metrics_path(cfg.out).read_text().splitlines()]
+    assert lines == result.metrics
+    model = load_model(cfg.out)
+    assert model.spec.labels == LABELS and model.spec.preprocessing.crop == 32
+    src = model.spec.source
+    assert src["manifest_sha256"] == load_manifest(manifest).sha256 and src["config"]["epochs"] == 1
+    assert src["best_epoch"] == min(result.metrics, key=lambda m: m["val_loss"])["epoch"]
+    cal = result.calibration
+    assert model.spec.temperature == pytest.approx(cal["temperature"]) and cal["ece_after"] <= cal["ece_before"] + 1e-9
+    assert not checkpoint_path(cfg.out).exists()
+
+
+def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(tmp_path, manifest):
+    whole = train(tiny_cfg(manifest, tmp_path / "whole.pt"))
+    cfg = tiny_cfg(manifest, tmp_path / "parts.pt")
+    assert train(cfg, stop_after_epoch=1) is None
+    assert checkpoint_path(cfg.out).exists() and not (tmp_path / "parts.pt").exists()
+    resumed = train(cfg, resume=True)
+    assert resumed.metrics == whole.metrics or all(
+        a[k] == pytest.approx(b[k], rel=1e-5) for a, b in zip(resumed.metrics, whole.metrics) for k in a if k != "seconds")
+    a, b = load_model(tmp_path / "whole.pt").module, load_model(tmp_path / "parts.pt").module
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-6), name
+
+
+def test_evaluate_metrics_equal_those_computed_from_its_own_predictions(tmp_path, manifest):
+    model = tmp_path / "m.pt"
+    train(tiny_cfg(manifest, model))
+    result = evaluate(str(manifest), str(model), str(tmp_path / "eval"), split="test", workers=0)
+    preds = pq.read_table(tmp_path / "eval" / "predictions.parquet").to_pylist()
+    y = [LABELS.index(p["label"]) for p in preds]
+    probs = np.array([p["probs"] for p in preds])
+    by_hand = report(y, probs, LABELS)
+    for key in ("top1", "top3", "macro_f1", "micro_f1", "loss"):
+        assert result.metrics[key] == pytest.approx(by_hand[key], rel=1e-4)
+    assert result.metrics["confusion"] == by_hand["confusion"]
+    assert [c["support"] for c in result.metrics["per_class"]] == [c["support"] for c in by_hand["per_class"]]
+    accuracy = sum(p["correct"] for p in preds) / len(preds)
+    assert result.metrics["top1"] == pytest.approx(accuracy)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["count"] == len(preds)
+    assert Image.open(tmp_path / "eval" / "confusion.png").size[0] > 60
+
+
+def test_evaluate_reports_photos_and_drawings_separately(tmp_path, dataset):
+    csv_path = dataset / "mixed.csv"
+    lines = ["path,label,split,kind"] + [f"{lab}/{i:02d}.png,{lab},test,{'drawing' if i % 2 else 'photo'}"
+                                         for lab in LABELS for i in range(6)]
+    csv_path.write_text("\n".join(lines) + "\n")
+    model = tmp_path / "m.pt"
+    table = build_manifest(dataset, fractions=(0.5, 0.25, 0.25), seed=3)
+    train(tiny_cfg(write_manifest(table, tmp_path / "man.parquet", dataset), model, final_epochs=0))
+    result = evaluate(str(csv_path), str(model), str(tmp_path / "eval"), split="test", workers=0)
+    assert set(result.metrics["by_kind"]) == {"drawing", "photo"}
+    assert result.metrics["by_kind"]["photo"]["count"] == 6
+
+
+def test_sweep_records_every_trial_failures_included_and_resumes(tmp_path, manifest):
+    base = tiny_cfg(manifest, tmp_path / "unused.pt", epochs=1, final_epochs=0)
+    grid = {"lr": [0.05], "augment_level": [0, 1], "image_size": [32, 8]}  # image size 8: invalid
+    rows = sweep(base, grid, tmp_path / "sweep")
+    assert len(rows) == 4
+    assert {r["status"] for r in rows if r["image_size"] == "8"} == {"error"}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 2 and all(r["val_top1"] is not None and r["model"] for r in ok)
+    table = pq.read_table(tmp_path / "sweep" / "trials.parquet").to_pylist()
+    assert [r["trial"] for r in table] == [r["trial"] for r in rows]
+    again = sweep(base, grid, tmp_path / "sweep")
+    assert [r["seconds"] for r in again] == [r["seconds"] for r in rows]  # nothing rerun
+
+
+def test_cli_manifest_train_print_config_and_evaluate(tmp_path, dataset):
+    runner = CliRunner()
+    out = runner.invoke(cli, ["manifest", str(dataset), "-o", str(tmp_path / "m.parquet"), "--split", "0.5,0.25,0.25"],
+                        catch_exceptions=False)
+    assert out.exit_code == 0 and "duplicate groups kept within one split" in out.output
+    cfg = runner.invoke(cli, ["train", str(tmp_path / "m.parquet"), "-o", str(tmp_path / "model.pt"), "--print-config"])
+    resolved = json.loads(cfg.output)
+    assert (resolved["batch_size"], resolved["lr"], resolved["epochs"], resolved["final_epochs"],
+            resolved["augment_level"], resolved["arch"]) == (128, 0.01, 10, 1, 2, "resnet50")
+    args = ["train", str(tmp_path / "m.parquet"), "-o", str(tmp_path / "model.pt"), "--arch", "resnet18",
+            "--pretrained", "none", "--epochs", "1", "--final-epochs", "0", "--image-size", "32", "-b", "8", "-j", "0",
+            "--augment-level", "0"]
+    trained = runner.invoke(cli, args, catch_exceptions=False)
+    assert trained.exit_code == 0 and "epoch  1" in trained.output and "wrote" in trained.output
+    ev = runner.invoke(cli, ["evaluate", str(tmp_path / "m.parquet"), "-m", str(tmp_path / "model.pt"), "-o",
+                             str(tmp_path / "ev"), "-j", "0"], catch_exceptions=False)
+    assert ev.exit_code == 0 and "top-1" in ev.output and "stegosaurus" in ev.output
