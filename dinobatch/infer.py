@@ -12,7 +12,7 @@ from .model import LoadedModel, Preprocessing
 from .scan import read_bytes
 from .schema import Col
 
-__all__ = ["WorkItem", "ContentResult", "ImageDataset", "predict", "model_input"]
+__all__ = ["WorkItem", "ContentResult", "ImageDataset", "predict", "model_input", "forward_with_features"]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def collate(records: list[dict[str, Any]]):
     return records, batch
 
 
-def _forward(module, x):
+def forward_with_features(module, x):
     """Logits and the penultimate (pooled) features of a torchvision ResNet in one pass."""
     import torch
 
@@ -160,7 +160,7 @@ def predict(model: LoadedModel, runtime, items: Sequence[WorkItem], *, batch_siz
         if batch is not None:
             with runtime.autocast():
                 x = (runtime.to_device(batch).float() - mean) / std
-                logits, features = _forward(module, x)
+                logits, features = forward_with_features(module, x)
             preds = _postprocess(logits, features, spec.labels, spec.temperature, embeddings)
         it = iter(preds)
         results = []

@@ -22,7 +22,7 @@ from .augment import augment_image, multiplier
 from .decode import DecodeError, decode
 from .device import default_workers, resolve_runtime
 from .errors import ConfigError, InputError
-from .infer import _forward, model_input
+from .infer import forward_with_features, model_input
 from .manifest import Manifest, load_manifest
 from .metrics import expected_calibration_error, fit_temperature, report, softmax
 from .model import ARCHS, ModelSpec, Preprocessing, initial_module, save_model
@@ -158,7 +158,7 @@ def _run_epoch(module, loader, runtime, prep, optimizer=None, scaler=None, progr
             x, y = batch
             y = y.to(runtime.device)
             with runtime.train_autocast():
-                logits, _ = _forward(module, _normalise(runtime, x, prep))
+                logits, _ = forward_with_features(module, _normalise(runtime, x, prep))
                 loss = torch.nn.functional.cross_entropy(logits.float(), y)
             if optimizer:
                 optimizer.zero_grad(set_to_none=True)

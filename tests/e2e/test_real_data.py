@@ -63,3 +63,18 @@ def test_lookalike_renders_of_two_species_are_not_grouped_but_real_copies_are():
     assert "parasaurolophus/Parasaurolophus_53.jpg" not in groups
     assert {groups[n].group for n in names[2:4]} == {groups[names[2]].group}
     assert {groups[n].group for n in names[4:6]} == {groups[names[4]].group}
+
+
+@needs_dinos
+def test_real_manifest_keeps_every_duplicate_group_in_one_split_and_stratifies():
+    from dinobatch.manifest import build_manifest
+
+    rows = build_manifest(DINOS, seed=0).to_pylist()
+    groups: dict[int, set[str]] = {}
+    for r in rows:
+        if r["group"] is not None:
+            groups.setdefault(r["group"], set()).add(r["split"])
+    assert groups and all(len(splits) == 1 for splits in groups.values())
+    for label in {r["label"] for r in rows}:
+        n = {s: sum(1 for r in rows if r["label"] == label and r["split"] == s) for s in ("train", "val", "test")}
+        assert n["val"] >= 2 and n["test"] >= 2 and n["train"] >= n["val"] + n["test"]
