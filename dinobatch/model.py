@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ __all__ = [
     "initial_module",
     "resolve_model",
     "file_sha256",
+    "torch_save_atomic",
 ]
 
 FORMAT = "dinobatch-model"
@@ -126,6 +126,17 @@ def file_sha256(path: str | Path) -> str:
     return sha256_file(str(path))
 
 
+def torch_save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary name, fsync, rename: a model or checkpoint is never half-written."""
+    import torch
+
+    from .results import atomic_path
+
+    with atomic_path(path, "write model file") as tmp:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+
 def save_model(path: str | Path, spec: ModelSpec, state_dict: dict) -> str:
     """Write a model file atomically (temporary name, then rename); return its fingerprint."""
     import torch
@@ -134,16 +145,7 @@ def save_model(path: str | Path, spec: ModelSpec, state_dict: dict) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json(),
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    torch_save_atomic(payload, path)
     return file_sha256(path)
 
 

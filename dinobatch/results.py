@@ -11,12 +11,13 @@ is invisible to ``pyarrow.parquet.read_table(DIR)``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 from .errors import OutputError
 from .schema import Col, cache_schema
 
-__all__ = ["ResultsDir", "CacheWriter", "write_table", "read_table", "table_metadata"]
+__all__ = ["ResultsDir", "CacheWriter", "atomic_path", "write_table", "read_table", "table_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,23 @@ class _Atomic:
         self.tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, action: str = "write") -> Iterator[Path]:
+    """A hidden temporary path beside target, renamed onto it only if the block completes."""
+    target = Path(target)
+    atomic = None
+    try:
+        atomic = _Atomic(target)
+        yield atomic.tmp
+        atomic.commit()
+    except OSError as exc:
+        _abort(atomic)
+        raise _output_error(action, target, exc) from exc
+    except BaseException:
+        _abort(atomic)
+        raise
+
+
 def _abort(atomic: "_Atomic | None") -> None:
     if atomic is not None:
         atomic.abort()
@@ -94,17 +112,8 @@ class CacheWriter:
             return
         table = pa.Table.from_pylist(list(rows), schema=self.schema)
         target = self.folder / f"part-{self.run_id}-{self.parts:05d}.parquet"
-        atomic = None
-        try:
-            atomic = _Atomic(target)
-            pq.write_table(table, atomic.tmp)
-            atomic.commit()
-        except OSError as exc:
-            _abort(atomic)
-            raise _output_error("write results to", target, exc) from exc
-        except BaseException:
-            _abort(atomic)
-            raise
+        with atomic_path(target, "write results to") as tmp:
+            pq.write_table(table, tmp)
         self.parts += 1
 
 
@@ -187,32 +196,18 @@ class ResultsDir:
     def write_rows(self, run_id: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Path:
         """Stream record batches into DIR/<run_id>.parquet, committed only when complete."""
         target = self.path / f"{run_id}.parquet"
-        atomic = None
-        try:
-            atomic = _Atomic(target)
-            with pq.ParquetWriter(atomic.tmp, schema) as writer:
+        with atomic_path(target, "write results to") as tmp:
+            with pq.ParquetWriter(tmp, schema) as writer:
                 for batch in batches:
                     writer.write_batch(batch)
-            return atomic.commit()
-        except OSError as exc:
-            _abort(atomic)
-            raise _output_error("write results to", target, exc) from exc
-        except BaseException:
-            _abort(atomic)
-            raise
+        return target
 
     def write_summary(self, run_id: str, summary: dict[str, Any]) -> Path:
         """DIR/_runs/<run_id>.json for the record, and DIR/_summary.json for monitoring."""
         text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
         for target in (self.path / "_runs" / f"{run_id}.json", self.path / "_summary.json"):
-            atomic = None
-            try:
-                atomic = _Atomic(target)
-                atomic.tmp.write_text(text, encoding="utf-8")
-                atomic.commit()
-            except OSError as exc:
-                _abort(atomic)
-                raise _output_error("write summary", target, exc) from exc
+            with atomic_path(target, "write summary") as tmp:
+                tmp.write_text(text, encoding="utf-8")
         return self.path / "_summary.json"
 
 
@@ -229,18 +224,13 @@ def _read_part(path: Path, columns: list[str] | None) -> pa.Table | None:
 def write_table(table: pa.Table, target: str | os.PathLike) -> Path:
     """Write one Parquet file atomically (manifests, evaluation and sweep tables)."""
     target = Path(target)
-    atomic = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        atomic = _Atomic(target)
-        pq.write_table(table, atomic.tmp)
-        return atomic.commit()
     except OSError as exc:
-        _abort(atomic)
-        raise _output_error("write", target, exc) from exc
-    except BaseException:
-        _abort(atomic)
-        raise
+        raise _output_error("create folder", target.parent, exc) from exc
+    with atomic_path(target) as tmp:
+        pq.write_table(table, tmp)
+    return target
 
 
 def read_table(path: str | os.PathLike) -> pa.Table:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from .errors import ConfigError, InputError
 from .infer import forward_with_features, model_input
 from .manifest import Manifest, load_manifest
 from .metrics import expected_calibration_error, fit_temperature, report, softmax
-from .model import ARCHS, ModelSpec, Preprocessing, initial_module, save_model
+from .model import ARCHS, ModelSpec, Preprocessing, initial_module, save_model, torch_save_atomic
 from .scan import read_bytes
 from .schema import Col
 
@@ -178,21 +177,6 @@ def _run_epoch(module, loader, runtime, prep, optimizer=None, scaler=None, progr
     return (loss_sum / total if total else float("nan")), (correct / total if total else 0.0), logits, targets
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    import torch
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_checkpoint(path: Path, cfg: TrainConfig, manifest_sha: str) -> dict[str, Any] | None:
     import torch
 
@@ -285,9 +269,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, in
             best = {"epoch": epoch + 1, "val_loss": score,
                     "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}
         _write_metrics(metrics_path(cfg.out), metrics)
-        _save_checkpoint(ckpt, {"epoch": epoch + 1, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                                "best": best, "metrics": json.dumps(metrics), "config": json.dumps(cfg.to_dict()),
-                                "manifest_sha256": manifest.sha256})
+        torch_save_atomic({"epoch": epoch + 1, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                           "best": best, "metrics": json.dumps(metrics), "config": json.dumps(cfg.to_dict()),
+                           "manifest_sha256": manifest.sha256}, ckpt)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < total_epochs:
             return None
     return _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep, start,
