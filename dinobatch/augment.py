@@ -58,9 +58,21 @@ def _photo_conditions():
         v2.ToDtype(torch.float32, scale=True),
         v2.RandomApply([v2.GaussianNoise(sigma=0.02)], p=0.5),  # sensor noise
         v2.ToDtype(torch.uint8, scale=True),
-        v2.JPEG(quality=(50, 95)),  # re-compression
         v2.ToPILImage(),
+        _recompress,  # JPEG re-compression, quality 50-95
     ])
+
+
+def _recompress(img: Image.Image) -> Image.Image:
+    """JPEG re-compression with Pillow (torchvision's v2.JPEG goes through its deprecated io codecs)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=int(torch.randint(50, 96, ()).item()))
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
 
 
 def _seed(key: Sequence[Any]) -> int:
@@ -83,39 +95,46 @@ def augment_image(img: Image.Image, level: int, v: int, key: Sequence[Any]) -> I
 
 def materialize(manifest, level: int, out: str | Path, *, splits: Sequence[str] = ("train",),
                 seed: int = 0, progress=None):
-    """Write every variant of the manifest's images in splits under out/<label>/, plus its manifest.
+    """Write every variant of the manifest's images in splits under out/<label>/, and return the new
+    manifest table: the variants (named by their original's sha256, so no two originals collide)
+    plus the other splits' rows unchanged (pointing at the original files), so the result trains
+    with its validation split. Variants keep their original's label, split and kind, carry one
+    group per original and name it in 'source': augmented copies can never cross splits."""
+    import os
 
-    Rows keep their original's label, split, kind and group, and name it in 'source', so
-    augmented copies can never cross splits. Returns the new manifest table."""
     import pyarrow as pa
 
     from .decode import DecodeError, decode
-    from .scan import read_bytes
+    from .results import atomic_path
+    from .scan import read_bytes, sha256_file
     from .schema import STATUS_OK, Col, manifest_schema
 
     out = Path(out)
-    rows = [r for r in manifest.rows() if r[Col.SPLIT] in splits]
+    rows = manifest.rows()
+    next_group = 1 + max((r[Col.GROUP] for r in manifest.table.to_pylist() if r[Col.GROUP] is not None), default=-1)
     new_rows = []
     for done, row in enumerate(rows, 1):
+        if row[Col.SPLIT] not in splits:  # passed through: paths re-rooted at out
+            new_rows.append({**row, Col.PATH: os.path.relpath(manifest.abspath(row), out)})
+            continue
         try:
             rgb = decode(read_bytes(manifest.abspath(row))).image
         except (OSError, DecodeError) as exc:
             log.warning("skipping %s: %s", row[Col.PATH], exc)
             continue
-        stem = Path(row[Col.PATH]).with_suffix("")
+        group = row[Col.GROUP]
+        if group is None:
+            group, next_group = next_group, next_group + 1
         for v in range(multiplier(level)):
             img = augment_image(rgb, level, v, (seed, row[Col.PATH]))
-            rel = f"{stem}__v{v:02d}.jpg"
+            rel = f"{row[Col.LABEL]}/{row[Col.SHA256][:16]}__v{v:02d}.jpg"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            img.save(out / rel, "JPEG", quality=92)
+            with atomic_path(out / rel) as tmp:
+                img.save(tmp, "JPEG", quality=92)
             new_rows.append({Col.PATH: rel, Col.LABEL: row[Col.LABEL], Col.SPLIT: row[Col.SPLIT],
                              Col.STATUS: STATUS_OK, Col.WIDTH: img.width, Col.HEIGHT: img.height,
-                             Col.GROUP: row.get(Col.GROUP), Col.KIND: row.get(Col.KIND),
+                             Col.SHA256: sha256_file(str(out / rel)), Col.GROUP: group, Col.KIND: row.get(Col.KIND),
                              Col.SOURCE: row[Col.PATH], Col.VARIANT: v})
         if progress:
             progress("augment", done, len(rows))
-    from .scan import sha256_file
-
-    for r in new_rows:
-        r[Col.SHA256] = sha256_file(str(out / r[Col.PATH]))
     return pa.Table.from_pylist(new_rows, schema=manifest_schema())

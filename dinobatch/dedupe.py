@@ -24,6 +24,7 @@ __all__ = [
     "popcount64",
     "near_pairs",
     "group_duplicates",
+    "linked_components",
 ]
 
 # Chosen on ../shared/data (README, "Duplicates"): both distances must be within these. dHash is
@@ -172,8 +173,9 @@ def _hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def _linked_components(items: Sequence[DedupeItem], phash_max: int, dhash_max: int) -> list[list[DedupeItem]]:
-    """Items connected by exact copies or near links; identical hash pairs are collapsed first, so
+def linked_components(items: Sequence[DedupeItem], phash_max: int, dhash_max: int) -> list[list[DedupeItem]]:
+    """Components (of two or more) of items connected by exact copies or near links, chains
+    included: what must stay together in one split. Identical hash pairs are collapsed first, so
     a thousand blank pictures cost one index entry, not a million candidate pairs."""
     pairs_of = {}
     for item in items:
@@ -226,7 +228,7 @@ def group_duplicates(items: Sequence[DedupeItem], *, phash_max: int = DEFAULT_PH
     largest file of each group, which is kept; every other member is directly near it."""
     if not items:
         return []
-    groups = [g for comp in _linked_components(items, phash_max, dhash_max)
+    groups = [g for comp in linked_components(items, phash_max, dhash_max)
               for g in _stars(comp, phash_max, dhash_max)]
     groups.sort(key=lambda g: min(x.path for x in g))
     out = []

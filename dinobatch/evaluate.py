@@ -16,12 +16,13 @@ from .infer import WorkItem, predict
 from .manifest import load_manifest
 from .metrics import report
 from .model import resolve_model
-from .results import write_table
+from .results import atomic_path, write_table
 from .schema import Col
 
 __all__ = ["evaluate", "format_table", "confusion_png"]
 
 log = logging.getLogger(__name__)
+_PNG_MAX_CLASSES = 100
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Evaluation:
 def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None = "test", device: str = "auto",
              precision: str = "auto", batch_size: int = 32, workers: int | None = None,
              progress: Callable[[str, int, int], None] | None = None) -> Evaluation:
-    """Predict every usable row of the split and write metrics.json, predictions.parquet, confusion.png."""
+    """Predict every usable row of the split; write metrics.json, predictions.parquet and .json, confusion.png."""
     manifest = load_manifest(manifest_path)
     rows = manifest.rows(split)
     if not rows:
@@ -45,7 +46,10 @@ def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None 
     if len(known) < len(rows):
         log.warning("%d image(s) have labels the model does not know; they are left out of the metrics",
                     len(rows) - len(known))
-    items = {r[Col.SHA256]: WorkItem((manifest.abspath(r),), r[Col.SHA256]) for r in known}
+    paths: dict[str, list[str]] = {}
+    for r in known:  # any copy of the same bytes will do
+        paths.setdefault(r[Col.SHA256], []).append(manifest.abspath(r))
+    items = {sha: WorkItem(tuple(p), sha) for sha, p in paths.items()}
     results, done = {}, 0
     for batch in predict(model, runtime, list(items.values()), batch_size=batch_size,
                          workers=default_workers(runtime.device.type, workers), embeddings=False):
@@ -54,6 +58,9 @@ def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None 
         if progress:
             progress("evaluate", done, len(items))
     scored = [r for r in known if results[r[Col.SHA256]].error is None]
+    if not scored:
+        raise InputError(f"none of the {len(rows)} image(s) of split {split!r} could be evaluated "
+                         f"({len(rows) - len(known)} with labels unknown to the model, the rest unreadable)")
     probs = np.array([results[r[Col.SHA256]].prediction[Col.PROBS] for r in scored]).reshape(-1, len(labels))
     y = [labels.index(r[Col.LABEL]) for r in scored]
     metrics = {**report(y, probs, labels), "split": split, "model": model.name,
@@ -64,9 +71,18 @@ def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None 
         metrics["by_kind"] = {k: _subset_report(scored, y, probs, labels, k) for k in kinds}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_predictions(out_dir / "predictions.parquet", scored, y, probs, labels)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    confusion_png(metrics["confusion"], labels, out_dir / "confusion.png")
+    table = _predictions_table(scored, y, probs, labels)
+    write_table(table, out_dir / "predictions.parquet")
+    with atomic_path(out_dir / "predictions.json") as tmp:
+        tmp.write_text(json.dumps(table.drop_columns([Col.PROBS]).to_pylist(), indent=1) + "\n", encoding="utf-8")
+    with atomic_path(out_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if len(labels) <= _PNG_MAX_CLASSES:
+        with atomic_path(out_dir / "confusion.png") as tmp:
+            confusion_png(metrics["confusion"], labels, tmp)
+    else:
+        log.info("confusion.png skipped: %d classes is more than a picture can show (%d at most)",
+                 len(labels), _PNG_MAX_CLASSES)
     return Evaluation(metrics, out_dir)
 
 
@@ -76,19 +92,20 @@ def _subset_report(rows, y, probs, labels, kind) -> dict[str, Any]:
     return {k: sub[k] for k in ("count", "loss", "top1", "top3", "macro_f1", "micro_f1")}
 
 
-def _write_predictions(path: Path, rows, y, probs, labels) -> None:
+def _predictions_table(rows, y, probs, labels):
+    """One row per evaluated image: its label, the prediction, whether it was right, its loss."""
     import pyarrow as pa
 
-    pred = probs.argmax(axis=1) if len(rows) else []
-    table = pa.table({
+    pred = probs.argmax(axis=1)
+    return pa.table({
         Col.PATH: [r[Col.PATH] for r in rows], Col.LABEL: [r[Col.LABEL] for r in rows],
         Col.KIND: [r.get(Col.KIND) for r in rows], Col.SPLIT: [r[Col.SPLIT] for r in rows],
-        "predicted": [labels[i] for i in pred], Col.CONFIDENCE: pa.array([float(probs[i].max()) for i in range(len(rows))], pa.float32()),
+        "predicted": [labels[i] for i in pred],
+        Col.CONFIDENCE: pa.array(probs.max(axis=1).tolist(), pa.float32()),
         "correct": [labels[p] == r[Col.LABEL] for p, r in zip(pred, rows)],
-        "loss": pa.array([float(-np.log(max(probs[i, y[i]], 1e-12))) for i in range(len(rows))], pa.float32()),
+        "loss": pa.array((-np.log(np.clip(probs[np.arange(len(rows)), y], 1e-12, None))).tolist(), pa.float32()),
         Col.PROBS: pa.array([p.tolist() for p in probs], pa.list_(pa.float32())),
     })
-    write_table(table, path)
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -128,5 +145,5 @@ def confusion_png(confusion: list[list[int]], labels: list[str], path: Path, cel
         tile = Image.new("RGB", (margin, cell), "white")
         ImageDraw.Draw(tile).text((4, cell // 3), label, fill="black", font=font)
         img.paste(tile.rotate(90, expand=True), (margin + j * cell, 0))
-    img.save(path)
+    img.save(path, "PNG")
     return path

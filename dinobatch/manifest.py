@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 
 from .decode import DecodeError, decode
-from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, DedupeItem, group_duplicates
+from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, DedupeItem, linked_components
 from .errors import ConfigError, InputError
 from .results import read_table, table_metadata, write_table
 from .scan import read_bytes, sha256_file, walk
@@ -30,6 +30,7 @@ __all__ = ["Manifest", "build_manifest", "write_manifest", "load_manifest", "ass
 
 log = logging.getLogger(__name__)
 _ROOT_KEY = b"dinobatch.root"
+_ROOT_REL_KEY = b"dinobatch.root_relative"
 
 
 @dataclass
@@ -119,29 +120,55 @@ def build_manifest(folder: str | os.PathLike, *, fractions: Sequence[float] = (0
 
 
 def _group_and_split(rows: list[dict[str, Any]], fractions, seed, phash_max, dhash_max) -> None:
+    """Give every usable row a split, keeping each duplicate component (chains included) together.
+
+    Rows that already have a split (from a CSV) keep it; the others are split among themselves."""
     ok = [r for r in rows if r[Col.STATUS] == STATUS_OK]
     items = [DedupeItem(r[Col.PATH], r[Col.SHA256], r["_phash"], r["_dhash"], r[Col.WIDTH] * r[Col.HEIGHT]) for r in ok]
-    assigned = {a.path: a.group for a in group_duplicates(items, phash_max=phash_max, dhash_max=dhash_max)}
-    next_id = max(assigned.values(), default=-1) + 1
+    component = {x.path: number for number, members in enumerate(linked_components(items, phash_max, dhash_max))
+                 for x in members}
+    next_id = max(component.values(), default=-1) + 1
     units: dict[int, list[dict[str, Any]]] = {}
     for r in ok:
-        gid = assigned.get(r[Col.PATH])
+        gid = component.get(r[Col.PATH])
         if gid is None:
             gid, next_id = next_id, next_id + 1
         else:
             r[Col.GROUP] = gid
         units.setdefault(gid, []).append(r)
-    splits = assign_splits([(gid, members[0][Col.LABEL], len(members)) for gid, members in units.items()],
+    todo = {gid: members for gid, members in units.items() if not any(m.get(Col.SPLIT) for m in members)}
+    splits = assign_splits([(gid, members[0][Col.LABEL], len(members)) for gid, members in todo.items()],
                            fractions, seed)
     for gid, members in units.items():
+        given = {m[Col.SPLIT] for m in members if m.get(Col.SPLIT)}
+        if len(given) > 1:
+            log.warning("duplicates of %s are in splits %s: that leaks between splits", members[0][Col.PATH],
+                        ", ".join(sorted(given)))
         for r in members:
-            r[Col.SPLIT] = splits[gid]
+            r[Col.SPLIT] = r.get(Col.SPLIT) or (splits[gid] if gid in splits else sorted(given)[0])
 
 
 def write_manifest(table: pa.Table, out: str | os.PathLike, root: str | os.PathLike) -> Path:
-    """Write a manifest Parquet file that remembers the folder its paths are relative to."""
-    meta = {_ROOT_KEY: os.path.abspath(root).encode()}
+    """Write a manifest Parquet file that remembers the folder its paths are relative to, both
+    absolutely and relative to the manifest itself (so data and manifest can move together)."""
+    out_dir = Path(out).resolve().parent
+    meta = {_ROOT_KEY: os.path.abspath(root).encode(),
+            _ROOT_REL_KEY: os.path.relpath(os.path.abspath(root), out_dir).encode()}
     return write_table(table.replace_schema_metadata(meta), out)
+
+
+def _root_of(path: Path) -> Path:
+    meta = table_metadata(path)
+    candidates = [Path(meta[_ROOT_KEY].decode())] if _ROOT_KEY in meta else []
+    if _ROOT_REL_KEY in meta:
+        candidates.append(path.resolve().parent / meta[_ROOT_REL_KEY].decode())
+    for root in candidates:
+        if root.is_dir():
+            return root
+    if candidates:
+        raise InputError(f"the images of manifest {path} are not where it says ({candidates[0]}); "
+                         f"keep the manifest beside its data or rebuild it")
+    return path.resolve().parent
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -156,14 +183,14 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         missing = {Col.PATH, Col.LABEL, Col.SPLIT, Col.STATUS} - set(table.column_names)
         if missing:
             raise InputError(f"{path} is not a dinobatch manifest (missing {', '.join(sorted(missing))})")
-        root_meta = table_metadata(path).get(_ROOT_KEY)
-        root = Path(root_meta.decode()) if root_meta else path.resolve().parent
+        root = _root_of(path)
         table = table.select([n for n in manifest_schema().names if n in table.column_names])
     return Manifest(table, root, path, sha256_file(str(path)))
 
 
 def _load_csv(path: Path) -> pa.Table:
-    """CSV manifest: path and label columns required; split and kind optional."""
+    """CSV manifest: path and label required; split and kind optional. Each file is decoded like a
+    built manifest's; rows without a split get one (duplicate components kept together)."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -175,14 +202,19 @@ def _load_csv(path: Path) -> pa.Table:
         raise InputError(f"cannot read CSV manifest {path}: {exc}") from exc
     rows = []
     for line, r in enumerate(raw, 2):
+        rel, label = (r.get("path") or "").strip(), (r.get("label") or "").strip()
+        if not rel or not label:
+            raise InputError(f"{path}, line {line}: path and label must not be empty")
         split = (r.get("split") or "").strip() or None
         if split is not None and split not in SPLITS:
             raise InputError(f"{path}, line {line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-        full = path.parent / r["path"]
-        try:
-            sha, status, error = sha256_file(str(full)), STATUS_OK, None
-        except OSError as exc:
-            sha, status, error = None, STATUS_ERROR, f"cannot read file: {exc.strerror or exc}"
-        rows.append({Col.PATH: r["path"], Col.LABEL: r["label"].strip(), Col.SPLIT: split if status == STATUS_OK else None,
-                     Col.SHA256: sha, Col.STATUS: status, Col.ERROR: error, Col.KIND: (r.get("kind") or "").strip() or None})
+        fact = _inspect(str(path.parent / rel))
+        rows.append({Col.PATH: rel, Col.LABEL: label, Col.SPLIT: split, Col.KIND: (r.get("kind") or "").strip() or None,
+                     **fact})
+    _group_and_split(rows, (0.8, 0.1, 0.1), 0, DEFAULT_PHASH_MAX, DEFAULT_DHASH_MAX)
+    for r in rows:
+        if r[Col.STATUS] != STATUS_OK:
+            r[Col.SPLIT] = None
+        r.pop("_phash", None)
+        r.pop("_dhash", None)
     return pa.Table.from_pylist(rows, schema=manifest_schema())

@@ -312,10 +312,11 @@ def _fetch_weights(weights: Any, cached: Path) -> dict:
         return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except (OSError, RuntimeError, ValueError) as exc:
         raise ModelError(
-            f"cannot get torchvision's ResNet50 ImageNet weights ({weights.name}): {exc}.\n"
+            f"cannot get torchvision's ImageNet weights {type(weights).__name__}.{weights.name}: {exc}.\n"
             f"They are not in the cache at {cached} and could not be downloaded from {weights.url} "
-            f"(offline?). Either copy that file to {cached} (TORCH_HOME moves the cache), "
-            f"or pass a dinobatch model file with --model FILE (see 'dinobatch model import').") from exc
+            f"(offline?). Either copy that file to {cached} (TORCH_HOME moves the cache), or use a "
+            f"dinobatch model file instead: --model FILE for classify (see 'dinobatch model import'), "
+            f"--pretrained none or --pretrained FILE for train.") from exc
     finally:
         socket.setdefaulttimeout(previous)
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import DinobatchError
 from .results import read_table, write_table
+from .scan import sha256_file
 from .train import TrainConfig, train
 
 __all__ = ["SWEEPABLE", "trials", "sweep", "best_trial"]
@@ -33,24 +34,27 @@ _COLUMNS = ("trial", "status", "error", "config", "model", "best_epoch", "val_lo
             "val_macro_f1", "seconds")
 
 
-def _trial_id(number: int, overrides: dict[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{number:03d}-{digest}"
+def _trial_id(base: TrainConfig, overrides: dict[str, Any], manifest_sha: str) -> str:
+    """Names the whole configuration and the data, not a position: reruns find exactly their trials."""
+    config = {**base.to_dict(), **overrides, "out": None, "manifest_sha256": manifest_sha}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def sweep(base: TrainConfig, grid: dict[str, Sequence[Any]], out: str | Path,
           progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
-    """Run every unfinished trial; a failed trial is a row with its error. Returns all rows."""
-    import pyarrow as pa
-
+    """Run every trial of the grid not finished before; a failed trial is a row with its error (and is
+    tried again by the next run). Returns this grid's rows; trials.parquet also keeps other grids'."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table_path = out / "trials.parquet"
-    rows = read_table(table_path).to_pylist() if table_path.exists() else []
-    done = {r["trial"] for r in rows}
-    for number, overrides in enumerate(trials(grid)):
-        trial = _trial_id(number, overrides)
-        if trial in done:
+    earlier = read_table(table_path).to_pylist() if table_path.exists() else []
+    manifest_sha = sha256_file(base.manifest)
+    rows = []
+    for overrides in trials(grid):
+        trial = _trial_id(base, overrides, manifest_sha)
+        finished = [r for r in earlier if r["trial"] == trial and r["status"] == "ok"]
+        if finished:  # failed trials are tried again
+            rows.append(finished[-1])
             continue
         log.info("trial %s: %s", trial, json.dumps(overrides, sort_keys=True))
         t0 = time.monotonic()
@@ -71,8 +75,17 @@ def sweep(base: TrainConfig, grid: dict[str, Sequence[Any]], out: str | Path,
             row.update(status="error", error=f"{type(exc).__name__}: {exc}")
         row["seconds"] = round(time.monotonic() - t0, 2)
         rows.append({**dict.fromkeys(_COLUMNS), **row})
-        write_table(pa.Table.from_pylist(rows), table_path)  # after every trial: an interruption loses one
+        kept = [r for r in earlier if r["trial"] not in {x["trial"] for x in rows}]
+        write_table(_table(kept + rows), table_path)  # after every trial: a kill loses one at most
     return rows
+
+
+def _table(rows: list[dict[str, Any]]):
+    """Rows of different grids have different override columns: take their union."""
+    import pyarrow as pa
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
 
 
 def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

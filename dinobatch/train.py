@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +62,8 @@ class TrainConfig:
             raise ConfigError("training needs at least one epoch")
         if self.batch_size < 1 or self.lr <= 0 or self.image_size < 16:
             raise ConfigError("batch_size >= 1, lr > 0 and image_size >= 16 are required")
+        if (self.final_lr is not None and self.final_lr <= 0) or not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ConfigError("final_lr > 0, 0 <= momentum < 1 and weight_decay >= 0 are required")
         multiplier(self.augment_level)  # validates the level
 
     def lr_at(self, epoch: int) -> float:
@@ -128,12 +129,14 @@ def _collate(samples):
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
 
 
-def _loader(samples: _Samples, cfg: TrainConfig, runtime, order):
+def _loader(samples: _Samples, cfg: TrainConfig, runtime, order, training: bool = False):
     from torch.utils.data import DataLoader
 
     workers = default_workers(runtime.device.type, cfg.workers)
+    # a last training batch of one image would break batch norm at small image sizes: drop it
+    drop_last = training and len(order) > cfg.batch_size and len(order) % cfg.batch_size == 1
     return DataLoader(samples, batch_size=cfg.batch_size, sampler=order, num_workers=workers,
-                      collate_fn=_collate, pin_memory=runtime.pin_memory)
+                      collate_fn=_collate, pin_memory=runtime.pin_memory, drop_last=drop_last)
 
 
 def _normalise(runtime, x, prep: Preprocessing):
@@ -172,6 +175,8 @@ def _run_epoch(module, loader, runtime, prep, optimizer=None, scaler=None, progr
             total += len(y)
             if progress:
                 progress(stage, step, len(loader))
+    if optimizer is not None and total == 0:
+        raise InputError("no training image could be read: check that the manifest's files are where it says")
     logits = torch.cat(all_logits).numpy() if all_logits else None
     targets = torch.cat(all_y).numpy() if all_y else None
     return (loss_sum / total if total else float("nan")), (correct / total if total else 0.0), logits, targets
@@ -191,9 +196,10 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, manifest_sha: str) -> dict[st
 
 
 def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
-    os.replace(tmp, path)
+    from .results import atomic_path
+
+    with atomic_path(path, "write metrics") as tmp:
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics), encoding="utf-8")
 
 
 def _setup(cfg: TrainConfig):
@@ -239,6 +245,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, in
     if state:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         metrics, best, first = json.loads(state["metrics"]), state["best"], state["epoch"]
         log.info("resuming %s after epoch %d", cfg.out, first)
     total_epochs = cfg.epochs + cfg.final_epochs
@@ -254,7 +261,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, in
                 if name and not name.startswith("fc"):
                     m.eval()
         stage = f"epoch {epoch + 1}/{total_epochs}"
-        tr_loss, tr_acc, _, _ = _run_epoch(module, _loader(train_set, cfg, runtime, order.tolist()), runtime, prep,
+        tr_loss, tr_acc, _, _ = _run_epoch(module, _loader(train_set, cfg, runtime, order.tolist(), True), runtime, prep,
                                            optimizer, scaler, progress, stage)
         module.eval()
         val = _evaluate(module, val_set, cfg, runtime, prep, labels)
@@ -270,6 +277,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, in
                     "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}
         _write_metrics(metrics_path(cfg.out), metrics)
         torch_save_atomic({"epoch": epoch + 1, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict(),
                            "best": best, "metrics": json.dumps(metrics), "config": json.dumps(cfg.to_dict()),
                            "manifest_sha256": manifest.sha256}, ckpt)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < total_epochs:
