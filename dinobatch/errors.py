@@ -11,6 +11,7 @@ __all__ = [
     "EXIT_DEVICE",
     "EXIT_INPUT",
     "EXIT_OUTPUT",
+    "EXIT_THRESHOLD",
     "EXIT_INTERRUPTED",
     "DinobatchError",
     "ConfigError",
@@ -28,6 +29,7 @@ EXIT_MODEL = 4  # the model cannot be loaded, imported or fetched
 EXIT_DEVICE = 5  # the device or precision asked for is not available
 EXIT_INPUT = 6  # the input folder or file is missing or unusable
 EXIT_OUTPUT = 7  # results could not be written (permissions, disk full)
+EXIT_THRESHOLD = 8  # curate --fail-on: a share of flagged images passed its threshold (outputs written)
 EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C / SIGINT); finished batches are kept
 
 

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from .errors import OutputError
 from .schema import Col, cache_schema
 
-__all__ = ["ResultsDir", "CacheWriter", "atomic_path", "write_table", "read_table", "table_metadata"]
+__all__ = ["ResultsDir", "CacheWriter", "atomic_path", "write_table", "read_table", "table_metadata",
+           "latest_run"]
 
 log = logging.getLogger(__name__)
 
@@ -248,3 +249,19 @@ def read_table(path: str | os.PathLike) -> pa.Table:
 def table_metadata(path: str | os.PathLike) -> dict[bytes, bytes]:
     """Key-value metadata of a Parquet file without reading its rows."""
     return pq.read_schema(path).metadata or {}
+
+
+def latest_run(folder: str | os.PathLike) -> tuple[pa.Table, dict[str, Any]]:
+    """The rows of the newest classify run in an output folder, and that run's summary."""
+    from .errors import InputError
+
+    folder = Path(folder)
+    summary_path = folder / "_summary.json"
+    if not summary_path.is_file():
+        raise InputError(f"{folder} holds no classify results (no _summary.json); run dinobatch classify first")
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        rows_file = folder / f"{summary['run_id']}.parquet"
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read {summary_path}: {exc}") from exc
+    return read_table(rows_file), summary

@@ -1,0 +1,272 @@
+"""What a reviewer should look at first: a queue of images, most urgent first, with reasons.
+
+Reasons and their scores (the queue is ordered by the highest score of each image's reasons):
+
+    label_error               0.5 + 0.5 * (1 - self-confidence)   confident learning, needs a manifest
+    duplicate_split_leak      0.9    duplicates sitting in different splits (needs a manifest)
+    duplicate_label_conflict  0.85   duplicates carrying different labels (needs a manifest)
+    unreadable                0.8    the file could not be decoded
+    low_confidence            0.5 * (1 - confidence)               below the threshold
+    embedding_near_duplicate  0.4 .. 0.6   same scene by embedding, not caught by the hashes
+    outlier                   0.3 .. 0.5   far from every class centre in embedding space
+    nearly_blank 0.3, tiny 0.25, extreme_aspect 0.2                image quality
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+from .schema import STATUS_ERROR, STATUS_OK, Col, read_metadata
+
+__all__ = ["REASONS", "CurateConfig", "CurateResult", "curate", "confident_learning", "near_embedding_pairs"]
+
+log = logging.getLogger(__name__)
+
+REASONS = ("label_error", "duplicate_split_leak", "duplicate_label_conflict", "unreadable", "low_confidence",
+           "embedding_near_duplicate", "outlier", "nearly_blank", "tiny", "extreme_aspect")
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    predictions: str  # a classify output folder
+    out: str
+    manifest: str | None = None
+    low_confidence: float = 0.5
+    rank_by: str = "self_confidence"  # or normalized_margin
+    embedding_duplicate: float = 0.97  # cosine similarity
+    outlier_z: float = 3.5  # robust z-score of the distance to the nearest class centre
+    tiny: int = 64  # shorter side in pixels
+    max_aspect: float = 4.0
+    blank_bits: int = 2  # dHash with at most this many bits set: almost no structure
+    fail_on: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.rank_by not in ("self_confidence", "normalized_margin"):
+            raise ConfigError("rank_by must be self_confidence or normalized_margin")
+        for reason, share in self.fail_on:
+            if reason not in REASONS and reason != "any":
+                raise ConfigError(f"--fail-on: unknown reason {reason!r}; use one of {', '.join(REASONS)} or any")
+            if not 0 <= share <= 1:
+                raise ConfigError(f"--fail-on {reason}: the share must be between 0 and 1")
+
+
+@dataclass
+class CurateResult:
+    queue: list[dict[str, Any]]
+    counts: dict[str, int]
+    images: int
+    breaches: list[str] = field(default_factory=list)
+    confusion: dict[str, Any] = field(default_factory=dict)
+    groups: list[list[dict[str, Any]]] = field(default_factory=list)
+    source_folder: str | None = None
+
+
+def confident_learning(probs: np.ndarray, given: np.ndarray, rank_by: str = "self_confidence"):
+    """Label issues by confident learning (Northcutt et al., 2021): per-class thresholds t_j = mean
+    predicted probability of class j over the images labelled j; an image labelled i whose most
+    probable class among those above their thresholds is j != i is an issue. Returns (issue mask,
+    suggested class, ranking score in [0, 1], higher = more likely wrong)."""
+    n, c = probs.shape
+    thresholds = np.full(c, np.inf)
+    for j in range(c):
+        mine = given == j
+        if mine.any():
+            thresholds[j] = probs[mine, j].mean()
+    above = probs >= thresholds[None, :]
+    masked = np.where(above, probs, -1.0)
+    confident = masked.argmax(axis=1)
+    issue = above.any(axis=1) & (confident != given)
+    self_conf = probs[np.arange(n), given]
+    if rank_by == "self_confidence":
+        score = 1.0 - self_conf
+    else:
+        others = probs.copy()
+        others[np.arange(n), given] = -1.0
+        score = (1.0 - (self_conf - others.max(axis=1))) / 2.0
+    return issue, confident, score
+
+
+def near_embedding_pairs(emb: np.ndarray, threshold: float, block: int = 2048) -> list[tuple[int, int, float]]:
+    """Pairs (i < j) whose embeddings have cosine similarity >= threshold, in blocks of rows."""
+    if len(emb) < 2:
+        return []
+    x = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+    out = []
+    for lo in range(0, len(x), block):
+        sims = x[lo:lo + block] @ x.T
+        i, j = np.nonzero(sims >= threshold)
+        keep = j > i + lo
+        out.extend((int(a + lo), int(b), float(sims[a, b])) for a, b in zip(i[keep], j[keep]))
+    return out
+
+
+def _manifest_index(path: str | None):
+    """sha256 -> [(path, label, split)] of a manifest's usable rows, or None without one."""
+    if path is None:
+        return None
+    from .manifest import load_manifest
+
+    index: dict[str, list[tuple[str, str, str]]] = {}
+    for r in load_manifest(path).rows():
+        index.setdefault(r[Col.SHA256], []).append((r[Col.PATH], r[Col.LABEL], r[Col.SPLIT]))
+    return index
+
+
+def _given(row: dict[str, Any], index) -> tuple[str | None, str | None]:
+    """The label and split a manifest gives this file (matched by content, preferring the same path)."""
+    if index is None or not row[Col.SHA256] or row[Col.SHA256] not in index:
+        return None, None
+    entries = index[row[Col.SHA256]]
+    same = [e for e in entries if e[0] == row[Col.PATH]]
+    _, label, split = (same or entries)[0]
+    return label, split
+
+
+def curate(cfg: CurateConfig) -> CurateResult:
+    """Build the review queue from a classify output folder (and, optionally, the labels people gave)."""
+    from .results import latest_run
+
+    table, summary = latest_run(cfg.predictions)
+    labels = read_metadata(table.schema).get("labels") or []
+    rows = table.to_pylist()
+    if not rows:
+        raise InputError(f"{cfg.predictions}: the latest classify run has no rows")
+    index = _manifest_index(cfg.manifest)
+    flags: dict[int, dict[str, tuple[float, str]]] = {}
+
+    def flag(i: int, reason: str, score: float, detail: str) -> None:
+        if score > flags.setdefault(i, {}).get(reason, (-1.0, ""))[0]:
+            flags[i][reason] = (float(score), detail)
+
+    given = [_given(r, index) for r in rows]
+    suggested: dict[int, str] = {}
+    _quality(rows, cfg, flag)
+    _confidence_and_labels(rows, given, labels, cfg, flag, suggested)
+    groups = _duplicates(rows, given, flag)
+    _embeddings(rows, given, labels, cfg, flag)
+    queue = _queue(rows, given, flags, suggested)
+    counts = {reason: sum(1 for f in flags.values() if reason in f) for reason in REASONS}
+    breaches = _breaches(cfg, counts, len(rows), len(queue))
+    return CurateResult(queue, counts, len(rows), breaches, _confusion(rows, given, labels), groups,
+                        summary.get("config", {}).get("folder"))
+
+
+def _quality(rows, cfg: CurateConfig, flag) -> None:
+    for i, r in enumerate(rows):
+        if r[Col.STATUS] == STATUS_ERROR:
+            flag(i, "unreadable", 0.8, r[Col.ERROR] or "unreadable")
+            continue
+        w, h = r[Col.WIDTH] or 0, r[Col.HEIGHT] or 0
+        if min(w, h) < cfg.tiny:
+            flag(i, "tiny", 0.25, f"{w}x{h} pixels")
+        if min(w, h) and max(w, h) / min(w, h) > cfg.max_aspect:
+            flag(i, "extreme_aspect", 0.2, f"aspect ratio {max(w, h) / min(w, h):.1f}:1")
+        if r[Col.DHASH] and bin(int(r[Col.DHASH], 16)).count("1") <= cfg.blank_bits:
+            flag(i, "nearly_blank", 0.3, "almost no edges (dHash nearly empty)")
+
+
+def _confidence_and_labels(rows, given, labels, cfg: CurateConfig, flag, suggested) -> None:
+    scored = [i for i, r in enumerate(rows) if r[Col.STATUS] != STATUS_ERROR and r[Col.PROBS]]
+    for i in scored:
+        conf = rows[i][Col.CONFIDENCE]
+        if conf is not None and conf < cfg.low_confidence:
+            flag(i, "low_confidence", 0.5 * (1 - conf), f"confidence {conf:.2f} < {cfg.low_confidence}")
+    lookup = {label: k for k, label in enumerate(labels)}
+    known = [i for i in scored if given[i][0] in lookup]
+    if not known:
+        return
+    probs = np.array([rows[i][Col.PROBS] for i in known], dtype=np.float64)
+    y = np.array([lookup[given[i][0]] for i in known])
+    issue, confident, score = confident_learning(probs, y, cfg.rank_by)
+    for k, i in enumerate(known):
+        if issue[k]:
+            suggested[i] = labels[confident[k]]
+            flag(i, "label_error", 0.5 + 0.5 * score[k],
+                 f"labelled {given[i][0]} (p={probs[k, y[k]]:.2f}), looks like {labels[confident[k]]} "
+                 f"(p={probs[k, confident[k]]:.2f})")
+
+
+def _duplicates(rows, given, flag) -> list[list[dict[str, Any]]]:
+    """Flag duplicate groups with conflicting labels or straddling splits; return every group."""
+    members: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r[Col.DUPLICATE_GROUP] is not None:
+            members.setdefault(r[Col.DUPLICATE_GROUP], []).append(i)
+    groups = []
+    for idx in members.values():
+        labels = {given[i][0] for i in idx if given[i][0]}
+        splits = {given[i][1] for i in idx if given[i][1]}
+        for i in idx:
+            if len(splits) > 1:
+                flag(i, "duplicate_split_leak", 0.9, f"copies in splits {', '.join(sorted(splits))}")
+            if len(labels) > 1:
+                flag(i, "duplicate_label_conflict", 0.85, f"copies labelled {', '.join(sorted(labels))}")
+        groups.append([{"path": rows[i][Col.PATH], "sha256": rows[i][Col.SHA256], "label": given[i][0],
+                        "split": given[i][1], "kept": rows[i][Col.DUPLICATE_OF] is None} for i in idx])
+    return groups
+
+
+def _embeddings(rows, given, labels, cfg: CurateConfig, flag) -> None:
+    idx = [i for i, r in enumerate(rows) if r[Col.STATUS] == STATUS_OK and r[Col.EMBEDDING]]
+    if len(idx) < 2:
+        log.info("no embeddings in these predictions (classify --embeddings): near duplicates by "
+                 "embedding and outliers are not checked")
+        return
+    emb = np.array([rows[i][Col.EMBEDDING] for i in idx], dtype=np.float32)
+    for a, b, sim in near_embedding_pairs(emb, cfg.embedding_duplicate):
+        ra, rb = rows[idx[a]], rows[idx[b]]
+        if ra[Col.DUPLICATE_GROUP] is not None and ra[Col.DUPLICATE_GROUP] == rb[Col.DUPLICATE_GROUP]:
+            continue
+        score = 0.4 + 0.2 * (sim - cfg.embedding_duplicate) / max(1 - cfg.embedding_duplicate, 1e-9)
+        flag(idx[a], "embedding_near_duplicate", score, f"looks like {rb[Col.PATH]} (cosine {sim:.3f})")
+        flag(idx[b], "embedding_near_duplicate", score, f"looks like {ra[Col.PATH]} (cosine {sim:.3f})")
+    x = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+    names = [given[i][0] or rows[i][Col.LABEL] for i in idx]  # the given label, else the predicted one
+    centres = {n: x[[k for k, m in enumerate(names) if m == n]].mean(axis=0) for n in set(names)}
+    c = np.stack([v / max(np.linalg.norm(v), 1e-12) for v in centres.values()])
+    distance = 1.0 - (x @ c.T).max(axis=1)
+    median = np.median(distance)
+    mad = 1.4826 * np.median(np.abs(distance - median)) or 1e-12
+    z = (distance - median) / mad
+    for k in np.nonzero(z > cfg.outlier_z)[0]:
+        flag(idx[k], "outlier", 0.3 + 0.2 * min(1.0, (z[k] - cfg.outlier_z) / 10),
+             f"far from every class centre (robust z {z[k]:.1f})")
+
+
+def _queue(rows, given, flags, suggested) -> list[dict[str, Any]]:
+    queue = []
+    for i, reasons in flags.items():
+        r = rows[i]
+        ordered = sorted(reasons.items(), key=lambda kv: -kv[1][0])
+        queue.append({"path": r[Col.PATH], "sha256": r[Col.SHA256], "status": r[Col.STATUS],
+                      "given_label": given[i][0], "split": given[i][1], "predicted_label": r[Col.LABEL],
+                      "suggested_label": suggested.get(i, r[Col.LABEL] if given[i][0] else None),
+                      "confidence": r[Col.CONFIDENCE], "score": round(ordered[0][1][0], 4),
+                      "reasons": [k for k, _ in ordered], "details": "; ".join(v[1] for _, v in ordered),
+                      "duplicate_group": r[Col.DUPLICATE_GROUP]})
+    queue.sort(key=lambda q: (-q["score"], q["path"]))
+    return queue
+
+
+def _breaches(cfg: CurateConfig, counts: dict[str, int], images: int, flagged: int) -> list[str]:
+    out = []
+    for reason, share in cfg.fail_on:
+        n = flagged if reason == "any" else counts[reason]
+        if images and n / images > share:
+            out.append(f"{reason}: {n} of {images} images ({n / images:.1%}) > {share:.1%}")
+    return out
+
+
+def _confusion(rows, given, labels) -> dict[str, Any]:
+    """Given label x predicted label counts over the labelled images (for the review page)."""
+    pairs: dict[tuple[str, str], int] = {}
+    for r, (label, _) in zip(rows, given):
+        if label and r[Col.LABEL] and r[Col.STATUS] != STATUS_ERROR:
+            pairs[(label, r[Col.LABEL])] = pairs.get((label, r[Col.LABEL]), 0) + 1
+    names = sorted({a for a, _ in pairs} | {b for _, b in pairs})
+    return {"labels": names, "counts": [[pairs.get((a, b), 0) for b in names] for a in names]}

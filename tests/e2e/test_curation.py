@@ -1,0 +1,257 @@
+"""Curation: each reason on data where the answer is known, the review page in a real browser,
+decisions applied without loss, export by copying, and similar-species lookup."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from dinobatch.classify import classify
+from dinobatch.cli import cli
+from dinobatch.config import ClassifyConfig
+from dinobatch.curate import CurateConfig, confident_learning, curate
+from dinobatch.decisions import relabel
+from dinobatch.errors import EXIT_THRESHOLD, InputError
+from dinobatch.manifest import build_manifest, load_manifest, write_manifest
+from dinobatch.results import ResultsDir
+from dinobatch.review import write_outputs
+from dinobatch.scan import sha256_file
+from dinobatch.schema import row_schema, schema_metadata
+from tests.conftest import REPO, picture, save, tree_digest
+
+LABELS = ["stegosaurus", "triceratops", "velociraptor"]
+
+
+def test_confident_learning_finds_the_planted_label_error():
+    probs = np.array([[0.8, 0.1, 0.1]] * 5 + [[0.1, 0.8, 0.1]] * 5 + [[0.05, 0.9, 0.05]])
+    given = np.array([0] * 5 + [1] * 5 + [0])  # the last one is labelled 0 but is clearly 1
+    issue, suggested, score = confident_learning(probs, given)
+    assert issue.tolist() == [False] * 10 + [True]
+    assert suggested[-1] == 1 and score[-1] == pytest.approx(0.95)
+
+
+def _planted(tmp_path):
+    """A classify output folder and a manifest where every curation reason has one known answer."""
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 32))
+    rows, manifest_lines = [], ["path,label,split"]
+    planted = {}
+
+    def add(name, label, split, probs, *, emb=None, group=None, dup_of=None, size=(160, 120), dhash=None,
+            status="ok", error=None, seed=None):
+        path = save(picture(seed if seed is not None else len(rows) + 1, size), root / name)
+        p = np.array(probs, dtype=np.float32)
+        e = emb if emb is not None else centres[LABELS.index(label)] + rng.normal(scale=0.8, size=32)
+        rows.append({"run_id": "r", "path": name, "bytes": path.stat().st_size, "sha256": sha256_file(str(path)),
+                     "status": status, "error": error, "format": "PNG", "width": size[0], "height": size[1],
+                     "mode": "RGB", "phash": "8f0f0f0f0f0f0f0f", "dhash": dhash or "f0f0f0f0f0f0f0f0",
+                     "duplicate_of": dup_of, "duplicate_kind": "exact" if dup_of else None, "duplicate_group": group,
+                     "model": "m", "model_fingerprint": "f" * 64,
+                     "label": None if status == "error" else LABELS[int(p.argmax())],
+                     "confidence": None if status == "error" else float(p.max()),
+                     "topk_labels": None, "topk_probs": None, "probs": None if status == "error" else p.tolist(),
+                     "margin": None, "entropy": None,
+                     "embedding": None if status == "error" else e.astype(np.float32).tolist()})
+        manifest_lines.append(f"{name},{label},{split}")
+
+    for i in range(8):
+        for k, label in enumerate(LABELS):
+            probs = [0.1, 0.1, 0.1]
+            probs[k] = 0.8
+            add(f"{label}_{i}.png", label, "train", probs)
+    add("mislabelled.png", "stegosaurus", "train", [0.03, 0.94, 0.03])
+    add("unsure.png", "velociraptor", "train", [0.3, 0.3, 0.4])
+    add("conflict_a.png", "stegosaurus", "train", [0.8, 0.1, 0.1], group=1, seed=500)
+    add("conflict_b.png", "triceratops", "train", [0.8, 0.1, 0.1], group=1, dup_of="conflict_a.png", seed=501)
+    add("leak_a.png", "triceratops", "train", [0.1, 0.8, 0.1], group=2, seed=600)
+    add("leak_b.png", "triceratops", "test", [0.1, 0.8, 0.1], group=2, dup_of="leak_a.png", seed=601)
+    twin = centres[2] + rng.normal(scale=0.3, size=32)
+    add("scene_1.png", "velociraptor", "train", [0.1, 0.1, 0.8], emb=twin)
+    add("scene_2.png", "velociraptor", "train", [0.1, 0.1, 0.8], emb=twin + 0.001)
+    add("odd_one.png", "stegosaurus", "train", [0.8, 0.1, 0.1], emb=-centres.sum(axis=0) * 3)
+    add("tiny.png", "triceratops", "train", [0.1, 0.8, 0.1], size=(20, 20))
+    add("strip.png", "triceratops", "train", [0.1, 0.8, 0.1], size=(800, 100))
+    add("blank.png", "triceratops", "train", [0.1, 0.8, 0.1], dhash="0000000000000000")
+    add("broken.png", "triceratops", "train", [0.1, 0.8, 0.1], status="error", error="truncated image")
+    out = ResultsDir(tmp_path / "results")
+    out.ensure()
+    meta = schema_metadata(version="t", model_name="m", model_fingerprint="f" * 64, labels=LABELS)
+    schema = row_schema(meta)
+    out.write_rows("r", [pa.Table.from_pylist(rows, schema=schema).to_batches()[0]], schema)
+    out.write_summary("r", {"run_id": "r", "config": {"folder": str(root)}})
+    (tmp_path / "labels.csv").write_text("\n".join(manifest_lines) + "\n")
+    shutil.move(str(tmp_path / "labels.csv"), root / "labels.csv")
+    return tmp_path / "results", root / "labels.csv"
+
+
+def test_each_reason_flags_exactly_the_planted_images(tmp_path):
+    predictions, manifest = _planted(tmp_path)
+    result = curate(CurateConfig(predictions=str(predictions), out=str(tmp_path / "q"), manifest=str(manifest)))
+    flagged = {q["path"]: q for q in result.queue}
+
+    def having(reason):
+        return {p for p, q in flagged.items() if reason in q["reasons"]}
+
+    # conflict_b is a copy of conflict_a (it carries conflict_a's prediction) labelled otherwise: both finds are right
+    assert having("label_error") == {"mislabelled.png", "conflict_b.png"}
+    assert flagged["mislabelled.png"]["suggested_label"] == "triceratops"
+    assert having("low_confidence") == {"unsure.png"}
+    assert having("duplicate_label_conflict") == {"conflict_a.png", "conflict_b.png"}
+    assert having("duplicate_split_leak") == {"leak_a.png", "leak_b.png"}
+    assert having("embedding_near_duplicate") == {"scene_1.png", "scene_2.png"}
+    assert having("outlier") == {"odd_one.png"}
+    assert having("tiny") == {"tiny.png"} and having("extreme_aspect") == {"strip.png"}
+    assert having("nearly_blank") == {"blank.png"} and having("unreadable") == {"broken.png"}
+    scores = [q["score"] for q in result.queue]
+    assert scores == sorted(scores, reverse=True)  # most urgent first
+    assert result.queue[0]["path"] in {"mislabelled.png", "leak_a.png", "leak_b.png"}
+
+
+def test_without_a_manifest_only_label_free_reasons_are_used(tmp_path):
+    predictions, _ = _planted(tmp_path)
+    result = curate(CurateConfig(predictions=str(predictions), out=str(tmp_path / "q")))
+    reasons = {r for q in result.queue for r in q["reasons"]}
+    assert "low_confidence" in reasons and "outlier" in reasons and "unreadable" in reasons
+    assert not reasons & {"label_error", "duplicate_label_conflict", "duplicate_split_leak"}
+
+
+def test_fail_on_exits_non_zero_after_writing_the_queue(tmp_path):
+    predictions, manifest = _planted(tmp_path)
+    runner = CliRunner()
+    args = ["curate", str(predictions), "--manifest", str(manifest), "-o", str(tmp_path / "q")]
+    ok = runner.invoke(cli, args + ["--fail-on", "label_error=0.5"], catch_exceptions=False)
+    assert ok.exit_code == 0
+    bad = runner.invoke(cli, args + ["--fail-on", "label_error=1%"])
+    assert bad.exit_code == EXIT_THRESHOLD and "threshold passed: label_error" in bad.output
+    with open(tmp_path / "q" / "queue.csv", newline="") as fh:
+        queue = list(csv.DictReader(fh))
+    assert queue[0]["score"] and any(q["path"] == "mislabelled.png" for q in queue)
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_review_page_shows_counts_cards_and_groups_in_a_real_browser(tmp_path):
+    if _chromium() is None:
+        if os.environ.get("DINOBATCH_REQUIRE_BROWSER"):
+            pytest.fail("headless Chromium is required here (DINOBATCH_REQUIRE_BROWSER) but not installed")
+        pytest.skip("headless Chromium is not installed (apt-get install chromium; .ci/run does it)")
+    predictions, manifest = _planted(tmp_path)
+    result = curate(CurateConfig(predictions=str(predictions), out=str(tmp_path / "q"), manifest=str(manifest)))
+    page = write_outputs(result, tmp_path / "q", html_page=True)["review.html"]
+    dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom",
+                          page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert f"<b>{result.images}</b> images, <b>{len(result.queue)}</b> to review" in dom
+    assert dom.count('<div class="card"><') == len(result.queue)  # rendered cards, not the script's template
+    assert "mislabelled.png" in dom and "suggested: <b>triceratops</b>" in dom
+    assert dom.count('<div class="group"><') == 2 and "leak_b.png" in dom
+    thumbs = sorted((tmp_path / "q" / "thumbs").glob("*.jpg"))
+    assert thumbs and all(t.stat().st_size < 20_000 for t in thumbs)
+    assert 'src="thumbs/' in dom
+
+
+def test_relabel_writes_a_new_version_and_an_audit_log_and_never_touches_images(tmp_path):
+    root = tmp_path / "data"
+    for i, label in enumerate(LABELS):
+        save(picture(i), root / label / "a.png")
+        save(picture(10 + i), root / label / "b.png")
+    write_manifest(build_manifest(root, seed=0), tmp_path / "m.parquet", root)
+    before = tree_digest(root)
+    decisions = tmp_path / "d.csv"
+    decisions.write_text("path,action,label,note\nstegosaurus/a.png,relabel,triceratops,horns visible\n"
+                         "triceratops/b.png,remove,,blurry\nvelociraptor/a.png,keep,,\n")
+    changes, new = relabel(str(decisions), str(tmp_path / "m.parquet"), user="tester")
+    assert new == tmp_path / "m.v2.parquet" and (tmp_path / "m.parquet").exists()
+    rows = {r["path"]: r for r in load_manifest(new).table.to_pylist()}
+    assert rows["stegosaurus/a.png"]["label"] == "triceratops"
+    assert rows["triceratops/b.png"]["status"] == "removed" and rows["triceratops/b.png"]["split"] is None
+    assert "triceratops/b.png" not in {r["path"] for r in load_manifest(new).rows()}
+    with open(tmp_path / "m.audit.csv", newline="") as fh:
+        audit = list(csv.DictReader(fh))
+    assert [(a["path"], a["action"], a["old_label"], a["new_label"], a["user"]) for a in audit] == [
+        ("stegosaurus/a.png", "relabel", "stegosaurus", "triceratops", "tester"),
+        ("triceratops/b.png", "remove", "triceratops", "", "tester"),
+        ("velociraptor/a.png", "keep", "velociraptor", "", "tester")]
+    assert datetime.fromisoformat(audit[0]["time"]).tzinfo == timezone.utc
+    assert tree_digest(root) == before
+
+
+@pytest.mark.parametrize("content, message", [
+    ("path,action\nstegosaurus/a.png,keep\n../outside.png,remove\n", "line 3: ../outside.png is outside the dataset root"),
+    ("path,action\nstegosaurus/a.png,keep\n/etc/passwd,remove\n", "line 3: /etc/passwd is outside the dataset root"),
+    ("path,action\nstegosaurus/a.png,keep\nstegosaurus/zzz.png,remove\n", "line 3: stegosaurus/zzz.png is not in the manifest"),
+    ("path,action\nstegosaurus/a.png,remove\nstegosaurus/a.png,keep\n", "line 3: stegosaurus/a.png was already decided on line 2"),
+    ("path,action\nstegosaurus/a.png,keep\ntriceratops/a.png,delete\n", "line 3: unknown action 'delete'"),
+    ("path,action,label\nstegosaurus/a.png,relabel,\n", "line 2: relabel needs a label"),
+    ("path,label\nstegosaurus/a.png,x\n", "missing column(s) action"),
+    (b"path,action,note\nstegosaurus/a.png,keep,caf\xe9\n", "not UTF-8"),
+])
+def test_bad_decisions_are_refused_whole_and_nothing_is_written(tmp_path, content, message):
+    root = tmp_path / "data"
+    save(picture(1), root / "stegosaurus" / "a.png")
+    save(picture(2), root / "triceratops" / "a.png")
+    write_manifest(build_manifest(root, seed=0), tmp_path / "m.parquet", root)
+    decisions = tmp_path / "d.csv"
+    decisions.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        relabel(str(decisions), str(tmp_path / "m.parquet"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "data", "m.parquet"]
+
+
+def test_relabel_dry_run_prints_and_writes_nothing(tmp_path):
+    root = tmp_path / "data"
+    save(picture(1), root / "stegosaurus" / "a.png")
+    save(picture(2), root / "triceratops" / "a.png")
+    write_manifest(build_manifest(root, seed=0), tmp_path / "m.parquet", root)
+    (tmp_path / "d.csv").write_text("path,action,label\nstegosaurus/a.png,relabel,triceratops\n")
+    out = CliRunner().invoke(cli, ["relabel", str(tmp_path / "d.csv"), "--manifest", str(tmp_path / "m.parquet"),
+                                   "--dry-run"], catch_exceptions=False)
+    assert out.exit_code == 0 and "relabel  stegosaurus/a.png: stegosaurus -> triceratops" in out.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "data", "m.parquet"]
+
+
+def test_classify_curate_html_export_and_similar_end_to_end(tmp_path, inbox, tiny_model):
+    folder = inbox["a.jpg"].parent
+    before = tree_digest(folder)
+    summary = classify(ClassifyConfig(folder=str(folder), out=str(tmp_path / "res"), model=str(tiny_model),
+                                      workers=0, embeddings=True))
+    runner = CliRunner()
+    cur = runner.invoke(cli, ["curate", str(tmp_path / "res"), "-o", str(tmp_path / "q"), "--html"],
+                        catch_exceptions=False)
+    assert cur.exit_code == 0 and (tmp_path / "q" / "review.html").is_file()
+    queue = json.loads((tmp_path / "q" / "summary.json").read_text())
+    assert queue["images"] == summary.files and queue["counts"]["unreadable"] == summary.counts["error"]
+    exp = runner.invoke(cli, ["export", str(tmp_path / "res"), "--to", str(tmp_path / "sorted"),
+                              "--min-confidence", "0.5"], catch_exceptions=False)
+    assert exp.exit_code == 0
+    copied = sorted(p.relative_to(tmp_path / "sorted").as_posix() for p in (tmp_path / "sorted").rglob("*") if p.is_file())
+    assert len(copied) == summary.files and "_review/truncated.jpg" in copied
+    assert tree_digest(folder) == before  # copies, never moves
+    ref = tmp_path / "ref"
+    for i, label in enumerate(("triceratops", "stegosaurus")):
+        for j in range(3):
+            save(picture(40 + 10 * i + j), ref / label / f"{j}.png")
+    write_manifest(build_manifest(ref, seed=0), tmp_path / "ref.parquet", ref)
+    cache = tmp_path / "cache"
+    args = ["similar", str(ref / "triceratops" / "0.png"), str(inbox["b.png"]), "-m", str(tiny_model),
+            "--reference", str(tmp_path / "ref.parquet"), "--cache", str(cache), "--json",
+            "--species", str(REPO / "manifests" / "species.csv")]
+    first = json.loads(runner.invoke(cli, args, catch_exceptions=False).stdout)
+    assert first[0]["nearest"][0]["path"] == "triceratops/0.png" and first[0]["nearest"][0]["similarity"] > 0.999
+    assert len(first[1]["species"]) == 2 and first[1]["species"][0]["species_common_name"]
+    assert len(list(cache.glob("*.parquet"))) == 1
+    second = json.loads(runner.invoke(cli, args, catch_exceptions=False).stdout)
+    assert second == first  # served from the cache, same answer
