@@ -475,14 +475,16 @@ def _fail_on(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 @click.option("--low-confidence", type=click.FloatRange(0, 1), default=0.5, help="Flag confidence below this.")
 @click.option("--rank-by", type=click.Choice(["self_confidence", "normalized_margin"]), default="self_confidence",
               help="Ranking of suspected label errors.")
+@click.option("--method", type=click.Choice(["prune_by_noise_rate", "confident_learning"]),
+              default="prune_by_noise_rate", help="Confident-learning variant for label errors.")
 @click.option("--embedding-duplicate", type=click.FloatRange(0, 1), default=0.97,
               help="Cosine similarity from which two embeddings are the same scene.")
 @click.option("--outlier-z", type=float, default=3.5, help="Robust z-score from which an image is an outlier.")
 @click.option("--fail-on", "fail_on", multiple=True, metavar="REASON=SHARE",
               help="Exit 8 when the share of images flagged for REASON (or 'any') passes SHARE.")
 @_verbosity
-def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, embedding_duplicate, outlier_z,
-           fail_on, quiet, verbose) -> None:
+def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, method, embedding_duplicate,
+           outlier_z, fail_on, quiet, verbose) -> None:
     """Write a review queue of what most likely needs a look, from a classify output folder."""
     _setup_logging(quiet, verbose)
 
@@ -491,7 +493,8 @@ def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, 
         from .review import write_outputs
 
         cfg = CurateConfig(predictions=predictions, out=out, manifest=manifest_path, low_confidence=low_confidence,
-                           rank_by=rank_by, embedding_duplicate=embedding_duplicate, outlier_z=outlier_z,
+                           rank_by=rank_by, method=method, embedding_duplicate=embedding_duplicate,
+                           outlier_z=outlier_z,
                            fail_on=_fail_on(fail_on))
         result = run_curate(cfg)
         paths = write_outputs(result, out, html_page=html_page)

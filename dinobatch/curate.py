@@ -38,6 +38,7 @@ class CurateConfig:
     manifest: str | None = None
     low_confidence: float = 0.5
     rank_by: str = "self_confidence"  # or normalized_margin
+    method: str = "prune_by_noise_rate"  # or confident_learning
     embedding_duplicate: float = 0.97  # cosine similarity
     outlier_z: float = 3.5  # robust z-score of the distance to the nearest class centre
     tiny: int = 64  # shorter side in pixels
@@ -48,6 +49,8 @@ class CurateConfig:
     def __post_init__(self) -> None:
         if self.rank_by not in ("self_confidence", "normalized_margin"):
             raise ConfigError("rank_by must be self_confidence or normalized_margin")
+        if self.method not in ("prune_by_noise_rate", "confident_learning"):
+            raise ConfigError("method must be prune_by_noise_rate or confident_learning")
         for reason, share in self.fail_on:
             if reason not in REASONS and reason != "any":
                 raise ConfigError(f"--fail-on: unknown reason {reason!r}; use one of {', '.join(REASONS)} or any")
@@ -66,11 +69,17 @@ class CurateResult:
     source_folder: str | None = None
 
 
-def confident_learning(probs: np.ndarray, given: np.ndarray, rank_by: str = "self_confidence"):
-    """Label issues by confident learning (Northcutt et al., 2021): per-class thresholds t_j = mean
-    predicted probability of class j over the images labelled j; an image labelled i whose most
-    probable class among those above their thresholds is j != i is an issue. Returns (issue mask,
-    suggested class, ranking score in [0, 1], higher = more likely wrong)."""
+def confident_learning(probs: np.ndarray, given: np.ndarray, rank_by: str = "self_confidence",
+                       method: str = "prune_by_noise_rate"):
+    """Label issues by confident learning (Northcutt, Jiang and Chuang, JAIR 2021).
+
+    Per-class thresholds t_j = mean predicted probability of class j over the images labelled j;
+    an image's confident class is its most probable class among those at or above their threshold,
+    and the confident joint counts (given, confident) pairs. method "confident_learning" flags every
+    off-diagonal image; "prune_by_noise_rate" (the paper's recommendation, fewer false alarms)
+    calibrates the joint to the label counts and, for each off-diagonal cell (i, j), flags only
+    round(n * Q[i, j]) images labelled i, those with the largest margin p_j - p_i.
+    Returns (issue mask, suggested class, ranking score in [0, 1], higher = more likely wrong)."""
     n, c = probs.shape
     thresholds = np.full(c, np.inf)
     for j in range(c):
@@ -78,17 +87,42 @@ def confident_learning(probs: np.ndarray, given: np.ndarray, rank_by: str = "sel
         if mine.any():
             thresholds[j] = probs[mine, j].mean()
     above = probs >= thresholds[None, :]
-    masked = np.where(above, probs, -1.0)
-    confident = masked.argmax(axis=1)
-    issue = above.any(axis=1) & (confident != given)
+    confident = np.where(above, probs, -1.0).argmax(axis=1)
+    has = above.any(axis=1)
+    off_diagonal = has & (confident != given)
+    if method == "confident_learning":
+        issue = off_diagonal
+    else:
+        issue = _prune_by_noise_rate(probs, given, confident, has, c)
+    others = probs.copy()
+    others[np.arange(n), given] = -1.0
+    suggested = np.where(off_diagonal, confident, others.argmax(axis=1))
     self_conf = probs[np.arange(n), given]
     if rank_by == "self_confidence":
         score = 1.0 - self_conf
     else:
-        others = probs.copy()
-        others[np.arange(n), given] = -1.0
         score = (1.0 - (self_conf - others.max(axis=1))) / 2.0
-    return issue, confident, score
+    return issue, suggested, score
+
+
+def _prune_by_noise_rate(probs, given, confident, has, c) -> np.ndarray:
+    n = len(given)
+    joint = np.zeros((c, c))
+    np.add.at(joint, (given[has], confident[has]), 1)
+    label_counts = np.bincount(given, minlength=c)
+    rows = joint.sum(axis=1, keepdims=True)
+    calibrated = np.divide(joint, rows, out=np.zeros_like(joint), where=rows > 0) * label_counts[:, None]
+    q = calibrated / max(calibrated.sum(), 1e-12)
+    issue = np.zeros(n, dtype=bool)
+    for i in range(c):
+        mine = np.nonzero(given == i)[0]
+        for j in range(c):
+            k = int(round(n * q[i, j]))
+            if j == i or k == 0 or len(mine) == 0:
+                continue
+            margin = probs[mine, j] - probs[mine, i]
+            issue[mine[np.argsort(-margin, kind="stable")[:k]]] = True
+    return issue
 
 
 def near_embedding_pairs(emb: np.ndarray, threshold: float, block: int = 2048) -> list[tuple[int, int, float]]:
@@ -182,7 +216,7 @@ def _confidence_and_labels(rows, given, labels, cfg: CurateConfig, flag, suggest
         return
     probs = np.array([rows[i][Col.PROBS] for i in known], dtype=np.float64)
     y = np.array([lookup[given[i][0]] for i in known])
-    issue, confident, score = confident_learning(probs, y, cfg.rank_by)
+    issue, confident, score = confident_learning(probs, y, cfg.rank_by, cfg.method)
     for k, i in enumerate(known):
         if issue[k]:
             suggested[i] = labels[confident[k]]

@@ -31,12 +31,27 @@ from tests.conftest import REPO, picture, save, tree_digest
 LABELS = ["stegosaurus", "triceratops", "velociraptor"]
 
 
-def test_confident_learning_finds_the_planted_label_error():
+@pytest.mark.parametrize("method", ["confident_learning", "prune_by_noise_rate"])
+def test_confident_learning_finds_the_planted_label_error(method):
     probs = np.array([[0.8, 0.1, 0.1]] * 5 + [[0.1, 0.8, 0.1]] * 5 + [[0.05, 0.9, 0.05]])
     given = np.array([0] * 5 + [1] * 5 + [0])  # the last one is labelled 0 but is clearly 1
-    issue, suggested, score = confident_learning(probs, given)
+    issue, suggested, score = confident_learning(probs, given, method=method)
     assert issue.tolist() == [False] * 10 + [True]
     assert suggested[-1] == 1 and score[-1] == pytest.approx(0.95)
+
+
+def test_prune_by_noise_rate_flags_about_as_many_as_the_noise_and_mostly_the_flipped():
+    rng = np.random.default_rng(0)
+    n, c = 300, 3
+    true = rng.integers(0, c, n)
+    probs = rng.dirichlet(np.ones(c), n) * 0.4
+    probs[np.arange(n), true] += 0.6
+    given = true.copy()
+    flipped = rng.choice(n, 30, replace=False)
+    given[flipped] = (true[flipped] + 1) % c
+    pruned, _, _ = confident_learning(probs, given, method="prune_by_noise_rate")
+    assert abs(int(pruned.sum()) - 30) <= 6  # about as many as the labels that were flipped
+    assert len(set(np.nonzero(pruned)[0]) & set(flipped)) >= 24
 
 
 def _planted(tmp_path):
