@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Sequence
 
-from . import __version__
+from . import __version__, faults
 from .config import ClassifyConfig
 from .dedupe import DedupeItem, group_duplicates
 from .device import default_workers, resolve_runtime
 from .infer import WorkItem, predict
+from .lock import exclusive
 from .model import resolve_model
 from .results import ResultsDir
 from .scan import FileEntry, check_folder, sha256_file, walk
@@ -74,6 +75,7 @@ def _fingerprint(entries: Sequence[FileEntry], progress: Progress | None) -> tup
                 shas[entry.path] = sha256_file(entry.abspath)
             except OSError as exc:
                 unreadable[entry.path] = f"cannot read file: {exc.strerror or exc}"
+        faults.point("fingerprint")
         if progress:
             progress("fingerprint", done, len(entries))
     return shas, unreadable
@@ -89,6 +91,12 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
     species = load_species(cfg.species if cfg.species else default_species_csv())
     out = ResultsDir(cfg.out)
     out.ensure()
+    with exclusive(out.path / ".lock", wait=cfg.wait):
+        return _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, progress)
+
+
+def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, progress) -> RunSummary:
+    """The run itself, while this process alone writes to cfg.out."""
     entries = list(walk(cfg.folder))
     log.info("found %d files under %s", len(entries), cfg.folder)
     shas, unreadable = _fingerprint(entries, progress)
@@ -140,6 +148,7 @@ def _infer(cfg, out, model, runtime, todo, run_id, metadata, progress) -> tuple[
         writer.write([{Col.SHA256: r.sha256, **r.facts, **r.prediction} for r in results if r.error is None])
         decode_errors.update({r.sha256: r.error for r in results if r.error is not None})
         changed.update(p for r in results for p in r.changed)
+        faults.point("batch")
         done += len(results)
         if progress:
             progress("infer", done, len(items))
@@ -191,7 +200,7 @@ def _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg
     ordered = sorted(entries, key=lambda e: e.path)
     for lo in range(0, len(ordered), _ROWS_PER_BATCH):
         chunk = ordered[lo:lo + _ROWS_PER_BATCH]
-        own, pred, cols = [], [], {name: [] for name in (Col.RUN_ID, Col.PATH, Col.BYTES, Col.MTIME,
+        own, pred, cols = [], [], {name: [] for name in (Col.RUN_ID, Col.PATH, Col.PATH_BYTES, Col.BYTES, Col.MTIME,
                                                          Col.SHA256, Col.STATUS, Col.ERROR, Col.DUPLICATE_OF,
                                                          Col.DUPLICATE_KIND, Col.DUPLICATE_GROUP)}
         for e in chunk:
@@ -208,7 +217,7 @@ def _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg
                 g = i = None
             own.append(i)
             pred.append(index[shas[g.duplicate_of]] if status == STATUS_DUPLICATE else i)
-            values = (run_id, e.path, e.size, _utc(e.mtime_ns), sha, status, error,
+            values = (run_id, e.path, e.raw, e.size, _utc(e.mtime_ns), sha, status, error,
                       g.duplicate_of if g else None, g.kind if g else None, g.group if g else None)
             for name, value in zip(cols, values):
                 cols[name].append(value)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import click
@@ -14,7 +16,7 @@ import click
 from . import __version__
 from .config import CONFIG_ENV, MODEL_ENV, ClassifyConfig, load_config_file
 from .device import PRECISIONS
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_THRESHOLD, ConfigError, DinobatchError
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_THRESHOLD, ConfigError, DinobatchError, OutputError
 
 __all__ = ["main", "cli"]
 
@@ -23,11 +25,26 @@ log = logging.getLogger("dinobatch")
 _PROGRESS_LOG_EVERY_S = 10.0
 
 
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("dinobatch: %(levelname)s: %(message)s" if verbose
-                                           else "dinobatch: %(message)s"))
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get("dinobatch.log_format") == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("dinobatch: %(levelname)s: %(message)s" if verbose
+                                               else "dinobatch: %(message)s"))
     root = logging.getLogger("dinobatch")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -44,17 +61,28 @@ def _run(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except DinobatchError as exc:
-        click.echo(f"dinobatch: error: {exc}", err=True)
+        _say_error(f"error: {exc}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("dinobatch: interrupted; finished batches are saved and a rerun continues from them",
-                   err=True)
+        _say_error("interrupted; finished batches are saved and a rerun continues from them")
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:  # `dinobatch results DIR | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except Exception:  # a bug: say so plainly, with the traceback, and a distinct exit code
         log.exception("unexpected error (please report it with this traceback)")
         sys.exit(EXIT_FAILED)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _say_error(message: str) -> None:
+    """An error for the operator: a log record in JSON mode (so shippers see it), else plain stderr."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get("dinobatch.log_format") == "json":
+        log.error("%s", message)
+    else:
+        click.echo(f"dinobatch: {message}", err=True)
 
 
 class _Progress:
@@ -117,7 +145,14 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def _log_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    ctx.meta["dinobatch.log_format"] = value
+    return value
+
+
 def _verbosity(f):
+    f = click.option("--log-format", type=click.Choice(["text", "json"]), default="text", expose_value=False,
+                     callback=_log_format, is_eager=True, help="Log lines as text or as JSON objects.")(f)
     f = click.option("-v", "--verbose", is_flag=True, help="Debug logging.")(f)
     return click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress.")(f)
 
@@ -148,9 +183,14 @@ def cli() -> None:
               help="Species facts CSV [default: manifests/species.csv].")
 @click.option("--phash-max", type=click.IntRange(0, 64), default=8, help="Near duplicate: pHash distance.")
 @click.option("--dhash-max", type=click.IntRange(0, 64), default=3, help="Near duplicate: dHash distance.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0,
+              help="Seconds to wait for another run on the same --out before exiting with code 9.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
+@click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
+              help="Also write the run summary to this file (atomically), for monitoring.")
 @_verbosity
-def classify(folder: str, quiet: bool, verbose: bool, as_json: bool, **options: Any) -> None:
+def classify(folder: str, quiet: bool, verbose: bool, as_json: bool, summary_json: str | None,
+             **options: Any) -> None:
     """Classify every image under FOLDER; write one Parquet row per file to --out."""
     _setup_logging(quiet, verbose)
 
@@ -163,6 +203,15 @@ def classify(folder: str, quiet: bool, verbose: bool, as_json: bool, **options: 
             summary = run_classify(cfg, progress)
         finally:
             progress.close()
+        if summary_json:
+            from .results import atomic_path
+
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(summary_json)), exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create the folder of {summary_json}: {exc.strerror or exc}") from exc
+            with atomic_path(summary_json, "write summary") as tmp:
+                tmp.write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
         if as_json:
             click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
         elif not quiet:
@@ -240,6 +289,48 @@ def model_info(model_ref: str, as_json: bool) -> None:
                    f"mean {list(p.mean)}, std {list(p.std)}\ntemperature:    {spec.temperature}\n"
                    f"source:         {json.dumps(spec.source)}")
         click.echo("labels:         " + ", ".join(spec.labels[:20]) + (" ..." if len(spec.labels) > 20 else ""))
+
+    _run(body)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", default=None, help="Only this model (a fingerprint or its first characters).")
+@click.option("-o", "--out", default=None, type=click.Path(dir_okay=False),
+              help="Write the current rows to FILE (.parquet, .csv or .jsonl) instead of printing them.")
+@_verbosity
+def results(folder, model, out, quiet, verbose) -> None:
+    """Print or export the current rows of a classify output folder: one per file and model."""
+    _setup_logging(quiet, verbose)
+
+    def body():
+        from .results import atomic_path, current_rows, write_table
+
+        table = current_rows(folder, model)
+        if out is None:
+            for r in table.select(["path", "status", "label", "confidence", "duplicate_of", "error"]).to_pylist():
+                conf = f"{r['confidence']:.3f}" if r["confidence"] is not None else "-"
+                extra = r["duplicate_of"] or r["error"] or ""
+                click.echo(f"{r['path']}\t{r['status']}\t{r['label'] or '-'}\t{conf}\t{extra}")
+            return
+        suffix = out.rsplit(".", 1)[-1].lower()
+        if suffix == "parquet":
+            write_table(table, out)
+        elif suffix in ("csv", "jsonl"):
+            import pyarrow.csv as pacsv
+
+            with atomic_path(out, "write") as tmp:
+                if suffix == "csv":
+                    flat = table.drop_columns([c for c in table.column_names
+                                               if str(table.schema.field(c).type).startswith(("list", "binary"))])
+                    pacsv.write_csv(flat, tmp)
+                else:
+                    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in table.to_pylist()),
+                                   encoding="utf-8")
+        else:
+            raise ConfigError(f"--out {out}: use a .parquet, .csv or .jsonl file name")
+        if not quiet:
+            click.echo(f"wrote {table.num_rows} current rows to {out}")
 
     _run(body)
 

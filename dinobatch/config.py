@@ -35,6 +35,7 @@ class ClassifyConfig:
     species: str | None = None
     phash_max: int = 8
     dhash_max: int = 3
+    wait: float = 0.0  # seconds to wait for another run on the same --out before giving up
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -155,7 +155,8 @@ def export(predictions: str, to: str, *, min_confidence: float) -> dict[str, int
     for r in table.to_pylist():
         confident = r[Col.STATUS] != "error" and (r[Col.CONFIDENCE] or 0) >= min_confidence
         bucket = r[Col.LABEL].replace("/", "_") if confident else "_review"
-        source, target = Path(folder) / r[Col.PATH], Path(to) / bucket / r[Col.PATH]
+        rel = os.fsdecode(r[Col.PATH_BYTES]) if r.get(Col.PATH_BYTES) else r[Col.PATH]  # the exact name
+        source, target = Path(folder) / rel, Path(to) / bucket / rel
         if not source.is_file():
             log.warning("not copied, no longer there: %s", source)
             continue

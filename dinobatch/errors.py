@@ -12,6 +12,7 @@ __all__ = [
     "EXIT_INPUT",
     "EXIT_OUTPUT",
     "EXIT_THRESHOLD",
+    "EXIT_LOCKED",
     "EXIT_INTERRUPTED",
     "DinobatchError",
     "ConfigError",
@@ -19,6 +20,7 @@ __all__ = [
     "DeviceError",
     "InputError",
     "OutputError",
+    "LockedError",
 ]
 
 EXIT_OK = 0  # the run finished; unreadable images are rows with status "error", not a failure
@@ -30,6 +32,7 @@ EXIT_DEVICE = 5  # the device or precision asked for is not available
 EXIT_INPUT = 6  # the input folder or file is missing or unusable
 EXIT_OUTPUT = 7  # results could not be written (permissions, disk full)
 EXIT_THRESHOLD = 8  # curate --fail-on: a share of flagged images passed its threshold (outputs written)
+EXIT_LOCKED = 9  # another dinobatch run holds the output (the message names it); nothing was done
 EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C / SIGINT); finished batches are kept
 
 
@@ -67,3 +70,9 @@ class OutputError(DinobatchError):
     """Results cannot be written to the output folder."""
 
     exit_code = EXIT_OUTPUT
+
+
+class LockedError(DinobatchError):
+    """Another run holds the output folder (or manifest) this run would write."""
+
+    exit_code = EXIT_LOCKED

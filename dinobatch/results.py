@@ -23,11 +23,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import faults
 from .errors import OutputError
 from .schema import Col, cache_schema
 
 __all__ = ["ResultsDir", "CacheWriter", "atomic_path", "write_table", "read_table", "table_metadata",
-           "latest_run"]
+           "latest_run", "current_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class _Atomic:
     def commit(self) -> Path:
         with open(self.tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        faults.point("write")
         os.replace(self.tmp, self.target)
         _fsync_dir(self.target.parent)
         return self.target
@@ -201,6 +203,7 @@ class ResultsDir:
             with pq.ParquetWriter(tmp, schema) as writer:
                 for batch in batches:
                     writer.write_batch(batch)
+                    faults.point("rows")
         return target
 
     def write_summary(self, run_id: str, summary: dict[str, Any]) -> Path:
@@ -265,3 +268,26 @@ def latest_run(folder: str | os.PathLike) -> tuple[pa.Table, dict[str, Any]]:
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot read {summary_path}: {exc}") from exc
     return read_table(rows_file), summary
+
+
+def current_rows(folder: str | os.PathLike, model: str | None = None) -> pa.Table:
+    """The current rows of an output folder: for each model, its newest run's rows (one per file).
+
+    A run's rows file only appears once complete, so interrupted runs contribute nothing, and a
+    file that changed or vanished since is current only as the newest run saw it. model narrows
+    to fingerprints starting with it."""
+    from .errors import InputError
+    from .schema import read_metadata, row_schema
+
+    folder = Path(folder)
+    newest: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.parquet")):  # run ids sort by start time
+        meta = read_metadata(pq.read_schema(path))
+        fingerprint = str(meta.get("model_fingerprint", ""))
+        if model is None or fingerprint.startswith(model):
+            newest[fingerprint] = path
+    if not newest:
+        raise InputError(f"{folder} holds no classify rows" + (f" for model {model}" if model else ""))
+    schema = row_schema()
+    # read with the current schema: files from older versions get nulls for columns added since
+    return pa.concat_tables([pq.read_table(p, schema=schema) for p in newest.values()])

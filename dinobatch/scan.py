@@ -30,6 +30,7 @@ class FileEntry:
     size: int | None = None
     mtime_ns: int | None = None
     error: str | None = None
+    raw: bytes | None = None  # the relative path's exact bytes, when `path` had to escape them
 
 
 def display_path(raw: str) -> str:
@@ -47,14 +48,16 @@ def _kind(mode: int) -> str:
 
 
 def _entry(root: str, full: str, st: os.stat_result | None, error: str | None) -> FileEntry:
-    rel = display_path(os.path.relpath(full, root)).replace(os.sep, "/")
+    raw_rel = os.path.relpath(full, root)
+    rel = display_path(raw_rel).replace(os.sep, "/")
+    raw = os.fsencode(raw_rel) if rel != raw_rel.replace(os.sep, "/") else None
     if error is None and st is not None and not stat.S_ISREG(st.st_mode):
         error = f"skipped: {_kind(st.st_mode)}, not an image file"
     if error is None and st is not None and st.st_size == 0:
         error = "empty file (0 bytes)"
     if error is None and st is not None and st.st_size > MAX_FILE_BYTES:
         error = f"file too large ({st.st_size} bytes; the limit is {MAX_FILE_BYTES})"
-    return FileEntry(rel, full, st.st_size if st else None, st.st_mtime_ns if st else None, error)
+    return FileEntry(rel, full, st.st_size if st else None, st.st_mtime_ns if st else None, error, raw)
 
 
 def _is_inside(path: str, root_real: str) -> bool:

@@ -26,7 +26,7 @@ __all__ = [
     "read_metadata",
 ]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: path_bytes
 
 STATUS_OK = "ok"
 STATUS_DUPLICATE = "duplicate"
@@ -42,6 +42,7 @@ class Col:
 
     RUN_ID = "run_id"
     PATH = "path"
+    PATH_BYTES = "path_bytes"
     BYTES = "bytes"
     MTIME = "mtime"
     SHA256 = "sha256"
@@ -118,6 +119,7 @@ SPECIES_COLUMNS = tuple(f.name for f in SPECIES_FIELDS)
 _FILE_FIELDS = [
     pa.field(Col.RUN_ID, pa.string(), nullable=False),
     pa.field(Col.PATH, pa.string(), nullable=False),
+    pa.field(Col.PATH_BYTES, pa.binary()),  # the name's exact bytes, when they are not UTF-8 as shown
     pa.field(Col.BYTES, pa.int64()),
     pa.field(Col.MTIME, pa.timestamp("us", tz="UTC")),
     pa.field(Col.SHA256, pa.string()),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
+from . import __version__, faults
 from .augment import augment_image, multiplier
 from .decode import DecodeError, decode
 from .device import default_workers, resolve_runtime
@@ -280,6 +280,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, in
                            "scaler": scaler.state_dict(),
                            "best": best, "metrics": json.dumps(metrics), "config": json.dumps(cfg.to_dict()),
                            "manifest_sha256": manifest.sha256}, ckpt)
+        faults.point("epoch")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < total_epochs:
             return None
     return _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep, start,

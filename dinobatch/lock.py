@@ -1,0 +1,79 @@
+"""One writer at a time per output: an flock()ed lock file that names its holder.
+
+The kernel releases an flock when its process dies, even by SIGKILL, so a lock left behind by a
+killed run is never held: the next run takes it over (and logs whose it was). flock works on local
+file systems; on NFS it depends on the server's lock support.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from .errors import LockedError, OutputError
+
+__all__ = ["exclusive"]
+
+log = logging.getLogger(__name__)
+
+
+def _holder() -> dict[str, object]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "user": getpass.getuser(),
+            "started": datetime.now(timezone.utc).isoformat(), "command": " ".join(sys.argv)}
+
+
+def _describe(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']} (user {h['user']}, since {h['started']}): {h['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "another dinobatch process"
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[None]:
+    """Hold lock_path exclusively for the block; wait up to `wait` seconds, then LockedError."""
+    lock_path = Path(lock_path)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OutputError(f"cannot create lock file {lock_path}: {exc.strerror or exc}") from exc
+    try:
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                    raise LockedError(f"{lock_path.parent} is in use by {_describe(holder)}; "
+                                      f"try again later, or pass --wait SECONDS") from None
+                time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+        left = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if left:
+            log.info("taking over the lock of %s, which ended without releasing it", _describe(left))
+        try:  # who holds it, for the message of a run that finds it held; the flock is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+        except OSError as exc:
+            log.debug("could not record the lock holder: %s", exc)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
