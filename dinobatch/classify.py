@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -85,7 +87,8 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
     """Run the classify job over cfg.folder and write its rows and summary under cfg.out."""
     t0, started = time.monotonic(), datetime.now(timezone.utc)
     run_id = new_run_id(started)
-    check_folder(cfg.folder)
+    # absolute paths in the saved configuration: curate --html and export run from other folders
+    cfg = dataclasses.replace(cfg, folder=check_folder(cfg.folder), out=os.path.abspath(cfg.out))
     runtime = resolve_runtime(cfg.device, cfg.precision)
     model = resolve_model(cfg.model)
     species = load_species(cfg.species if cfg.species else default_species_csv())

@@ -5,6 +5,7 @@ Reasons and their scores (the queue is ordered by the highest score of each imag
     label_error               0.5 + 0.5 * (1 - self-confidence)   confident learning, needs a manifest
     duplicate_split_leak      0.9    duplicates sitting in different splits (needs a manifest)
     duplicate_label_conflict  0.85   duplicates carrying different labels (needs a manifest)
+    unknown_label             0.7    a given label the model does not know (a typo, or a new class)
     unreadable                0.8    the file could not be decoded
     low_confidence            0.5 * (1 - confidence)               below the threshold
     embedding_near_duplicate  0.4 .. 0.6   same scene by embedding, not caught by the hashes
@@ -15,6 +16,7 @@ Reasons and their scores (the queue is ordered by the highest score of each imag
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,8 @@ __all__ = ["REASONS", "CurateConfig", "CurateResult", "curate", "confident_learn
 
 log = logging.getLogger(__name__)
 
-REASONS = ("label_error", "duplicate_split_leak", "duplicate_label_conflict", "unreadable", "low_confidence",
+REASONS = ("label_error", "duplicate_split_leak", "duplicate_label_conflict", "unknown_label", "unreadable",
+           "low_confidence",
            "embedding_near_duplicate", "outlier", "nearly_blank", "tiny", "extreme_aspect")
 
 
@@ -86,7 +89,7 @@ def confident_learning(probs: np.ndarray, given: np.ndarray, rank_by: str = "sel
         mine = given == j
         if mine.any():
             thresholds[j] = probs[mine, j].mean()
-    above = probs >= thresholds[None, :]
+    above = probs >= thresholds[None, :] - 1e-6  # as cleanlab: a mean equal to its members still counts
     confident = np.where(above, probs, -1.0).argmax(axis=1)
     has = above.any(axis=1)
     off_diagonal = has & (confident != given)
@@ -94,6 +97,7 @@ def confident_learning(probs: np.ndarray, given: np.ndarray, rank_by: str = "sel
         issue = off_diagonal
     else:
         issue = _prune_by_noise_rate(probs, given, confident, has, c)
+    issue &= probs.argmax(axis=1) != given  # as cleanlab: never flag an image the model agrees with
     others = probs.copy()
     others[np.arange(n), given] = -1.0
     suggested = np.where(off_diagonal, confident, others.argmax(axis=1))
@@ -140,23 +144,26 @@ def near_embedding_pairs(emb: np.ndarray, threshold: float, block: int = 2048) -
 
 
 def _manifest_index(path: str | None):
-    """sha256 -> [(path, label, split)] of a manifest's usable rows, or None without one."""
+    """sha256 -> [(absolute path, label, split)] of a manifest's usable rows, or None without one."""
     if path is None:
         return None
     from .manifest import load_manifest
 
+    manifest = load_manifest(path)
     index: dict[str, list[tuple[str, str, str]]] = {}
-    for r in load_manifest(path).rows():
-        index.setdefault(r[Col.SHA256], []).append((r[Col.PATH], r[Col.LABEL], r[Col.SPLIT]))
+    for r in manifest.rows():
+        index.setdefault(r[Col.SHA256], []).append((os.path.normpath(manifest.abspath(r)), r[Col.LABEL], r[Col.SPLIT]))
     return index
 
 
-def _given(row: dict[str, Any], index) -> tuple[str | None, str | None]:
-    """The label and split a manifest gives this file (matched by content, preferring the same path)."""
+def _given(row: dict[str, Any], index, folder: str | None) -> tuple[str | None, str | None]:
+    """The label and split a manifest gives this file: matched by content, preferring the entry for
+    the very same file (manifest root/path == classified folder/path)."""
     if index is None or not row[Col.SHA256] or row[Col.SHA256] not in index:
         return None, None
     entries = index[row[Col.SHA256]]
-    same = [e for e in entries if e[0] == row[Col.PATH]]
+    here = os.path.normpath(os.path.join(folder, row[Col.PATH])) if folder else None
+    same = [e for e in entries if e[0] == here]
     _, label, split = (same or entries)[0]
     return label, split
 
@@ -177,7 +184,9 @@ def curate(cfg: CurateConfig) -> CurateResult:
         if score > flags.setdefault(i, {}).get(reason, (-1.0, ""))[0]:
             flags[i][reason] = (float(score), detail)
 
-    given = [_given(r, index) for r in rows]
+    folder = summary.get("config", {}).get("folder")
+    given = [_given(r, index, folder) for r in rows]
+    _manifest_copies(rows, index, flag)
     suggested: dict[int, str] = {}
     _quality(rows, cfg, flag)
     _confidence_and_labels(rows, given, labels, cfg, flag, suggested)
@@ -188,6 +197,19 @@ def curate(cfg: CurateConfig) -> CurateResult:
     breaches = _breaches(cfg, counts, len(rows), len(queue))
     return CurateResult(queue, counts, len(rows), breaches, _confusion(rows, given, labels), groups,
                         summary.get("config", {}).get("folder"))
+
+
+def _manifest_copies(rows, index, flag) -> None:
+    """Copies (same bytes) that the manifest itself lists with different labels or splits."""
+    if index is None:
+        return
+    for i, r in enumerate(rows):
+        entries = index.get(r[Col.SHA256] or "", [])
+        labels, splits = {e[1] for e in entries}, {e[2] for e in entries if e[2]}
+        if len(labels) > 1:
+            flag(i, "duplicate_label_conflict", 0.85, f"the manifest lists copies as {', '.join(sorted(labels))}")
+        if len(splits) > 1:
+            flag(i, "duplicate_split_leak", 0.9, f"the manifest has copies in {', '.join(sorted(splits))}")
 
 
 def _quality(rows, cfg: CurateConfig, flag) -> None:
@@ -211,7 +233,14 @@ def _confidence_and_labels(rows, given, labels, cfg: CurateConfig, flag, suggest
         if conf is not None and conf < cfg.low_confidence:
             flag(i, "low_confidence", 0.5 * (1 - conf), f"confidence {conf:.2f} < {cfg.low_confidence}")
     lookup = {label: k for k, label in enumerate(labels)}
-    known = [i for i in scored if given[i][0] in lookup]
+    unknown = [i for i in scored if given[i][0] and given[i][0] not in lookup]
+    for i in unknown:
+        flag(i, "unknown_label", 0.7, f"labelled {given[i][0]}, a class the model does not have")
+    if unknown:
+        log.warning("%d image(s) carry labels the model does not know (%s); they are left out of the label-error "
+                    "check", len(unknown), ", ".join(sorted({given[i][0] for i in unknown})[:5]))
+    # near duplicates carry their kept file's prediction: judge only images on their own prediction
+    known = [i for i in scored if given[i][0] in lookup and rows[i][Col.DUPLICATE_KIND] != "near"]
     if not known:
         return
     probs = np.array([rows[i][Col.PROBS] for i in known], dtype=np.float64)
@@ -261,15 +290,33 @@ def _embeddings(rows, given, labels, cfg: CurateConfig, flag) -> None:
         flag(idx[b], "embedding_near_duplicate", score, f"looks like {ra[Col.PATH]} (cosine {sim:.3f})")
     x = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
     names = [given[i][0] or rows[i][Col.LABEL] for i in idx]  # the given label, else the predicted one
-    centres = {n: x[[k for k, m in enumerate(names) if m == n]].mean(axis=0) for n in set(names)}
-    c = np.stack([v / max(np.linalg.norm(v), 1e-12) for v in centres.values()])
-    distance = 1.0 - (x @ c.T).max(axis=1)
-    median = np.median(distance)
-    mad = 1.4826 * np.median(np.abs(distance - median)) or 1e-12
-    z = (distance - median) / mad
+    z = _outlier_scores(x, names)
+    if z is None:
+        return
     for k in np.nonzero(z > cfg.outlier_z)[0]:
         flag(idx[k], "outlier", 0.3 + 0.2 * min(1.0, (z[k] - cfg.outlier_z) / 10),
              f"far from every class centre (robust z {z[k]:.1f})")
+
+
+def _outlier_scores(x: np.ndarray, names: list[str], min_class: int = 3):
+    """Robust z-score of each image's cosine distance to the nearest class centre. An image's own
+    class centre leaves the image out; classes of fewer than min_class images have no centre."""
+    classes = [n for n in sorted(set(names)) if names.count(n) >= min_class]
+    if not classes:
+        return None
+    member = np.array([[m == n for n in classes] for m in names])  # (images, classes)
+    sums = member.T.astype(np.float64) @ x
+    counts = member.sum(axis=0)
+    centres = sums / counts[:, None]
+    sims = x @ (centres / np.clip(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12, None)).T
+    for k in range(len(classes)):  # an image's own class: the centre of the others
+        rows = np.nonzero(member[:, k])[0]
+        loo = (sums[k][None, :] - x[rows]) / (counts[k] - 1)
+        sims[rows, k] = (x[rows] * loo).sum(axis=1) / np.clip(np.linalg.norm(loo, axis=1), 1e-12, None)
+    distance = 1.0 - sims.max(axis=1)
+    median = np.median(distance)
+    mad = max(1.4826 * float(np.median(np.abs(distance - median))), 0.01)  # floor: tight clusters
+    return (distance - median) / mad
 
 
 def _queue(rows, given, flags, suggested) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .results import atomic_path
+from .scan import sha256_file
 from .schema import Col
 
 __all__ = ["ACTIONS", "Change", "read_decisions", "relabel", "export"]
@@ -47,7 +48,7 @@ def read_decisions(path: str | os.PathLike) -> list[dict[str, str]]:
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(sorted(missing))}; the header must be "
                          f"path,action[,label][,note]")
-    rows, seen = [], {}
+    rows = []
     for line, r in enumerate(reader, 2):
         p, action = (r.get("path") or "").strip(), (r.get("action") or "").strip().lower()
         label = (r.get("label") or "").strip()
@@ -57,20 +58,16 @@ def read_decisions(path: str | os.PathLike) -> list[dict[str, str]]:
             raise InputError(f"{path}, line {line}: relabel needs a label")
         if not p:
             raise InputError(f"{path}, line {line}: empty path")
-        if p in seen:
-            raise InputError(f"{path}, line {line}: {p} was already decided on line {seen[p]}")
-        seen[p] = line
         rows.append({"line": line, "path": p, "action": action, "label": label, "note": (r.get("note") or "").strip()})
     return rows
 
 
-def _normalise(path: str, root: Path, line: int, source: str) -> str:
-    """The manifest-relative form of a decision's path; refuses paths that leave the dataset root."""
-    full = (root / path).resolve() if not os.path.isabs(path) else Path(path).resolve()
-    try:
-        return full.relative_to(root.resolve()).as_posix()
-    except ValueError:
-        raise InputError(f"{source}, line {line}: {path} is outside the dataset root {root}") from None
+def _normalise(path: str, root: Path) -> str | None:
+    """The root-relative, normalised spelling of a path (links are not followed: a decision is about
+    the manifest's row, not about where a link points), or None when it leaves the root."""
+    full = os.path.normpath(path if os.path.isabs(path) else os.path.join(root, path))
+    rel = os.path.relpath(full, os.path.normpath(root))
+    return None if rel == ".." or rel.startswith(".." + os.sep) else Path(rel).as_posix()
 
 
 def relabel(decisions_path: str, manifest_path: str, *, out: str | None = None, dry_run: bool = False,
@@ -82,16 +79,27 @@ def relabel(decisions_path: str, manifest_path: str, *, out: str | None = None, 
 
     manifest = load_manifest(manifest_path)
     decisions = read_decisions(decisions_path)
+    user = user or getpass.getuser()  # before anything is written: a failure here writes nothing
     rows = manifest.table.to_pylist()
-    by_path = {r[Col.PATH]: r for r in rows}
-    changes = []
+    by_path = {_normalise(r[Col.PATH], manifest.root): r for r in rows}
+    changes, decided = [], {}
     for d in decisions:
-        rel = _normalise(d["path"], manifest.root, d["line"], decisions_path)
-        row = by_path.get(rel)
-        if row is None:
-            raise InputError(f"{decisions_path}, line {d['line']}: {d['path']} is not in the manifest {manifest_path}")
+        rel = _normalise(d["path"], manifest.root)
+        where = f"{decisions_path}, line {d['line']}"
+        if rel is None:
+            raise InputError(f"{where}: {d['path']} is outside the dataset root {manifest.root}")
+        if rel not in by_path:
+            raise InputError(f"{where}: {d['path']} is not in the manifest {manifest_path}")
+        if rel in decided:
+            raise InputError(f"{where}: {d['path']} was already decided on line {decided[rel]}")
+        decided[rel] = d["line"]
         new = d["label"] if d["action"] == "relabel" else None
-        changes.append(Change(rel, d["action"], row[Col.LABEL], new, d["note"]))
+        changes.append(Change(rel, d["action"], by_path[rel][Col.LABEL], new, d["note"]))
+    target = Path(out) if out else _next_version(Path(manifest_path))
+    if target.suffix.lower() == ".csv":
+        target = target.with_suffix(".parquet")
+    if target.exists():
+        raise InputError(f"{target} exists; a new manifest version never replaces a file")
     if dry_run:
         return changes, None
     for c in changes:
@@ -102,12 +110,14 @@ def relabel(decisions_path: str, manifest_path: str, *, out: str | None = None, 
             row[Col.STATUS], row[Col.SPLIT] = STATUS_REMOVED, None
     import pyarrow as pa
 
-    target = Path(out) if out else _next_version(Path(manifest_path))
-    if target.suffix.lower() == ".csv":
-        target = target.with_suffix(".parquet")
     table = pa.Table.from_pylist(rows, schema=manifest.table.schema)
     write_manifest(table, target, manifest.root)
-    _append_audit(Path(manifest_path), target, changes, user or getpass.getuser())
+    try:
+        _append_audit(Path(manifest_path), target, changes, user)
+    except OSError as exc:  # no version without its audit lines
+        target.unlink(missing_ok=True)
+        raise InputError(f"cannot append to the audit log beside {manifest_path}: {exc.strerror or exc}; "
+                         f"nothing was changed") from exc
     return changes, target
 
 
@@ -126,7 +136,8 @@ def _next_version(path: Path) -> Path:
 
 def _append_audit(manifest: Path, new: Path, changes: list[Change], user: str) -> Path:
     """Append one line per change to <manifest stem>.audit.csv beside the manifest."""
-    stem = manifest.stem.rpartition(".v")[0] if ".v" in manifest.stem else manifest.stem
+    base, _, number = manifest.stem.rpartition(".v")
+    stem = base if base and number.isdigit() else manifest.stem
     log_path = manifest.parent / f"{stem}.audit.csv"
     now = datetime.now(timezone.utc).isoformat()
     new_file = not log_path.exists()
@@ -154,14 +165,26 @@ def export(predictions: str, to: str, *, min_confidence: float) -> dict[str, int
     counts: dict[str, int] = {}
     for r in table.to_pylist():
         confident = r[Col.STATUS] != "error" and (r[Col.CONFIDENCE] or 0) >= min_confidence
-        bucket = r[Col.LABEL].replace("/", "_") if confident else "_review"
+        bucket = _bucket(r[Col.LABEL]) if confident else "_review"
         rel = os.fsdecode(r[Col.PATH_BYTES]) if r.get(Col.PATH_BYTES) else r[Col.PATH]  # the exact name
         source, target = Path(folder) / rel, Path(to) / bucket / rel
         if not source.is_file():
             log.warning("not copied, no longer there: %s", source)
+            continue
+        if target.exists():  # never overwrite: the same bytes are already there, or something else is
+            same = target.is_file() and sha256_file(str(target)) == sha256_file(str(source))
+            if not same:
+                log.warning("not copied: %s exists with other content", target)
+                counts["_skipped"] = counts.get("_skipped", 0) + 1
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target, "copy to") as tmp:
             shutil.copy2(source, tmp)
         counts[bucket] = counts.get(bucket, 0) + 1
     return counts
+
+
+def _bucket(label: str) -> str:
+    """A label as a folder name that stays inside TO and never merges with _review."""
+    name = label.replace("/", "_").replace(os.sep, "_")
+    return f"label_{name}" if name in ("", ".", "..", "_review") else name

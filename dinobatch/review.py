@@ -86,8 +86,8 @@ def _page(result, summary: dict[str, Any], out: Path) -> Path:
     data = {"queue": [{**q, "thumb": srcs.get(q["sha256"] or "")} for q in result.queue],
             "groups": [[{**m, "thumb": srcs.get(m["sha256"] or "")} for m in g] for g in result.groups],
             "summary": summary, "confusion": result.confusion}
-    payload = json.dumps(data).replace("</", "<\\/")  # no '</script>' can end the data block early
-    page = _TEMPLATE.replace("__DATA__", payload).replace("__TITLE__", html.escape(f"dinobatch review: {out}"))
+    payload = json.dumps(data).replace("<", "\\u003c")  # no '</script>' or '<!--' can reach the HTML parser
+    page = _TEMPLATE.replace("__TITLE__", html.escape(f"dinobatch review: {out}")).replace("__DATA__", payload)
     with atomic_path(out / "review.html") as tmp:
         tmp.write_text(page, encoding="utf-8")
     return out / "review.html"
@@ -140,7 +140,7 @@ function card(q) {
   return `<div class="card">${img(q.thumb, q.path)}<div><b>${esc(q.path)}</b></div>` +
     `<div>given: <b>${esc(q.given_label ?? '-')}</b></div><div>suggested: <b>${esc(q.suggested_label ?? '-')}</b></div>` +
     `<div>score ${Number(q.score).toFixed(2)}</div>` + q.reasons.map(r => `<span class="reason">${esc(r)}</span>`).join('') +
-    `<div title="${esc(q.details)}">${esc(q.details).slice(0, 160)}</div></div>`;
+    `<div title="${esc(q.details)}">${esc(String(q.details ?? '').slice(0, 160))}</div></div>`;
 }
 function render(reset) {
   const g = document.getElementById('gallery');

@@ -41,13 +41,18 @@ def reference_embeddings(manifest_path: str, model, runtime, *, cache_dir: Path,
 
     from .manifest import load_manifest
 
+    import hashlib
+    import json
+
     manifest = load_manifest(manifest_path)
-    cache = cache_dir / f"{manifest.sha256[:16]}-{model.fingerprint[:16]}.parquet"
+    rows = manifest.rows()
+    # keyed by what the embeddings depend on: every image's content and label, and the model
+    content = hashlib.sha256(json.dumps(sorted((r[Col.PATH], r[Col.SHA256], r[Col.LABEL]) for r in rows)).encode())
+    cache = cache_dir / f"{content.hexdigest()[:16]}-{model.fingerprint[:16]}.parquet"
     if cache.is_file():
         table = read_table(cache).to_pylist()
         log.info("reference embeddings from cache %s", cache)
     else:
-        rows = manifest.rows()
         paths: dict[str, list[str]] = {}
         for r in rows:
             paths.setdefault(r[Col.SHA256], []).append(manifest.abspath(r))
@@ -89,6 +94,7 @@ def similar(images: Sequence[str], model_ref: str, reference: str, *, top_k: int
                      batch_size, workers)
     names = sorted(set(labels))
     members = {n: np.array([k for k, m in enumerate(labels) if m == n]) for n in names}
+    per_species = min(_PER_SPECIES, min(len(v) for v in members.values()))  # the same k for every species
     out = []
     for image in images:
         r = results.get(shas[image]) if shas[image] else None
@@ -97,7 +103,7 @@ def similar(images: Sequence[str], model_ref: str, reference: str, *, top_k: int
             continue
         q = np.asarray(r.prediction[Col.EMBEDDING], dtype=np.float32)
         sims = ref @ (q / max(float(np.linalg.norm(q)), 1e-12))
-        scores = {n: float(np.sort(sims[idx])[-_PER_SPECIES:].mean()) for n, idx in members.items()}
+        scores = {n: float(np.sort(sims[idx])[-per_species:].mean()) for n, idx in members.items()}
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])[:top_k]
         nearest = np.argsort(-sims)[:neighbours]
         out.append({"image": image, "error": None,

@@ -270,3 +270,92 @@ def test_classify_curate_html_export_and_similar_end_to_end(tmp_path, inbox, tin
     assert len(list(cache.glob("*.parquet"))) == 1
     second = json.loads(runner.invoke(cli, args, catch_exceptions=False).stdout)
     assert second == first  # served from the cache, same answer
+
+
+def test_a_hostile_file_name_cannot_break_the_review_page(tmp_path):
+    predictions, manifest = _planted(tmp_path)
+    hostile = "<!--<script>x.png"  # opens the HTML parser's double-escaped state inside a script
+    folder = tmp_path / "photos"
+    (folder / "tiny.png").rename(folder / hostile)  # flagged as tiny even without a manifest
+    import pyarrow.parquet as pq2
+
+    rows_file = next(predictions.glob("*.parquet"))
+    table = pq2.read_table(rows_file)
+    paths = [hostile if p == "tiny.png" else p for p in table["path"].to_pylist()]
+    pq2.write_table(table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths)), rows_file)
+    result = curate(CurateConfig(predictions=str(predictions), out=str(tmp_path / "q")))
+    page = write_outputs(result, tmp_path / "q", html_page=True)["review.html"]
+    assert "<!--<script>" not in page.read_text()
+    if _chromium():
+        dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", f"--user-data-dir={tmp_path / 'p'}",
+                              "--virtual-time-budget=3000", "--dump-dom", page.as_uri()],
+                             capture_output=True, text=True, timeout=120).stdout
+        assert dom.count('<div class="card"><') == len(result.queue) and "&lt;!--&lt;script&gt;" in dom
+
+
+def test_manifest_paths_that_differ_from_the_classified_folder_still_match_and_copies_conflict(tmp_path):
+    predictions, manifest = _planted(tmp_path)
+    lines = manifest.read_text().splitlines()
+    absolute = [lines[0]] + [f"{manifest.parent / line.split(',', 1)[0]},{line.split(',', 1)[1]}" for line in lines[1:]]
+    absolute.append(f"{manifest.parent / 'tiny.png'},velociraptor,test")  # the same file listed twice
+    elsewhere = tmp_path / "labels-elsewhere.csv"
+    elsewhere.write_text("\n".join(absolute) + "\n")
+    result = curate(CurateConfig(predictions=str(predictions), out=str(tmp_path / "q"), manifest=str(elsewhere)))
+    flagged = {q["path"]: q["reasons"] for q in result.queue}
+    assert "duplicate_split_leak" in flagged["leak_b.png"] and "label_error" in flagged["mislabelled.png"]
+    assert {"duplicate_label_conflict", "duplicate_split_leak"} <= set(flagged["tiny.png"])
+
+
+def test_labels_the_model_does_not_know_are_reported(tmp_path):
+    predictions, manifest = _planted(tmp_path)
+    manifest.write_text(manifest.read_text().replace("unsure.png,velociraptor", "unsure.png,Velociraptor"))
+    result = curate(CurateConfig(predictions=str(predictions), out=str(tmp_path / "q"), manifest=str(manifest)))
+    assert [q["path"] for q in result.queue if "unknown_label" in q["reasons"]] == ["unsure.png"]
+
+
+def test_agrees_with_cleanlab_on_the_same_probabilities():
+    filt = pytest.importorskip("cleanlab.filter", reason="cleanlab is only in the bench extra")
+    rng = np.random.default_rng(3)
+    n, c = 400, 4
+    true = rng.integers(0, c, n)
+    probs = rng.dirichlet(np.ones(c) * 0.7, n) * 0.5
+    probs[np.arange(n), true] += 0.5
+    given = true.copy()
+    flipped = rng.choice(n, 40, replace=False)
+    given[flipped] = (true[flipped] + rng.integers(1, c, 40)) % c
+    for method in ("confident_learning", "prune_by_noise_rate"):
+        ours = set(np.nonzero(confident_learning(probs, given, method=method)[0])[0])
+        theirs = set(np.nonzero(filt.find_label_issues(given, probs, filter_by=method))[0])
+        assert len(ours ^ theirs) <= 0.1 * max(len(theirs), 1), (method, len(ours), len(theirs))
+
+
+def test_relabel_takes_rows_not_link_targets_and_normalises_spellings(tmp_path):
+    import os
+
+    root = tmp_path / "data"
+    save(picture(1), root / "triceratops" / "a.png")
+    save(picture(2), root / "stegosaurus" / "b.png")
+    os.symlink(root / "triceratops" / "a.png", root / "stegosaurus" / "alias.png")
+    write_manifest(build_manifest(root, seed=0), tmp_path / "m.parquet", root)
+    (tmp_path / "d.csv").write_text("path,action,label\nstegosaurus/alias.png,relabel,velociraptor\n")
+    _, new = relabel(str(tmp_path / "d.csv"), str(tmp_path / "m.parquet"), user="t")
+    rows = {r["path"]: r["label"] for r in load_manifest(new).table.to_pylist()}
+    assert rows["stegosaurus/alias.png"] == "velociraptor" and rows["triceratops/a.png"] == "triceratops"
+    (tmp_path / "d2.csv").write_text("path,action\nstegosaurus/b.png,keep\n./stegosaurus/b.png,remove\n")
+    with pytest.raises(InputError, match="already decided on line 2"):
+        relabel(str(tmp_path / "d2.csv"), str(tmp_path / "m.parquet"), user="t")
+
+
+def test_export_never_overwrites_and_a_rerun_copies_nothing_twice(tmp_path, inbox, tiny_model):
+    from dinobatch.decisions import export
+
+    classify(ClassifyConfig(folder=str(inbox["a.jpg"].parent), out=str(tmp_path / "res"), model=str(tiny_model),
+                            workers=0))
+    first = export(str(tmp_path / "res"), str(tmp_path / "to"), min_confidence=0.0)
+    assert sum(first.values()) == 15
+    assert export(str(tmp_path / "res"), str(tmp_path / "to"), min_confidence=0.0) == {}
+    mine = next(p for p in (tmp_path / "to").rglob("b.png"))
+    mine.write_bytes(b"the user's own file")
+    again = export(str(tmp_path / "res"), str(tmp_path / "to"), min_confidence=0.0)
+    assert again == {"_skipped": 1} and mine.read_bytes() == b"the user's own file"
