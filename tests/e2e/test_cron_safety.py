@@ -249,3 +249,24 @@ def test_json_logs_and_summary_file_for_monitoring(tmp_path, folder, tiny_model)
     assert lines and all({"time", "level", "message"} <= set(x) for x in lines)
     summary = json.loads((tmp_path / "status" / "last.json").read_text())
     assert summary["counts"] == {"ok": 9, "duplicate": 1, "error": 1} and summary["files"] == 11
+
+
+def test_a_sweep_killed_mid_trial_resumes_without_redoing_finished_trials(tmp_path):
+    from dinobatch.manifest import build_manifest, write_manifest
+
+    data = tmp_path / "data"
+    for k, label in enumerate(("a", "b")):
+        for i in range(6):
+            save(picture(30 * k + i, (64, 48)), data / label / f"{i}.png")
+    write_manifest(build_manifest(data, fractions=(0.5, 0.25, 0.25)), tmp_path / "m.parquet", data)
+    args = ["sweep", tmp_path / "m.parquet", "-o", tmp_path / "sweep", "--lr", "0.05,0.01", "--augment-level", "0",
+            "--epochs", "2", "--final-epochs", "0", "--arch", "resnet18", "--pretrained", "none", "--image-size", "32",
+            "--batch-size", "4", "-j", "0", "-q"]
+    killed = run_cli(*args, crash_at="epoch:3")  # trial 1 has finished, trial 2 is one epoch in
+    assert killed.returncode == -signal.SIGKILL
+    first = pq.read_table(tmp_path / "sweep" / "trials.parquet").to_pylist()
+    assert [r["status"] for r in first] == ["ok"]
+    assert run_cli(*args).returncode == 0
+    rows = pq.read_table(tmp_path / "sweep" / "trials.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["trial"] == first[0]["trial"] and rows[0]["seconds"] == first[0]["seconds"]  # not redone
