@@ -220,17 +220,23 @@ def test_curate_leaves_the_input_tree_byte_identical(tmp_path, folder, tiny_mode
     assert tree_digest(folder) == before
 
 
-def test_training_killed_after_an_epoch_resumes_to_the_same_model(tmp_path):
-    import torch
-
+def _two_class_manifest(tmp_path: Path, seed: int) -> Path:
+    """tmp_path/m.parquet over two labels of six small generated pictures each."""
     from dinobatch.manifest import build_manifest, write_manifest
-    from dinobatch.model import load_model
 
     data = tmp_path / "data"
     for k, label in enumerate(("a", "b")):
         for i in range(6):
-            save(picture(20 * k + i, (64, 48)), data / label / f"{i}.png")
-    write_manifest(build_manifest(data, fractions=(0.5, 0.25, 0.25)), tmp_path / "m.parquet", data)
+            save(picture(seed * (k + 1) + i, (64, 48)), data / label / f"{i}.png")
+    return write_manifest(build_manifest(data, fractions=(0.5, 0.25, 0.25)), tmp_path / "m.parquet", data)
+
+
+def test_training_killed_after_an_epoch_resumes_to_the_same_model(tmp_path):
+    import torch
+
+    from dinobatch.model import load_model
+
+    _two_class_manifest(tmp_path, seed=20)
     args = ["train", tmp_path / "m.parquet", "--arch", "resnet18", "--pretrained", "none", "--epochs", "2",
             "--final-epochs", "1", "--image-size", "32", "-b", "4", "-j", "0", "--augment-level", "2", "-q"]
     assert run_cli(*args, "-o", tmp_path / "whole.pt").returncode == 0
@@ -252,13 +258,7 @@ def test_json_logs_and_summary_file_for_monitoring(tmp_path, folder, tiny_model)
 
 
 def test_a_sweep_killed_mid_trial_resumes_without_redoing_finished_trials(tmp_path):
-    from dinobatch.manifest import build_manifest, write_manifest
-
-    data = tmp_path / "data"
-    for k, label in enumerate(("a", "b")):
-        for i in range(6):
-            save(picture(30 * k + i, (64, 48)), data / label / f"{i}.png")
-    write_manifest(build_manifest(data, fractions=(0.5, 0.25, 0.25)), tmp_path / "m.parquet", data)
+    _two_class_manifest(tmp_path, seed=30)
     args = ["sweep", tmp_path / "m.parquet", "-o", tmp_path / "sweep", "--lr", "0.05,0.01", "--augment-level", "0",
             "--epochs", "2", "--final-epochs", "0", "--arch", "resnet18", "--pretrained", "none", "--image-size", "32",
             "--batch-size", "4", "-j", "0", "-q"]
