@@ -48,7 +48,6 @@ def main() -> None:
     from dinobatch.config import ClassifyConfig
     from dinobatch.curate import CurateConfig, curate
     from dinobatch.results import latest_run
-    from dinobatch.scan import walk
     from dinobatch.schema import read_metadata
 
     folder = Path(args.folder)

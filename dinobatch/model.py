@@ -139,8 +139,6 @@ def torch_save_atomic(obj: Any, path: str | Path) -> None:
 
 def save_model(path: str | Path, spec: ModelSpec, state_dict: dict) -> str:
     """Write a model file atomically (temporary name, then rename); return its fingerprint."""
-    import torch
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_json(),

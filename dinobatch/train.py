@@ -250,28 +250,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, in
         log.info("resuming %s after epoch %d", cfg.out, first)
     total_epochs = cfg.epochs + cfg.final_epochs
     for epoch in range(first, total_epochs):
-        t0 = time.monotonic()
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr_at(epoch)
-        train_set.epoch = epoch
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        module.train()
-        if cfg.freeze_backbone:  # keep the backbone's batch-norm statistics as they were
-            for name, m in module.named_modules():
-                if name and not name.startswith("fc"):
-                    m.eval()
-        stage = f"epoch {epoch + 1}/{total_epochs}"
-        tr_loss, tr_acc, _, _ = _run_epoch(module, _loader(train_set, cfg, runtime, order.tolist(), True), runtime, prep,
-                                           optimizer, scaler, progress, stage)
-        module.eval()
-        val = _evaluate(module, val_set, cfg, runtime, prep, labels)
-        row = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "train_loss": tr_loss, "train_acc": tr_acc,
-               "val_loss": val.get("loss"), "val_top1": val.get("top1"), "val_top3": val.get("top3"),
-               "val_macro_f1": val.get("macro_f1"), "seconds": round(time.monotonic() - t0, 2)}
+        row = _train_one_epoch(cfg, epoch, module, optimizer, scaler, train_set, val_set, runtime, prep, labels,
+                               progress)
         metrics.append(row)
-        log.info("%s: train loss %.4f acc %.3f | val loss %s top-1 %s top-3 %s", stage, tr_loss, tr_acc,
-                 _fmt(row["val_loss"]), _fmt(row["val_top1"]), _fmt(row["val_top3"]))
-        score = row["val_loss"] if row["val_loss"] is not None else tr_loss
+        score = row["val_loss"] if row["val_loss"] is not None else row["train_loss"]
         if score < best["val_loss"]:
             best = {"epoch": epoch + 1, "val_loss": score,
                     "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}
@@ -285,6 +267,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, in
             return None
     return _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep, start,
                    {"train": len(train_rows), "val": len(val_rows)})
+
+
+def _train_one_epoch(cfg, epoch, module, optimizer, scaler, train_set, val_set, runtime, prep, labels,
+                     progress) -> dict[str, Any]:
+    """One epoch of training at its learning rate, then validation; returns the epoch's metrics row."""
+    import torch
+
+    t0 = time.monotonic()
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr_at(epoch)
+    train_set.epoch = epoch
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    module.train()
+    if cfg.freeze_backbone:  # keep the backbone's batch-norm statistics as they were
+        for name, m in module.named_modules():
+            if name and not name.startswith("fc"):
+                m.eval()
+    stage = f"epoch {epoch + 1}/{cfg.epochs + cfg.final_epochs}"
+    loader = _loader(train_set, cfg, runtime, order.tolist(), True)
+    tr_loss, tr_acc, _, _ = _run_epoch(module, loader, runtime, prep, optimizer, scaler, progress, stage)
+    module.eval()
+    val = _evaluate(module, val_set, cfg, runtime, prep, labels)
+    row = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "train_loss": tr_loss, "train_acc": tr_acc,
+           "val_loss": val.get("loss"), "val_top1": val.get("top1"), "val_top3": val.get("top3"),
+           "val_macro_f1": val.get("macro_f1"), "seconds": round(time.monotonic() - t0, 2)}
+    log.info("%s: train loss %.4f acc %.3f | val loss %s top-1 %s top-3 %s", stage, tr_loss, tr_acc,
+             _fmt(row["val_loss"]), _fmt(row["val_top1"]), _fmt(row["val_top3"]))
+    return row
 
 
 def _fmt(x: float | None) -> str:

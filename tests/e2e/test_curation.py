@@ -60,7 +60,6 @@ def _planted(tmp_path):
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(3, 32))
     rows, manifest_lines = [], ["path,label,split"]
-    planted = {}
 
     def add(name, label, split, probs, *, emb=None, group=None, dup_of=None, size=(160, 120), dhash=None,
             status="ok", error=None, seed=None):

@@ -17,7 +17,6 @@ from dinobatch.augment import LEVELS, materialize, multiplier
 from dinobatch.cli import cli
 from dinobatch.evaluate import evaluate
 from dinobatch.manifest import assign_splits, build_manifest, load_manifest, write_manifest
-from dinobatch.metrics import report
 from dinobatch.model import load_model
 from dinobatch.sweep import sweep
 from dinobatch.train import TrainConfig, checkpoint_path, metrics_path, train
