@@ -1,13 +1,16 @@
-"""One writer at a time per output: an flock()ed lock file that names its holder.
+"""One writer at a time per output: a lock file, locked with fcntl (POSIX) locks, naming its holder.
 
-The kernel releases an flock when its process dies, even by SIGKILL, so a lock left behind by a
-killed run is never held: the next run takes it over (and logs whose it was). flock works on local
-file systems; on NFS it depends on the server's lock support.
+The kernel releases a process's POSIX locks when it dies, even by SIGKILL, so a lock left behind by
+a killed run is never held: the next run takes it over (and logs whose it was). POSIX locks, unlike
+flock, belong to the process and are not inherited by forked children, so a DataLoader worker that
+outlives a killed parent for a moment cannot keep the output locked. On NFS they go through the
+server's lock manager.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import getpass
 import json
@@ -53,9 +56,11 @@ def exclusive(lock_path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[No
         deadline = time.monotonic() + max(wait, 0.0)
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise OutputError(f"cannot lock {lock_path}: {exc.strerror or exc}") from exc
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
                     raise LockedError(f"{lock_path.parent} is in use by {_describe(holder)}; "
@@ -64,7 +69,7 @@ def exclusive(lock_path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[No
         left = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
         if left:
             log.info("taking over the lock of %s, which ended without releasing it", _describe(left))
-        try:  # who holds it, for the message of a run that finds it held; the flock is the lock
+        try:  # who holds it, for the message of a run that finds it held; the fcntl lock is the lock
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(_holder()).encode(), 0)
         except OSError as exc:
@@ -74,6 +79,6 @@ def exclusive(lock_path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[No
         finally:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
