@@ -269,3 +269,19 @@ def test_a_sweep_killed_mid_trial_resumes_without_redoing_finished_trials(tmp_pa
     rows = pq.read_table(tmp_path / "sweep" / "trials.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[0]["trial"] == first[0]["trial"] and rows[0]["seconds"] == first[0]["seconds"]  # not redone
+
+
+def test_a_forked_child_of_a_killed_run_does_not_keep_the_output_locked(tmp_path):
+    lock = tmp_path / "out" / ".lock"
+    code = ("import os, signal, sys, time\nsys.path.insert(0, sys.argv[1])\nfrom dinobatch.lock import exclusive\n"
+            "with exclusive(sys.argv[2]):\n    pid = os.fork()\n    if pid == 0:\n        time.sleep(30)\n"
+            "        os._exit(0)\n    print(pid, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(lock)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.wait()
+    try:
+        os.kill(child, 0)  # the child (think: a DataLoader worker) is still alive...
+        with exclusive(lock):  # ...and the lock is free all the same
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
