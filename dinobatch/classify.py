@@ -8,7 +8,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Sequence
 
 from . import __version__, faults
@@ -85,8 +85,7 @@ def _fingerprint(entries: Sequence[FileEntry], progress: Progress | None) -> tup
 
 def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummary:
     """Run the classify job over cfg.folder and write its rows and summary under cfg.out."""
-    t0, started = time.monotonic(), datetime.now(timezone.utc)
-    run_id = new_run_id(started)
+    t0 = time.monotonic()
     # absolute paths in the saved configuration: curate --html and export run from other folders
     cfg = dataclasses.replace(cfg, folder=check_folder(cfg.folder), out=os.path.abspath(cfg.out))
     runtime = resolve_runtime(cfg.device, cfg.precision)
@@ -95,12 +94,16 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
     out = ResultsDir(cfg.out)
     out.ensure()
     with exclusive(out.path / ".lock", wait=cfg.wait):
-        return _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, progress)
+        # the run id is taken under the lock and after every earlier run's, so 'newest run' is the
+        # run that scanned last, even after a --wait or a clock stepped back
+        started = max(datetime.now(timezone.utc), out.newest_run_time() + timedelta(microseconds=1))
+        out.remove_leftovers()
+        return _classify_locked(cfg, out, new_run_id(started), t0, started, runtime, model, species, progress)
 
 
 def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, progress) -> RunSummary:
     """The run itself, while this process alone writes to cfg.out."""
-    entries = list(walk(cfg.folder))
+    entries = list(walk(cfg.folder, exclude=cfg.out))  # an --out inside the folder is not input
     log.info("found %d files under %s", len(entries), cfg.folder)
     shas, unreadable = _fingerprint(entries, progress)
 
@@ -113,8 +116,8 @@ def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, pro
     reused = len(set(shas.values()) & cached)
     log.info("%d unique contents to infer, %d already have predictions from this model", len(todo), reused)
 
-    metadata = schema_metadata(version=__version__, model_name=model.name,
-                               model_fingerprint=model.fingerprint, labels=list(model.spec.labels))
+    metadata = schema_metadata(version=__version__, model_name=model.name, model_fingerprint=model.fingerprint,
+                               labels=list(model.spec.labels), folder=cfg.folder)
     decode_errors, changed, infer_seconds = _infer(cfg, out, model, runtime, todo, run_id, metadata, progress)
     by_abspath = {e.abspath: e.path for e in entries}
     unreadable.update({by_abspath[p]: "file changed while dinobatch was reading it; the next run classifies it"

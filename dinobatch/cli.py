@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -45,8 +46,11 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     else:
         handler.setFormatter(logging.Formatter("dinobatch: %(levelname)s: %(message)s" if verbose
                                                else "dinobatch: %(message)s"))
+    logging.captureWarnings(True)  # library warnings become log records (JSON ones with --log-format json)
+    for name in ("dinobatch", "py.warnings"):
+        logging.getLogger(name).handlers[:] = [handler]
+        logging.getLogger(name).propagate = False
     root = logging.getLogger("dinobatch")
-    root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
 
@@ -139,7 +143,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
                 except click.BadParameter as exc:
                     raise ConfigError(f"{value}: [{ctx.command.name}] {key} = {raw!r}: {exc.message}") from exc
         except DinobatchError as exc:
-            click.echo(f"dinobatch: error: {exc}", err=True)
+            _say_error(f"error: {exc}")
             ctx.exit(exc.exit_code)
         ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
@@ -325,7 +329,10 @@ def results(folder, model, out, quiet, verbose) -> None:
                                                if str(table.schema.field(c).type).startswith(("list", "binary"))])
                     pacsv.write_csv(flat, tmp)
                 else:
-                    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in table.to_pylist()),
+                    def plain(value):  # path_bytes as base64, so names that are not UTF-8 survive
+                        return base64.b64encode(value).decode() if isinstance(value, bytes) else str(value)
+
+                    tmp.write_text("".join(json.dumps(r, default=plain) + "\n" for r in table.to_pylist()),
                                    encoding="utf-8")
         else:
             raise ConfigError(f"--out {out}: use a .parquet, .csv or .jsonl file name")

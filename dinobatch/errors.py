@@ -32,7 +32,7 @@ EXIT_DEVICE = 5  # the device or precision asked for is not available
 EXIT_INPUT = 6  # the input folder or file is missing or unusable
 EXIT_OUTPUT = 7  # results could not be written (permissions, disk full)
 EXIT_THRESHOLD = 8  # curate --fail-on: a share of flagged images passed its threshold (outputs written)
-EXIT_LOCKED = 9  # another dinobatch run holds the output (the message names it); nothing was done
+EXIT_LOCKED = 9  # another dinobatch classify holds the output folder (the message names it); nothing was done
 EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C / SIGINT); finished batches are kept
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,29 +44,64 @@ def _describe(text: str) -> str:
         return "another dinobatch process"
 
 
+# POSIX locks do not exclude their own process: keys (device, inode) of the locks held here
+_held: set[tuple[int, int]] = set()
+_held_guard = threading.Lock()
+
+
+def _open(lock_path: Path) -> int:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for results
+    except OSError as exc:
+        raise OutputError(f"cannot create lock file {lock_path}: {exc.strerror or exc}") from exc
+
+
+def _try_lock(fd: int, lock_path: Path) -> tuple[int, int] | None:
+    """The lock's key when this process now holds it, None when someone else does."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    with _held_guard:
+        if key in _held:
+            return None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise OutputError(f"cannot lock {lock_path}: {exc.strerror or exc}") from exc
+            return None
+        _held.add(key)
+        return key
+
+
 @contextlib.contextmanager
 def exclusive(lock_path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[None]:
     """Hold lock_path exclusively for the block; wait up to `wait` seconds, then LockedError."""
     lock_path = Path(lock_path)
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise OutputError(f"cannot create lock file {lock_path}: {exc.strerror or exc}") from exc
+    fd = _open(lock_path)
+    key = None
     try:
         deadline = time.monotonic() + max(wait, 0.0)
         while True:
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise OutputError(f"cannot lock {lock_path}: {exc.strerror or exc}") from exc
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-                    raise LockedError(f"{lock_path.parent} is in use by {_describe(holder)}; "
-                                      f"try again later, or pass --wait SECONDS") from None
-                time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+            key = _try_lock(fd, lock_path)
+            if key is not None:
+                try:
+                    same = os.stat(lock_path).st_ino == key[1]
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                # the file was deleted or replaced while we waited: lock the file that is there now
+                _release(fd, key)
+                key = None
+                os.close(fd)
+                fd = _open(lock_path)
+                continue
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                raise LockedError(f"{lock_path.parent} is in use by {_describe(holder)}; "
+                                  f"try again later, or pass --wait SECONDS")
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
         left = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
         if left:
             log.info("taking over the lock of %s, which ended without releasing it", _describe(left))
@@ -79,6 +115,13 @@ def exclusive(lock_path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[No
         finally:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
-            fcntl.lockf(fd, fcntl.LOCK_UN)
+            _release(fd, key)
+            key = None
     finally:
         os.close(fd)
+
+
+def _release(fd: int, key: tuple[int, int]) -> None:
+    with _held_guard:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        _held.discard(key)

@@ -15,7 +15,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -31,6 +33,7 @@ __all__ = ["ResultsDir", "CacheWriter", "atomic_path", "write_table", "read_tabl
            "latest_run", "current_rows"]
 
 log = logging.getLogger(__name__)
+_RUN_ID = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,6 +138,25 @@ class ResultsDir:
             raise _output_error("create output folder", self.path, exc) from exc
         if not os.access(self.path, os.W_OK):
             raise OutputError(f"output folder is not writable: {self.path}")
+
+    def newest_run_time(self) -> datetime:
+        """Start time encoded in the newest run id here (the epoch when there is none)."""
+        newest = datetime.fromtimestamp(0, timezone.utc)
+        for path in [*self.path.glob("*.parquet"), *(self.path / "_runs").glob("*.json")]:
+            match = _RUN_ID.match(path.stem)
+            if match:
+                when = datetime.strptime(match.group(1), "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc)
+                newest = max(newest, when)
+        return newest
+
+    def remove_leftovers(self) -> None:
+        """Delete the hidden temporary files of killed runs (call only while holding the lock)."""
+        folders = [self.path, self.path / "_runs", *(self.path / "_cache").glob("*")]
+        for folder in folders:
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                    log.info("removed %s, left by an interrupted run", tmp)
 
     def _cache_folder(self, fingerprint: str) -> Path:
         return self.path / "_cache" / fingerprint[:16]
@@ -254,20 +276,44 @@ def table_metadata(path: str | os.PathLike) -> dict[bytes, bytes]:
     return pq.read_schema(path).metadata or {}
 
 
+def _run_files(folder: Path) -> list[tuple[Path, dict[str, object]]]:
+    """Complete rows files of classify runs (named by run id), oldest first, with their metadata.
+
+    Other Parquet files a user put there (an export, say) and unreadable ones are skipped."""
+    from .schema import read_metadata
+
+    runs = []
+    for path in sorted(folder.glob("*.parquet")):  # run ids sort by start time
+        if not _RUN_ID.match(path.stem):
+            continue
+        try:
+            meta = read_metadata(pq.read_schema(path))
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        if meta.get("model_fingerprint"):
+            runs.append((path, meta))
+    return runs
+
+
 def latest_run(folder: str | os.PathLike) -> tuple[pa.Table, dict[str, Any]]:
-    """The rows of the newest classify run in an output folder, and that run's summary."""
+    """The rows of the newest complete classify run in an output folder, and its summary.
+
+    The same rule as current_rows: a run whose rows file was committed counts even if it was killed
+    before its summary was written (the classified folder is also in the rows file's metadata)."""
     from .errors import InputError
 
     folder = Path(folder)
-    summary_path = folder / "_summary.json"
-    if not summary_path.is_file():
-        raise InputError(f"{folder} holds no classify results (no _summary.json); run dinobatch classify first")
+    runs = _run_files(folder)
+    if not runs:
+        raise InputError(f"{folder} holds no classify results; run dinobatch classify first")
+    path, meta = runs[-1]
+    summary_path = folder / "_runs" / f"{path.stem}.json"
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        rows_file = folder / f"{summary['run_id']}.parquet"
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"cannot read {summary_path}: {exc}") from exc
-    return read_table(rows_file), summary
+    except (OSError, ValueError):
+        summary = {"run_id": path.stem, "config": {"folder": meta.get("folder")}}
+    return read_table(path), summary
 
 
 def current_rows(folder: str | os.PathLike, model: str | None = None) -> pa.Table:
@@ -277,17 +323,14 @@ def current_rows(folder: str | os.PathLike, model: str | None = None) -> pa.Tabl
     file that changed or vanished since is current only as the newest run saw it. model narrows
     to fingerprints starting with it."""
     from .errors import InputError
-    from .schema import read_metadata, row_schema
+    from .schema import row_schema
 
-    folder = Path(folder)
     newest: dict[str, Path] = {}
-    for path in sorted(folder.glob("*.parquet")):  # run ids sort by start time
-        meta = read_metadata(pq.read_schema(path))
-        fingerprint = str(meta.get("model_fingerprint", ""))
+    for path, meta in _run_files(Path(folder)):
+        fingerprint = str(meta["model_fingerprint"])
         if model is None or fingerprint.startswith(model):
             newest[fingerprint] = path
     if not newest:
         raise InputError(f"{folder} holds no classify rows" + (f" for model {model}" if model else ""))
-    schema = row_schema()
     # read with the current schema: files from older versions get nulls for columns added since
-    return pa.concat_tables([pq.read_table(p, schema=schema) for p in newest.values()])
+    return pa.concat_tables([pq.read_table(p, schema=row_schema()) for p in newest.values()])

@@ -64,11 +64,14 @@ def _is_inside(path: str, root_real: str) -> bool:
     return path == root_real or path.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
-def walk(root: str | Path) -> Iterator[FileEntry]:
-    """Yield every non-hidden file under root in sorted order, without following links out or in loops."""
+def walk(root: str | Path, exclude: str | Path | None = None) -> Iterator[FileEntry]:
+    """Yield every non-hidden file under root in sorted order, without following links out or in
+    loops; the folder `exclude` (say, an output folder inside the input) is not entered."""
     root = check_folder(root)
     root_real = os.path.realpath(root)
     seen_dirs = {root_real}
+    if exclude is not None:
+        seen_dirs.add(os.path.realpath(exclude))  # a folder already 'seen' is never entered
     stack = [iter(_listing(root))]
     while stack:
         e = next(stack[-1], None)

@@ -174,8 +174,8 @@ _META_PREFIX = "dinobatch."
 
 
 def schema_metadata(*, version: str, model_name: str, model_fingerprint: str,
-                    labels: list[str]) -> dict[bytes, bytes]:
-    """Key-value metadata stored in every Parquet file dinobatch writes."""
+                    labels: list[str], folder: str | None = None) -> dict[bytes, bytes]:
+    """Key-value metadata stored in every Parquet file dinobatch writes (folder: the classified one)."""
     values = {
         "schema_version": SCHEMA_VERSION,
         "version": version,
@@ -183,6 +183,8 @@ def schema_metadata(*, version: str, model_name: str, model_fingerprint: str,
         "model_fingerprint": model_fingerprint,
         "labels": json.dumps(labels),
     }
+    if folder is not None:
+        values["folder"] = folder
     return {(_META_PREFIX + k).encode(): v.encode() for k, v in values.items()}
 
 

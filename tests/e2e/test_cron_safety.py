@@ -63,15 +63,24 @@ def classify_args(folder, out, model):
     return ["classify", folder, "-o", out, "-m", model, "-j", "0", "-b", "2", "-q"]
 
 
-@pytest.mark.parametrize("point", ["fingerprint:4", "batch:2", "write:3", "rows:1", "final-commit"])
+@pytest.mark.parametrize("point", ["fingerprint:4", "batch:2", "write:3", "rows:1", "before-rows-rename",
+                                   "after-rows-rename"])
 def test_a_run_killed_anywhere_then_resumed_equals_an_uninterrupted_run(tmp_path, reference, tiny_model, point):
+    from dinobatch.results import latest_run
+
     folder, ref_out = reference
     parts = len(list((ref_out / "_cache").rglob("part-*.parquet")))
-    if point == "final-commit":  # the rename of the rows file: the commit after every cache part
+    if point == "before-rows-rename":  # the rows file is the commit after every cache part
         point = f"write:{parts + 1}"
+    elif point == "after-rows-rename":  # renamed; killed before the first summary is
+        point = f"write:{parts + 2}"
     out = tmp_path / "out"
     killed = run_cli(*classify_args(folder, out, tiny_model), crash_at=point)
     assert killed.returncode == -signal.SIGKILL
+    if point == f"write:{parts + 2}":  # a complete rows file and no summary: every view agrees on it
+        table, summary = latest_run(out)
+        assert {r["path"] for r in table.to_pylist()} == set(current(out)) == set(current(ref_out))
+        assert summary["config"]["folder"] == str(folder)
     resumed = run_cli(*classify_args(folder, out, tiny_model), "--json")
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
@@ -183,6 +192,10 @@ def test_names_that_are_not_utf8_keep_their_bytes_and_export_finds_them(tmp_path
     assert run_cli(*classify_args(root, tmp_path / "out", tiny_model)).returncode == 0
     (row,) = current_rows(tmp_path / "out").to_pylist()
     assert row["path"] == "dino-\\xff\\xfe.png" and row["path_bytes"] == raw and row["status"] == "ok"
+    assert run_cli("results", tmp_path / "out", "-o", tmp_path / "cur.jsonl", "-q").returncode == 0
+    import base64
+
+    assert base64.b64decode(json.loads((tmp_path / "cur.jsonl").read_text())["path_bytes"]) == raw
     assert run_cli("export", tmp_path / "out", "--to", tmp_path / "sorted", "--min-confidence", "0").returncode == 0
     copied = [p for p in (tmp_path / "sorted").rglob("*") if p.is_file()]
     assert [os.fsencode(p.name) for p in copied] == [raw]
@@ -204,12 +217,16 @@ def test_a_file_that_vanishes_mid_run_is_a_row_with_a_reason(tmp_path, folder, t
 
 @pytest.mark.skipif(not (SHARED_DATA / "weird").is_dir(), reason="../shared/data/weird is not present")
 def test_peak_memory_stays_bounded_on_the_awkward_files(tmp_path, tiny_model):
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    done = run_cli("classify", SHARED_DATA / "weird", "-o", tmp_path / "out", "-m", tiny_model, "-q")
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    assert done.returncode == 0
-    assert peak_mib < 1500, f"peak RSS {peak_mib:.0f} MiB (torch alone is about 400)"
-    assert before <= resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # a fresh wrapper process, so that its children's peak is this run's (and its workers') alone
+    code = ("import resource, subprocess, sys\n"
+            "done = subprocess.run([sys.executable, '-m', 'dinobatch', *sys.argv[1:]])\n"
+            "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, "classify", str(SHARED_DATA / "weird"), "-o",
+                          str(tmp_path / "out"), "-m", str(tiny_model), "-q", "-j", "1"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    returncode, peak_kib = map(int, out.stdout.split())
+    assert returncode == 0
+    assert peak_kib / 1024 < 1500, f"peak RSS {peak_kib / 1024:.0f} MiB (torch alone is about 400)"
 
 
 def test_curate_leaves_the_input_tree_byte_identical(tmp_path, folder, tiny_model):
@@ -285,3 +302,24 @@ def test_a_forked_child_of_a_killed_run_does_not_keep_the_output_locked(tmp_path
             pass
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_an_out_folder_inside_the_input_is_not_scanned_and_leftovers_are_removed(tmp_path, folder, tiny_model):
+    out = folder / "results"
+    assert run_cli(*classify_args(folder, out, tiny_model)).returncode == 0
+    (out / ".stale.parquet.abc.tmp").write_bytes(b"half a file")
+    again = run_cli(*classify_args(folder, out, tiny_model), "--json")
+    summary = json.loads(again.stdout)
+    assert summary["files"] == 11 and not (out / ".stale.parquet.abc.tmp").exists()
+
+
+def test_each_run_is_newer_than_the_last_and_every_view_agrees(tmp_path, folder, tiny_model):
+    from dinobatch.results import latest_run
+
+    out = tmp_path / "out"
+    assert run_cli(*classify_args(folder, out, tiny_model)).returncode == 0
+    first = latest_run(out)[1]["run_id"]
+    save(picture(70), folder / "later.png")
+    assert run_cli(*classify_args(folder, out, tiny_model)).returncode == 0
+    table, summary = latest_run(out)
+    assert summary["run_id"] > first and "later.png" in set(current(out)) == set(table["path"].to_pylist())

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.classify import classify
+from dinobatch.classify import classify, new_run_id
 from dinobatch.cli import cli
 from dinobatch.config import ClassifyConfig
 from dinobatch.curate import CurateConfig, confident_learning, curate
@@ -99,10 +99,11 @@ def _planted(tmp_path):
     add("broken.png", "triceratops", "train", [0.1, 0.8, 0.1], status="error", error="truncated image")
     out = ResultsDir(tmp_path / "results")
     out.ensure()
-    meta = schema_metadata(version="t", model_name="m", model_fingerprint="f" * 64, labels=LABELS)
+    meta = schema_metadata(version="t", model_name="m", model_fingerprint="f" * 64, labels=LABELS, folder=str(root))
     schema = row_schema(meta)
-    out.write_rows("r", [pa.Table.from_pylist(rows, schema=schema).to_batches()[0]], schema)
-    out.write_summary("r", {"run_id": "r", "config": {"folder": str(root)}})
+    run_id = new_run_id(datetime.now(timezone.utc))
+    out.write_rows(run_id, [pa.Table.from_pylist(rows, schema=schema).to_batches()[0]], schema)
+    out.write_summary(run_id, {"run_id": run_id, "config": {"folder": str(root)}})
     (tmp_path / "labels.csv").write_text("\n".join(manifest_lines) + "\n")
     shutil.move(str(tmp_path / "labels.csv"), root / "labels.csv")
     return tmp_path / "results", root / "labels.csv"
