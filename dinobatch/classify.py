@@ -161,9 +161,8 @@ def _infer(cfg, out, model, runtime, todo, run_id, metadata, progress) -> tuple[
     return decode_errors, changed, time.monotonic() - t
 
 
-def _assignments(entries, shas, unreadable, content, cfg) -> dict[str, Any]:
+def _assignments(entries, shas, unreadable, content, index, cfg) -> dict[str, Any]:
     """Duplicate groups over the files that have a prediction (a file in error is in no group)."""
-    index = {sha: i for i, sha in enumerate(content[Col.SHA256].to_pylist())}
     facts = content.select([Col.PHASH, Col.DHASH, Col.WIDTH, Col.HEIGHT]).to_pylist()
     items = []
     for e in entries:
@@ -200,7 +199,7 @@ def _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg
 
     schema = row_schema()
     index = {sha: i for i, sha in enumerate(content[Col.SHA256].to_pylist())}
-    groups = _assignments(entries, shas, unreadable, content, cfg)
+    groups = _assignments(entries, shas, unreadable, content, index, cfg)
     stats.update(counts={STATUS_OK: 0, STATUS_DUPLICATE: 0, STATUS_ERROR: 0}, errors=[],
                  groups=len({g.group for g in groups.values()}))
     ordered = sorted(entries, key=lambda e: e.path)

@@ -16,12 +16,9 @@ from .results import read_table, write_table
 from .scan import sha256_file
 from .train import TrainConfig, train
 
-__all__ = ["SWEEPABLE", "trials", "sweep", "best_trial"]
+__all__ = ["trials", "sweep", "best_trial"]
 
 log = logging.getLogger(__name__)
-
-SWEEPABLE = ("batch_size", "lr", "augment_level", "epochs", "final_epochs", "arch", "image_size", "freeze_backbone",
-             "weight_decay", "momentum")
 
 
 def trials(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
