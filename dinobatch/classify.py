@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 from . import __version__, faults
 from .config import ClassifyConfig
 from .dedupe import DedupeItem, group_duplicates
-from .device import default_workers, resolve_runtime
+from .device import default_workers, resolve_runtime, tune_process
 from .infer import WorkItem, predict
 from .lock import exclusive
 from .model import resolve_model
@@ -49,6 +49,7 @@ class RunSummary:
     model: dict[str, Any]
     runtime: str
     config: dict[str, Any]
+    process: dict[str, Any]  # process-wide speed settings applied (allocator, threads, layout)
     started: str
     finished: str
     version: str = __version__
@@ -65,22 +66,30 @@ def new_run_id(now: datetime) -> str:
     return now.strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
 
 
-def _fingerprint(entries: Sequence[FileEntry], progress: Progress | None) -> tuple[dict[str, str], dict[str, str]]:
-    """sha256 per readable file path, and the reason for each file that could not be read."""
+def _fingerprint(entries: Sequence[FileEntry], index: dict[str, tuple], progress: Progress | None
+                 ) -> tuple[dict[str, str], dict[str, str], dict[str, tuple]]:
+    """sha256 per readable file path, the reason for each file that could not be read, and the new
+    file index; a file whose size, mtime, ctime and inode match the index is not read again."""
     shas: dict[str, str] = {}
     unreadable: dict[str, str] = {}
+    seen: dict[str, tuple] = {}
     for done, entry in enumerate(entries, 1):
         if entry.error is not None:
             unreadable[entry.path] = entry.error
         else:
+            stat = (entry.size, entry.mtime_ns, entry.ctime_ns, entry.inode)
+            known = index.get(entry.abspath)
             try:
-                shas[entry.path] = sha256_file(entry.abspath)
+                sha = known[4] if known is not None and tuple(known[:4]) == stat else sha256_file(entry.abspath)
             except OSError as exc:
                 unreadable[entry.path] = f"cannot read file: {exc.strerror or exc}"
+            else:
+                shas[entry.path] = sha
+                seen[entry.abspath] = (*stat, sha)
         faults.point("fingerprint")
         if progress:
             progress("fingerprint", done, len(entries))
-    return shas, unreadable
+    return shas, unreadable, seen
 
 
 def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummary:
@@ -89,6 +98,7 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
     # absolute paths in the saved configuration: curate --html and export run from other folders
     cfg = dataclasses.replace(cfg, folder=check_folder(cfg.folder), out=os.path.abspath(cfg.out))
     runtime = resolve_runtime(cfg.device, cfg.precision)
+    process = tune_process(runtime)  # before the model allocates: the allocator settings apply from here
     model = resolve_model(cfg.model)
     species = load_species(cfg.species if cfg.species else default_species_csv())
     out = ResultsDir(cfg.out)
@@ -98,14 +108,16 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
         # run that scanned last, even after a --wait or a clock stepped back
         started = max(datetime.now(timezone.utc), out.newest_run_time() + timedelta(microseconds=1))
         out.remove_leftovers()
-        return _classify_locked(cfg, out, new_run_id(started), t0, started, runtime, model, species, progress)
+        return _classify_locked(cfg, out, new_run_id(started), t0, started, runtime, model, species, progress,
+                                process)
 
 
-def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, progress) -> RunSummary:
+def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, progress, process) -> RunSummary:
     """The run itself, while this process alone writes to cfg.out."""
     entries = list(walk(cfg.folder, exclude=cfg.out))  # an --out inside the folder is not input
     log.info("found %d files under %s", len(entries), cfg.folder)
-    shas, unreadable = _fingerprint(entries, progress)
+    hashed_at = time.time_ns()
+    shas, unreadable, file_index = _fingerprint(entries, {} if cfg.force else out.read_file_index(), progress)
 
     cached = set() if cfg.force else out.cached_shas(model.fingerprint, with_embeddings=cfg.embeddings)
     todo: dict[str, list[str]] = {}
@@ -128,6 +140,8 @@ def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, pro
     stats: dict[str, Any] = {}
     rows = _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg, model, run_id, stats)
     rows_file = out.write_rows(run_id, rows, row_schema(metadata))
+    out.write_file_index(file_index, hashed_at)
+    out.compact_cache(model.fingerprint, run_id, metadata)
     inferred = len(todo) - len(decode_errors)
     summary = RunSummary(
         run_id=run_id, rows_file=str(rows_file), files=len(entries), counts=stats["counts"],
@@ -136,7 +150,7 @@ def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, pro
         images_per_second=round(inferred / infer_seconds, 2) if inferred and infer_seconds > 0 else None,
         model={"name": model.name, "fingerprint": model.fingerprint, "arch": model.spec.arch,
                "classes": len(model.spec.labels)},
-        runtime=runtime.describe(), config=cfg.to_dict(), started=started.isoformat(),
+        runtime=runtime.describe(), config=cfg.to_dict(), process=process, started=started.isoformat(),
         finished=datetime.now(timezone.utc).isoformat(), errors=stats["errors"][:20])
     out.write_summary(run_id, summary.to_dict())
     return summary

@@ -7,6 +7,7 @@ is invisible to ``pyarrow.parquet.read_table(DIR)``)::
     DIR/_summary.json                   the latest run's summary
     DIR/_runs/<run_id>.json             every run's summary (with its resolved configuration)
     DIR/_cache/<model>/part-*.parquet   per-content predictions, written as batches finish
+    DIR/_cache/files.parquet            stat and sha256 of each file seen, so unchanged files are not reread
 """
 
 from __future__ import annotations
@@ -27,12 +28,18 @@ import pyarrow.parquet as pq
 
 from . import faults
 from .errors import OutputError
-from .schema import Col, cache_schema
+from .schema import Col, cache_schema, file_index_schema
 
 __all__ = ["ResultsDir", "CacheWriter", "atomic_path", "write_table", "read_table", "table_metadata",
            "latest_run", "current_rows"]
 
 log = logging.getLogger(__name__)
+# More cache parts than this are merged into one at the end of a run: a nightly run adds a few
+# parts, and reading thousands of small files would cost an unchanged rerun more than the work.
+COMPACT_PARTS = 16
+# A file changed within this long before it was hashed could change again within the same
+# timestamp tick unnoticed ('racily clean' in git's terms): its stat is not trusted next run.
+_RACY_NS = 2_000_000_000
 _RUN_ID = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+$")
 
 
@@ -151,7 +158,7 @@ class ResultsDir:
 
     def remove_leftovers(self) -> None:
         """Delete the hidden temporary files of killed runs (call only while holding the lock)."""
-        folders = [self.path, self.path / "_runs", *(self.path / "_cache").glob("*")]
+        folders = [self.path, self.path / "_runs", self.path / "_cache", *(self.path / "_cache").glob("*")]
         for folder in folders:
             for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
                 with contextlib.suppress(OSError):
@@ -218,6 +225,51 @@ class ResultsDir:
                                         pa.nulls(table.num_rows, pa.list_(pa.float32())))
         return table
 
+    def compact_cache(self, fingerprint: str, run_id: str, metadata: dict[bytes, bytes]) -> int:
+        """Merge a model's cache parts into one when there are many; returns the parts removed.
+
+        Keeps, per content, exactly the rows read_cache can pick (the newest, and the newest with an
+        embedding), in their original order, streaming one part at a time; the merged part is
+        committed before any old part is deleted, so a kill at any point loses nothing."""
+        parts = self._cache_parts(fingerprint)
+        if len(parts) <= COMPACT_PARTS:
+            return 0
+        keep = _rows_to_keep(parts)
+        target = self._cache_folder(fingerprint) / f"part-{run_id}-zcompact.parquet"
+        with atomic_path(target, "compact the cache in") as tmp:
+            with pq.ParquetWriter(tmp, cache_schema(metadata)) as writer:
+                for part, rows in zip(parts, keep):
+                    table = _read_part(part, None)
+                    if table is not None and rows:  # an unreadable part's work is redone anyway
+                        rows_kept = table.select(writer.schema.names).take(pa.array(rows, pa.int64()))
+                        writer.write_table(rows_kept.cast(writer.schema))
+        for part in parts:
+            if part != target:
+                with contextlib.suppress(OSError):
+                    part.unlink()
+        log.info("merged %d cache parts into %s", len(parts), target.name)
+        return len(parts)
+
+    def _index_path(self) -> Path:
+        return self.path / "_cache" / "files.parquet"
+
+    def read_file_index(self) -> dict[str, tuple[int, int, int, int, str]]:
+        """abspath -> (size, mtime_ns, ctime_ns, inode, sha256) as last hashed; {} if absent or unreadable."""
+        table = _read_part(self._index_path(), None) if self._index_path().exists() else None
+        if table is None or table.schema.names != file_index_schema().names:
+            return {}
+        cols = [table[n].to_pylist() for n in file_index_schema().names]
+        return {os.fsdecode(path): rest for path, *rest in zip(*cols)}
+
+    def write_file_index(self, index: dict[str, tuple[int, int, int, int, str]], hashed_at_ns: int) -> None:
+        """Save the file index, leaving out files changed too close to when they were hashed."""
+        entries = [(k, v) for k, v in index.items() if max(v[1], v[2]) < hashed_at_ns - _RACY_NS]
+        columns = [[os.fsencode(k) for k, _ in entries]] + [[v[i] for _, v in entries] for i in range(5)]
+        table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, file_index_schema())],
+                                     schema=file_index_schema())
+        with atomic_path(self._index_path(), "write the file index") as tmp:
+            pq.write_table(table, tmp)
+
     def write_rows(self, run_id: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Path:
         """Stream record batches into DIR/<run_id>.parquet, committed only when complete."""
         target = self.path / f"{run_id}.parquet"
@@ -245,6 +297,26 @@ def _read_part(path: Path, columns: list[str] | None) -> pa.Table | None:
         log.warning("ignoring unreadable cache part %s: %s", path, exc)
         return None
 
+
+
+def _rows_to_keep(parts: list[Path]) -> list[list[int]]:
+    """Per part, the row numbers read_cache could still pick: each sha256's newest row, and its
+    newest row with an embedding (with_embeddings reads skip rows without one)."""
+    newest: dict[str, tuple[int, int]] = {}
+    newest_emb: dict[str, tuple[int, int]] = {}
+    for p, part in enumerate(parts):
+        table = _read_part(part, [Col.SHA256, Col.EMBEDDING])
+        if table is None:
+            continue
+        valid = table[Col.EMBEDDING].is_valid().to_pylist()
+        for r, (sha, has) in enumerate(zip(table[Col.SHA256].to_pylist(), valid)):
+            newest[sha] = (p, r)
+            if has:
+                newest_emb[sha] = (p, r)
+    keep: list[set[int]] = [set() for _ in parts]
+    for p, r in [*newest.values(), *newest_emb.values()]:
+        keep[p].add(r)
+    return [sorted(k) for k in keep]
 
 
 def write_table(table: pa.Table, target: str | os.PathLike) -> Path:

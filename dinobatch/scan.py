@@ -31,6 +31,8 @@ class FileEntry:
     mtime_ns: int | None = None
     error: str | None = None
     raw: bytes | None = None  # the relative path's exact bytes, when `path` had to escape them
+    ctime_ns: int | None = None  # with size, mtime and inode: has the file changed since last run?
+    inode: int | None = None
 
 
 def display_path(raw: str) -> str:
@@ -57,7 +59,9 @@ def _entry(root: str, full: str, st: os.stat_result | None, error: str | None) -
         error = "empty file (0 bytes)"
     if error is None and st is not None and st.st_size > MAX_FILE_BYTES:
         error = f"file too large ({st.st_size} bytes; the limit is {MAX_FILE_BYTES})"
-    return FileEntry(rel, full, st.st_size if st else None, st.st_mtime_ns if st else None, error, raw)
+    if st is None:
+        return FileEntry(rel, full, None, None, error, raw)
+    return FileEntry(rel, full, st.st_size, st.st_mtime_ns, error, raw, st.st_ctime_ns, st.st_ino)
 
 
 def _is_inside(path: str, root_real: str) -> bool:

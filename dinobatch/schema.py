@@ -22,6 +22,7 @@ __all__ = [
     "manifest_schema",
     "SPLITS",
     "cache_schema",
+    "file_index_schema",
     "schema_metadata",
     "read_metadata",
 ]
@@ -168,6 +169,19 @@ def cache_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
     """Schema of the per-content cache: one row per (sha256, model) that decoded and was inferred."""
     fields = [pa.field(Col.SHA256, pa.string(), nullable=False)] + FACT_FIELDS + PREDICTION_FIELDS
     return pa.schema(fields, metadata=metadata)
+
+
+def file_index_schema() -> pa.Schema:
+    """Schema of the file index: what a file's stat said when its sha256 was last computed, so an
+    unchanged file is not read again (the idea of git's index: size, mtime, ctime and inode)."""
+    return pa.schema([
+        pa.field("abspath", pa.binary(), nullable=False),  # os.fsencode of the absolute path
+        pa.field(Col.BYTES, pa.int64(), nullable=False),
+        pa.field("mtime_ns", pa.int64(), nullable=False),
+        pa.field("ctime_ns", pa.int64(), nullable=False),
+        pa.field("inode", pa.int64(), nullable=False),
+        pa.field(Col.SHA256, pa.string(), nullable=False),
+    ])
 
 
 _META_PREFIX = "dinobatch."

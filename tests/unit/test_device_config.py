@@ -57,3 +57,23 @@ def test_config_file_errors(tmp_path, text, message):
 def test_config_rejects_nonsense_values():
     with pytest.raises(ConfigError):
         ClassifyConfig(folder="x", batch_size=0)
+
+
+def test_process_settings_tune_glibc_unless_the_operator_chose(monkeypatch):
+    import platform
+
+    import torch
+
+    from dinobatch.device import MALLOC_ENV, resolve_runtime, tune_process
+
+    cpu = resolve_runtime("cpu", "fp32")
+    monkeypatch.setenv(MALLOC_ENV, "system")
+    assert tune_process(cpu)["allocator"] == "system"
+    monkeypatch.delenv(MALLOC_ENV)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    assert tune_process(cpu)["allocator"] == "GLIBC_TUNABLES"
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    applied = tune_process(cpu)
+    if platform.libc_ver()[0] == "glibc":
+        assert applied["allocator"].startswith("glibc")
+    assert applied["threads"] == torch.get_num_threads() >= 1
