@@ -164,7 +164,8 @@ def _infer(cfg, out, model, runtime, todo, run_id, metadata, progress) -> tuple[
     changed: set[str] = set()
     t, done = time.monotonic(), 0
     for results in predict(model, runtime, items, batch_size=cfg.batch_size,
-                           workers=default_workers(runtime.device.type, cfg.workers), embeddings=cfg.embeddings):
+                           workers=default_workers(runtime.device.type, cfg.workers), embeddings=cfg.embeddings,
+                           compile=cfg.compile, jpeg_on_device=cfg.gpu_decode and runtime.is_cuda):
         writer.write([{Col.SHA256: r.sha256, **r.facts, **r.prediction} for r in results if r.error is None])
         decode_errors.update({r.sha256: r.error for r in results if r.error is not None})
         changed.update(p for r in results for p in r.changed)

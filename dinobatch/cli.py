@@ -177,9 +177,14 @@ def cli() -> None:
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (asked for and missing: error).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
-@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32)
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per batch [default: 32 on CPU, the largest that fits (<= 512) on CUDA].")
 @click.option("-j", "--workers", type=click.IntRange(min=0), default=None,
               help="Decode worker processes [default: half the cores on CPU, cores-1 (max 8) on CUDA].")
+@click.option("--compile", "compile", is_flag=True,
+              help="torch.compile the model: faster batches after a one-off compile (worth it for large runs).")
+@click.option("--gpu-decode/--no-gpu-decode", default=True,
+              help="On CUDA, decode JPEGs on the GPU (nvjpeg); other formats always on the CPU.")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=3, help="Labels kept in topk_labels.")
 @click.option("--embeddings", is_flag=True, help="Also store the 2048-d penultimate features per image.")
 @click.option("--force", is_flag=True, help="Recompute every prediction, ignoring earlier results.")

@@ -27,7 +27,7 @@ class ClassifyConfig:
     model: str = "imagenet"
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int = 32
+    batch_size: int | None = None  # None: 32 on CPU, the largest that fits on CUDA
     workers: int | None = None  # None: chosen for the device (device.default_workers)
     top_k: int = 3
     embeddings: bool = False
@@ -36,9 +36,11 @@ class ClassifyConfig:
     phash_max: int = 8
     dhash_max: int = 3
     wait: float = 0.0  # seconds to wait for another run on the same --out before giving up
+    compile: bool = False  # torch.compile the model (pays a compile once per run)
+    gpu_decode: bool = True  # on CUDA, decode JPEGs on the GPU (nvjpeg)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError("batch_size must be at least 1")
         if self.top_k < 1:
             raise ConfigError("top_k must be at least 1")

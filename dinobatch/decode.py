@@ -48,6 +48,7 @@ class Decoded:
     phash: str
     dhash: str
     image: Image.Image  # RGB, oriented, possibly reduced in size by JPEG draft decoding
+    orientation: int = 1  # the EXIF orientation that was applied to image (1: none)
 
 
 def decode(data: bytes, *, min_side: int = HASH_MIN_SIDE) -> Decoded:
@@ -114,14 +115,16 @@ def _decode(data: bytes, min_side: int) -> Decoded:
     if fmt in ("JPEG", "MPO"):
         img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode, (side, side))
     img.load()  # before any EXIF read: PNG's getexif() would load (and swallow a truncation) itself
-    if _orientation(img) in _ROTATING_ORIENTATIONS:
+    orientation = _orientation(img)
+    if orientation in _ROTATING_ORIENTATIONS:
         width, height = height, width
     img = _oriented(img)
     rgb = to_rgb(img)
     factor = min(rgb.size) // side
     if factor >= 2:  # what JPEG's draft does while decoding, done after decoding for other formats
         rgb = rgb.reduce(factor)
-    return Decoded(fmt, width, height, mode, str(imagehash.phash(rgb)), str(imagehash.dhash(rgb)), rgb)
+    return Decoded(fmt, width, height, mode, str(imagehash.phash(rgb)), str(imagehash.dhash(rgb)), rgb,
+                   orientation)
 
 
 def _reason(exc: BaseException) -> str:

@@ -12,7 +12,8 @@ from .model import LoadedModel, Preprocessing
 from .scan import read_bytes
 from .schema import Col
 
-__all__ = ["WorkItem", "ContentResult", "ImageDataset", "predict", "model_input", "forward_with_features"]
+__all__ = ["WorkItem", "ContentResult", "ImageDataset", "predict", "model_input", "forward_with_features",
+           "orient_tensor", "device_model_input", "fit_batch_size"]
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,23 @@ def model_input(image, prep: Preprocessing):
     return F.pil_to_tensor(image.resize((c, c), resample[prep.interpolation], box=box))
 
 
-class ImageDataset:
-    """Map-style dataset: item i is decoded once into facts, hashes and model input."""
+# JPEGs the device decodes (nvjpeg): 8-bit RGB or grey, not beyond this many pixels; others, and any
+# the device fails on, go through the CPU path.
+_DEVICE_JPEG_MODES = ("RGB", "L")
+_DEVICE_JPEG_MAX_PIXELS = 50_000_000
 
-    def __init__(self, items: Sequence[WorkItem], prep: Preprocessing):
+
+class ImageDataset:
+    """Map-style dataset: item i is decoded once into facts, hashes and model input.
+
+    With jpeg_to_device, a plain JPEG's model input is left to the device (its bytes travel
+    instead of pixels); facts and hashes still come from the CPU decode, so they are the same
+    whichever device ran."""
+
+    def __init__(self, items: Sequence[WorkItem], prep: Preprocessing, jpeg_to_device: bool = False):
         self.items = list(items)
         self.prep = prep
+        self.jpeg_to_device = jpeg_to_device
 
     def __len__(self) -> int:
         return len(self.items)
@@ -88,7 +100,14 @@ class ImageDataset:
             return record
         try:
             dec = decode(data, min_side=self.prep.resize)
-            record["tensor"] = model_input(dec.image, self.prep)
+            if (self.jpeg_to_device and dec.format == "JPEG" and dec.mode in _DEVICE_JPEG_MODES
+                    and dec.width * dec.height <= _DEVICE_JPEG_MAX_PIXELS):
+                import torch
+
+                record["jpeg"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                record["orientation"] = dec.orientation
+            else:
+                record["tensor"] = model_input(dec.image, self.prep)
         except DecodeError as exc:
             record["error"] = str(exc)
             return record
@@ -101,12 +120,79 @@ class ImageDataset:
 
 
 def collate(records: list[dict[str, Any]]):
-    """Stack the tensors of decoded items; keep every record (failed ones too) in order."""
+    """Stack the CPU-prepared tensors of decoded items; keep every record (failed ones too) in order.
+
+    Records whose JPEG bytes go to the device keep them; device_batch puts everything together."""
     import torch
 
-    tensors = [r.pop("tensor") for r in records if r.get("error") is None]
+    tensors = [r.pop("tensor") for r in records if r.get("error") is None and "tensor" in r]
     batch = torch.stack(tensors) if tensors else None
     return records, batch
+
+
+_EXIF_ORIENT = {  # EXIF orientation -> the same transform as PIL's exif_transpose, on a CHW tensor
+    2: lambda x: x.flip(2), 3: lambda x: x.flip(1).flip(2), 4: lambda x: x.flip(1),
+    5: lambda x: x.transpose(1, 2), 6: lambda x: x.transpose(1, 2).flip(2),
+    7: lambda x: x.transpose(1, 2).flip(1).flip(2), 8: lambda x: x.transpose(1, 2).flip(1),
+}
+
+
+def orient_tensor(x, orientation: int):
+    """Apply an EXIF orientation to a CHW image tensor (what ImageOps.exif_transpose does to a picture)."""
+    transform = _EXIF_ORIENT.get(orientation)
+    return transform(x) if transform else x
+
+
+def device_model_input(image, prep: Preprocessing):
+    """Resize the shorter side (antialiased) and centre-crop a CHW uint8 tensor where it lies."""
+    import torchvision.transforms.v2.functional as F
+    from torchvision.transforms import InterpolationMode
+
+    mode = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
+            "bicubic": InterpolationMode.BICUBIC}[prep.interpolation]
+    return F.center_crop(F.resize(image, [prep.resize], interpolation=mode, antialias=True), [prep.crop])
+
+
+def _decode_jpegs_on_device(records: list[dict[str, Any]], runtime, prep: Preprocessing) -> None:
+    """Decode the records' JPEG bytes on the device in one call (per image where the batch fails);
+    a JPEG the device cannot decode is prepared on the CPU instead, like any other format."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    todo = [r for r in records if r.get("error") is None and "jpeg" in r]
+    if not todo:
+        return
+    try:
+        images = decode_jpeg([r["jpeg"] for r in todo], mode=ImageReadMode.RGB, device=runtime.device)
+    except RuntimeError:
+        images = []
+        for r in todo:
+            try:
+                images.append(decode_jpeg(r["jpeg"], mode=ImageReadMode.RGB, device=runtime.device))
+            except RuntimeError:
+                images.append(None)
+    for r, image in zip(todo, images):
+        data = r.pop("jpeg").numpy().tobytes()
+        if image is None:
+            log.debug("device JPEG decode failed for %s; using the CPU path", r["sha256"])
+            r["device_tensor"] = model_input(decode(data, min_side=prep.resize).image, prep).to(runtime.device)
+        else:
+            r["device_tensor"] = device_model_input(orient_tensor(image, r.pop("orientation")), prep)
+
+
+def device_batch(records: list[dict[str, Any]], batch, runtime, prep: Preprocessing):
+    """The batch on the device, uint8 NCHW in record order: CPU-prepared rows copied (non-blocking
+    from pinned memory), device-decoded JPEGs put in their places."""
+    import torch
+
+    _decode_jpegs_on_device(records, runtime, prep)
+    ok = [r for r in records if r.get("error") is None]
+    if not ok:
+        return None
+    if batch is not None and all("device_tensor" not in r for r in ok):
+        return runtime.to_device(batch)
+    cpu = iter(runtime.to_device(batch)) if batch is not None else iter(())
+    rows = [r.pop("device_tensor") if "device_tensor" in r else next(cpu) for r in ok]
+    return torch.stack(rows).contiguous(memory_format=torch.channels_last)
 
 
 def forward_with_features(module, x):
@@ -117,6 +203,23 @@ def forward_with_features(module, x):
     x = module.layer4(module.layer3(module.layer2(module.layer1(x))))
     features = torch.flatten(module.avgpool(x), 1)
     return module.fc(features), features
+
+
+def _compiled(module, batch_size: int):
+    """torch.compile'd forward; every batch padded to batch_size so the graph compiles once."""
+    import torch
+
+    compiled = torch.compile(lambda x: forward_with_features(module, x), dynamic=False)
+
+    def forward(x):
+        n = x.shape[0]
+        if n < batch_size:
+            pad = x.new_zeros((batch_size - n, *x.shape[1:])).contiguous(memory_format=torch.channels_last)
+            x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
+        logits, features = compiled(x)
+        return logits[:n], features[:n]
+
+    return forward
 
 
 def _postprocess(logits, features, labels: Sequence[str], temperature: float,
@@ -140,9 +243,32 @@ def _postprocess(logits, features, labels: Sequence[str], temperature: float,
     return out
 
 
-def predict(model: LoadedModel, runtime, items: Sequence[WorkItem], *, batch_size: int, workers: int,
-            embeddings: bool) -> Iterator[list[ContentResult]]:
-    """Yield one list of ContentResult per batch, in input order; failed items are results too."""
+def fit_batch_size(module, runtime, crop: int, largest: int = 512) -> int:
+    """On CUDA, the largest power-of-two batch up to `largest` whose forward pass fits in memory."""
+    import torch
+
+    size = largest
+    while size > 1:
+        try:
+            with runtime.autocast():
+                x = torch.zeros(size, 3, crop, crop, device=runtime.device).contiguous(
+                    memory_format=torch.channels_last)
+                forward_with_features(module, x)
+            torch.cuda.synchronize(runtime.device)
+            return size
+        except torch.cuda.OutOfMemoryError:
+            size //= 2
+        finally:
+            torch.cuda.empty_cache()
+    return 1
+
+
+def predict(model: LoadedModel, runtime, items: Sequence[WorkItem], *, batch_size: int | None, workers: int,
+            embeddings: bool, compile: bool = False, jpeg_on_device: bool = False) -> Iterator[list[ContentResult]]:
+    """Yield one list of ContentResult per batch, in input order; failed items are results too.
+
+    batch_size None: 32 on CPU, the largest that fits on CUDA. compile: torch.compile the model
+    (batches padded to one shape, so it compiles once). jpeg_on_device: JPEGs decoded on the GPU."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -150,17 +276,22 @@ def predict(model: LoadedModel, runtime, items: Sequence[WorkItem], *, batch_siz
         return
     spec = model.spec
     module = runtime.prepare(model.module)
+    if batch_size is None:
+        batch_size = fit_batch_size(module, runtime, spec.preprocessing.crop) if runtime.is_cuda else 32
+        log.info("batch size %d", batch_size)
+    forward = _compiled(module, batch_size) if compile else (lambda x: forward_with_features(module, x))
     mean = torch.tensor(spec.preprocessing.mean, device=runtime.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(spec.preprocessing.std, device=runtime.device).view(1, 3, 1, 1) * 255
-    loader = DataLoader(ImageDataset(items, spec.preprocessing), batch_size=batch_size, shuffle=False,
+    dataset = ImageDataset(items, spec.preprocessing, jpeg_to_device=jpeg_on_device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=collate, pin_memory=runtime.pin_memory,
-                        prefetch_factor=2 if workers > 0 else None)
+                        prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
     for records, batch in loader:
         preds: list[dict[str, Any] | str] = []
-        if batch is not None:
+        x = device_batch(records, batch, runtime, spec.preprocessing)
+        if x is not None:
             with runtime.autocast():
-                x = (runtime.to_device(batch).float() - mean) / std
-                logits, features = forward_with_features(module, x)
+                logits, features = forward((x.float() - mean) / std)
             preds = _postprocess(logits, features, spec.labels, spec.temperature, embeddings)
         it = iter(preds)
         results = []
