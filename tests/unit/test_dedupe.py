@@ -9,44 +9,110 @@ from dinobatch.dedupe import DedupeItem, group_duplicates, near_pairs, popcount6
 
 
 def brute_force(h: np.ndarray, d: int) -> np.ndarray:
-    out = []
+    """The definition: every pair i < j, in order, compared directly."""
+    h = np.asarray(h, dtype=np.uint64)
+    out = [np.empty((0, 2), dtype=np.int64)]
     for i in range(len(h) - 1):
         js = np.nonzero(popcount64(h[i] ^ h[i + 1:]) <= d)[0] + i + 1
-        out.extend((i, int(j)) for j in js)
-    return np.array(out, dtype=np.int64).reshape(-1, 2)
+        out.append(np.stack([np.full(len(js), i), js], axis=1).astype(np.int64))
+    return np.concatenate(out)
 
 
-def clustered(rng, n, spread):
-    centres = rng.integers(0, 2**63, size=max(1, n // 8), dtype=np.uint64)
-    h = np.repeat(centres, 8)[:n].copy()
+def clustered(rng, n, spread, centres=None):
+    """Copies of a few random centres, each with up to `spread` random bits flipped."""
+    centres = rng.integers(0, 2**64 - 1, size=centres or max(1, n // 8), dtype=np.uint64, endpoint=True)
+    h = centres[rng.integers(0, len(centres), size=n)]
     for _ in range(spread):
         bit = rng.integers(0, 64, size=n).astype(np.uint64)
         h ^= (np.uint64(1) << bit) * (rng.random(n) < 0.5).astype(np.uint64)
     return h
 
 
-@pytest.mark.parametrize("d", [0, 1, 3, 6, 10, 16])
-def test_near_pairs_equals_brute_force_on_clustered_hashes(d):
+METHODS = ["auto", "index", "brute"]
+
+INPUTS = {
+    "random": lambda rng: rng.integers(0, 2**64 - 1, size=700, dtype=np.uint64, endpoint=True),
+    "clustered": lambda rng: clustered(rng, 600, spread=5),
+    "few-centres": lambda rng: clustered(rng, 500, spread=3, centres=4),
+    "many-equal": lambda rng: rng.choice(rng.integers(0, 2**64 - 1, size=6, dtype=np.uint64), size=400),
+    "equal-and-near": lambda rng: np.repeat(clustered(rng, 120, spread=2, centres=10), 3),
+    "all-zero": lambda rng: np.zeros(200, dtype=np.uint64),
+    "all-ones": lambda rng: np.full(150, 0xFFFFFFFFFFFFFFFF, dtype=np.uint64),
+    "top-bit-set": lambda rng: rng.integers(2**63, 2**64 - 1, size=500, dtype=np.uint64, endpoint=True),
+    "low-bits-only": lambda rng: rng.integers(0, 2**10, size=600).astype(np.uint64),  # one crowded bucket
+    "high-bits-only": lambda rng: rng.integers(0, 2**10, size=600).astype(np.uint64) << np.uint64(54),
+    "one-bit-steps": lambda rng: np.array([0, 1, 3, 7, 15, 31, 63, 127, 255, 2**63, 2**64 - 1],
+                                          dtype=np.uint64),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("d", [0, 1, 3, 8, 10, 16])
+@pytest.mark.parametrize("kind", sorted(INPUTS))
+def test_near_pairs_equals_brute_force(kind, d, method):
+    h = INPUTS[kind](np.random.default_rng(d))
+    assert np.array_equal(near_pairs(h, d, method=method), brute_force(h, d))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 40, 1500])
+@pytest.mark.parametrize("d", [0, 2, 5, 12, 40, 63, 64, 65, 200])
+def test_near_pairs_equals_brute_force_at_any_size_and_distance(n, d):
+    rng = np.random.default_rng(n * 1000 + d)
+    h = clustered(rng, n, spread=d % 7) if n else np.empty(0, dtype=np.uint64)
+    expected = brute_force(h, min(d, 64))
+    for method in METHODS:
+        got = near_pairs(h, d, method=method)
+        assert got.dtype == np.int64 and got.shape == expected.shape
+        assert np.array_equal(got, expected), method
+
+
+def test_near_pairs_finds_every_pair_in_a_bucket_too_big_for_one_step():
+    # 3000 hashes that differ only in their low 12 bits share every other block: 4.5 million
+    # candidate pairs in one bucket, more than one verification step holds
+    h = np.random.default_rng(5).permutation(2**12)[:3000].astype(np.uint64) | np.uint64(0xABCDEF << 30)
+    assert np.array_equal(near_pairs(h, 3, method="index"), brute_force(h, 3))
+
+
+@pytest.mark.parametrize("d", [3, 8])
+def test_near_pairs_finds_planted_pairs_among_many_hashes(d):
+    # 150,000 random hashes (more probers than one probe step, and threads) and 300 copies of
+    # some of them with up to d bits flipped. At d = 3, random hashes are never this close (the
+    # chance is ~1e-5); at d = 8 a few may be, and each reported pair must then be genuine.
     rng = np.random.default_rng(d)
-    h = clustered(rng, 600, spread=5)
-    assert np.array_equal(near_pairs(h, d), brute_force(h, d))
+    base = rng.integers(0, 2**64 - 1, size=150_000, dtype=np.uint64, endpoint=True)
+    sources = rng.choice(len(base), size=300, replace=False)
+    copies = base[sources].copy()
+    for k in range(len(copies)):
+        for bit in rng.choice(64, size=rng.integers(0, d + 1), replace=False):
+            copies[k] ^= np.uint64(1) << np.uint64(bit)
+    h = np.concatenate([base, copies])
+    planted = {(int(s), len(base) + k) for k, s in enumerate(sources)}
+    before = h.copy()
+    got = near_pairs(h, d)
+    assert np.array_equal(h, before)  # the caller's array is left as it was
+    assert planted <= set(map(tuple, got.tolist()))
+    assert np.all(popcount64(h[got[:, 0]] ^ h[got[:, 1]]) <= d)
+    assert np.all(np.diff(got[:, 0] * len(h) + got[:, 1]) > 0)  # sorted by (i, j), no repeats
+    if d == 3:
+        assert set(map(tuple, got.tolist())) == planted
 
 
-@pytest.mark.parametrize("make", [
-    lambda rng: np.zeros(200, dtype=np.uint64),
-    lambda rng: np.full(150, 0xFFFFFFFFFFFFFFFF, dtype=np.uint64),
-    lambda rng: rng.integers(0, 2**64 - 1, size=500, dtype=np.uint64),
-    lambda rng: np.array([0, 1, 3, 7, 15, 31, 63, 127, 255, 2**63], dtype=np.uint64),
-], ids=["all-zero", "all-ones", "random", "one-bit-steps"])
-@pytest.mark.parametrize("d", [0, 3, 8, 64])
-def test_near_pairs_equals_brute_force_on_adversarial_inputs(make, d):
-    h = make(np.random.default_rng(1))
-    assert np.array_equal(near_pairs(h, d), brute_force(h, d))
+def test_near_pairs_accepts_python_ints_above_2_63():
+    h = [2**64 - 1, 2**63, 2**64 - 2, 5]
+    assert near_pairs(h, 1).tolist() == [[0, 2]]
+    assert near_pairs(h, 62).tolist() == [[0, 2], [0, 3], [1, 2], [1, 3]]  # (0, 1) and (2, 3) are 63 apart
 
 
-def test_near_pairs_of_tiny_inputs():
+def test_near_pairs_of_tiny_inputs_and_negative_distances():
     assert near_pairs(np.array([], dtype=np.uint64), 5).shape == (0, 2)
     assert near_pairs(np.array([7], dtype=np.uint64), 5).shape == (0, 2)
+    assert near_pairs(np.array([7, 7], dtype=np.uint64), 0).tolist() == [[0, 1]]
+    assert near_pairs(np.array([7, 7], dtype=np.uint64), -1).shape == (0, 2)
+
+
+def test_near_pairs_rejects_an_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        near_pairs(np.zeros(3, dtype=np.uint64), 1, method="fast")
 
 
 def item(path, sha, ph, dh, pixels=100):
