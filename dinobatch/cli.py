@@ -353,4 +353,4 @@ def main() -> None:
 
 
 # the other commands register themselves on `cli` (imported last: they import this module's helpers)
-from . import cli_curate, cli_train  # noqa: E402,F401
+from . import cli_curate, cli_scan, cli_train  # noqa: E402,F401

@@ -9,12 +9,14 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator
 
 import imagehash
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["Decoded", "DecodeError", "decode", "to_rgb", "MAX_PIXELS", "HASH_MIN_SIDE"]
+__all__ = ["Decoded", "DecodeError", "decode", "to_rgb", "MAX_PIXELS", "HASH_MIN_SIDE", "Hashes",
+           "decode_hashes", "SCAN_MIN_SIDE"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,8 @@ def _decode(data: bytes, min_side: int) -> Decoded:
     factor = min(rgb.size) // side
     if factor >= 2:  # what JPEG's draft does while decoding, done after decoding for other formats
         rgb = rgb.reduce(factor)
-    return Decoded(fmt, width, height, mode, str(imagehash.phash(rgb)), str(imagehash.dhash(rgb)), rgb,
+    grey = rgb.convert("L")  # what both hash functions start with: convert once (same hashes)
+    return Decoded(fmt, width, height, mode, str(imagehash.phash(grey)), str(imagehash.dhash(grey)), rgb,
                    orientation)
 
 
@@ -186,3 +189,157 @@ def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
         return grey
     alpha = Image.fromarray(np.where(mask, 0, 255).astype(np.uint8), "L")
     return Image.merge("LA", (grey, alpha))
+
+
+# ---- hash-only decoding, for `dinobatch scan` -------------------------------------------------
+
+# scan decodes JPEG at the smallest DCT scale (up to 1/8) that keeps the shorter side >= this:
+# pHash resizes to 32x32 and dHash to 9x8, so 64 px keeps every detail they look at. Pictures
+# are then reduced, like decode()'s, only to a shorter side >= HASH_MIN_SIDE, so that scan hashes
+# the picture classify hashes, but for JPEGs that classify decodes at 1/2 or 1/4 scale and scan at 1/8.
+SCAN_MIN_SIDE = 64
+# Modes reduce() takes as they are: for L and RGB, reduce-then-to_rgb is exactly to_rgb-then-reduce
+# (decode()'s order); 32-bit I and F get their 8-bit scaling from the reduced copy. Other modes are
+# converted then reduced a band of rows at a time.
+_REDUCE_AS_IS = ("L", "RGB", "I", "F")
+_BAND_PIXELS = 1 << 22  # pixels converted at once in _reduce_in_bands: ~16 MB of extra memory
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+@dataclass(frozen=True)
+class Hashes:
+    """What a hash-only decode yields: facts about the file and its hashes, no picture."""
+
+    format: str
+    width: int  # as displayed (EXIF orientation applied), full resolution
+    height: int
+    mode: str  # the stored pixel mode, before conversion
+    phash: str
+    dhash: str
+
+
+def decode_hashes(data: bytes, *, heavy: Callable[[int], ContextManager[Any]] | None = None) -> Hashes:
+    """Facts, pHash and dHash from as small a decode as the hashes allow, keeping no picture.
+
+    Every safety of decode() holds (format allowlist, bombs refused before allocation, frame 0,
+    EXIF orientation, C-library stderr silenced, every failure a DecodeError). JPEG is decoded at
+    the smallest DCT scale keeping the shorter side >= SCAN_MIN_SIDE (greyscale where it is YCbCr
+    or grey); other formats are reduced by an integer factor before any conversion, so memory is
+    about one copy of the decoded image. JPEGs between about 512 and 2048 px on the shorter side are
+    thus hashed from a smaller picture than decode()'s and their hashes may differ by a few bits.
+    heavy(n), when given, is entered around a decode that allocates n bytes, so that a caller running
+    several decodes at once can let only one big one in at a time.
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    with _decode_errors():
+        return _decode_hashes(data, heavy or _no_gate)
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """decode()'s rules: bomb warnings refused, C stderr silenced, any failure a DecodeError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            with _silenced_c_stderr():
+                yield
+        except DecodeError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DecodeError(f"refused: possible decompression bomb ({exc})") from exc
+        except UnidentifiedImageError as exc:
+            raise DecodeError("not an image, or a format Pillow cannot identify") from exc
+        except MemoryError as exc:
+            raise DecodeError("refused: decoding needs more memory than is available") from exc
+        except Exception as exc:  # any plugin failure on hostile bytes is this file's error, not the run's
+            raise DecodeError(_reason(exc)) from exc
+
+
+def _no_gate(nbytes: int) -> ContextManager[None]:
+    return contextlib.nullcontext()
+
+
+def _decode_hashes(data: bytes, heavy: Callable[[int], ContextManager[Any]]) -> Hashes:
+    img = Image.open(io.BytesIO(data), formats=_available_formats())
+    fmt, mode = img.format or "unknown", img.mode
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise DecodeError(f"refused: declared size {width}x{height} exceeds the limit of "
+                          f"{MAX_PIXELS} pixels (possible decompression bomb)")
+    if width == 0 or height == 0:
+        raise DecodeError(f"invalid image size {width}x{height}")
+    if fmt in ("JPEG", "MPO"):  # greyscale straight from the decoder: the hashes are grey anyway
+        img.draft("L" if img.mode in ("RGB", "YCbCr", "L") else img.mode, (SCAN_MIN_SIDE, SCAN_MIN_SIDE))
+    with heavy(img.width * img.height * _bytes_per_pixel(img.mode)):
+        img.load()  # before any EXIF read, as in decode()
+        orientation = _orientation(img)
+        small = _small_picture(img, HASH_MIN_SIDE)
+    if orientation in _ROTATING_ORIENTATIONS:
+        width, height = height, width
+    if orientation in _TRANSPOSE:  # on the small picture: no second full-size copy
+        small = small.transpose(_TRANSPOSE[orientation])
+    grey = small if small.mode == "L" else small.convert("L")
+    return Hashes(fmt, width, height, mode, _phash(grey), _dhash(grey))
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """Bytes Pillow allocates per pixel of an image in this mode."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def _small_picture(img: Image.Image, min_side: int) -> Image.Image:
+    """img reduced by an integer factor to a shorter side >= min_side, in L or RGB (to_rgb's rules)."""
+    factor = min(img.size) // min_side
+    if factor >= 2 and img.mode in _REDUCE_AS_IS and "transparency" not in img.info:
+        img = img.reduce(factor)
+    elif factor >= 2:
+        img = _reduce_in_bands(img, factor)
+    if img.mode == "L" and "transparency" not in img.info:
+        return img  # the hashes work in L: no round trip through RGB
+    return to_rgb(img)
+
+
+def _reduce_in_bands(img: Image.Image, factor: int) -> Image.Image:
+    """Convert (to_rgb, or 16-bit to 32-bit) then reduce, a band of rows at a time, so that modes
+    reduce() cannot average (palette, alpha, CMYK, 16-bit) never need a second full-size copy."""
+    high_depth = img.mode in _HIGH_DEPTH_MODES
+    rows = max(1, _BAND_PIXELS // (img.width * factor)) * factor  # a multiple of factor: blocks align
+    out = None
+    for top in range(0, img.height, rows):
+        band = img.crop((0, top, img.width, min(top + rows, img.height)))
+        if high_depth:
+            part = (band if band.mode in ("I", "F") else band.convert("I")).reduce(factor)
+        else:
+            part = to_rgb(band).reduce(factor)
+        if out is None:
+            out = Image.new(part.mode, (-(-img.width // factor), -(-img.height // factor)))
+        out.paste(part, (0, top // factor))
+    if high_depth and "transparency" in img.info:  # 8-bit scaling and the tRNS mask, on the small copy
+        out.info["transparency"] = img.info["transparency"]
+    return out
+
+
+# Rows 0-7 of scipy.fftpack's unnormalised DCT-II of length 32 (what imagehash.phash applies).
+_DCT_32_LOW = 2 * np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None, :] + 1) / 64)
+
+
+def _phash(grey: Image.Image) -> str:
+    """imagehash.phash(grey) as 16 hex digits, computed with numpy so that no process imports scipy
+    (0.2-0.5 s each) just for a 32x32 DCT. Rounding the coefficients gives the exact zeros scipy's
+    FFT gives on flat pictures; the result equals imagehash's (tested, blank pictures included)."""
+    pixels = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = np.round(_DCT_32_LOW @ pixels @ _DCT_32_LOW.T, 7)
+    ordered = np.sort(low, axis=None)
+    return np.packbits(low > (ordered[31] + ordered[32]) / 2).tobytes().hex()  # above the median
+
+
+def _dhash(grey: Image.Image) -> str:
+    """imagehash.dhash(grey) as 16 hex digits: is each of 9x8 pixels brighter than its left neighbour."""
+    pixels = np.asarray(grey.resize((9, 8), Image.Resampling.LANCZOS))
+    return np.packbits(pixels[:, 1:] > pixels[:, :-1]).tobytes().hex()

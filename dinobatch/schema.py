@@ -23,6 +23,9 @@ __all__ = [
     "SPLITS",
     "cache_schema",
     "file_index_schema",
+    "SCAN_SCHEMA_VERSION",
+    "scan_schema",
+    "scan_metadata",
     "schema_metadata",
     "read_metadata",
 ]
@@ -213,3 +216,29 @@ def read_metadata(schema: pa.Schema) -> dict[str, object]:
     if "labels" in out:
         out["labels"] = json.loads(str(out["labels"]))
     return out
+
+
+SCAN_SCHEMA_VERSION = "1"
+
+
+def scan_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
+    """`dinobatch scan` output: one row per file found, with its facts, hashes and duplicate group."""
+    file_fields = [f for f in _FILE_FIELDS if f.name != Col.RUN_ID]
+    return pa.schema(file_fields + FACT_FIELDS + _DUPLICATE_FIELDS, metadata=metadata)
+
+
+def scan_metadata(*, version: str, folder: str, jpeg_min_side: int, hash_min_side: int, phash_max: int,
+                  dhash_max: int) -> dict[bytes, bytes]:
+    """Key-value metadata of a scan file: what was scanned, and how its hashes and groups were made."""
+    values = {
+        "kind": "scan",
+        "schema_version": SCAN_SCHEMA_VERSION,
+        "version": version,
+        "folder": folder,
+        "hash": "imagehash phash + dhash, 64 bits each",
+        "hash_jpeg_min_side": str(jpeg_min_side),  # JPEG: the smallest DCT scale keeping this
+        "hash_min_side": str(hash_min_side),  # all: reduced by an integer factor keeping this
+        "phash_max": str(phash_max),
+        "dhash_max": str(dhash_max),
+    }
+    return {(_META_PREFIX + k).encode(): v.encode() for k, v in values.items()}

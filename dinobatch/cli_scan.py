@@ -1,0 +1,58 @@
+"""Command line, model-free inventory: scan (registered on cli's group)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .cli import _Progress, _run, _say_error, _setup_logging, _verbosity, cli
+from .errors import EXIT_INTERRUPTED
+
+log = logging.getLogger("dinobatch")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.option("-o", "--output", default="scan.parquet", type=click.Path(dir_okay=False),
+              help="Parquet file to write (atomically): one row per file found.")
+@click.option("-j", "--workers", type=click.IntRange(min=0), default=None,
+              help="Hashing processes [default: every usable core]; 0 hashes in this process.")
+@click.option("--phash-max", type=click.IntRange(0, 64), default=8, help="Near duplicate: pHash distance.")
+@click.option("--dhash-max", type=click.IntRange(0, 64), default=3, help="Near duplicate: dHash distance.")
+@click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
+              help="Also write the run summary to this file (atomically), for monitoring.")
+@_verbosity
+def scan(folder: str, output: str, workers: int | None, phash_max: int, dhash_max: int,
+         summary_json: str | None, quiet: bool, verbose: bool) -> None:
+    """Inventory FOLDER without a model: sha256, pHash, dHash and duplicate groups, one row per file."""
+    _setup_logging(quiet, verbose)
+
+    def body():
+        from .inventory import ScanConfig, scan_folder
+        from .results import write_json
+
+        cfg = ScanConfig(folder=folder, output=output, workers=workers, phash_max=phash_max,
+                         dhash_max=dhash_max)
+        progress = _Progress(enabled=not quiet)
+        try:
+            summary = scan_folder(cfg, progress)
+        except KeyboardInterrupt:  # classify's message would promise saved batches: scan has none
+            _say_error("interrupted; nothing was written (the output is only ever replaced whole)")
+            sys.exit(EXIT_INTERRUPTED)
+        finally:
+            progress.close()
+        if summary_json:
+            write_json(summary.to_dict(), summary_json)
+        _log_summary(summary)
+
+    _run(body)
+
+
+def _log_summary(s) -> None:
+    """The one-line summary on stderr (a JSON log record with --log-format json; none with -q)."""
+    c = s.counts
+    rate = f", {s.images_per_second} images/s" if s.images_per_second else ""
+    log.info("%d files: %d ok, %d duplicate, %d error (%d duplicate groups); %.1f s%s -> %s",
+             s.files, c["ok"], c["duplicate"], c["error"], s.duplicate_groups, s.seconds, rate, s.output)
