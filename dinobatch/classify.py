@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 from . import __version__, faults
 from .config import ClassifyConfig
 from .dedupe import DedupeItem, group_duplicates
-from .device import default_workers, resolve_runtime, tune_process
+from .device import resolve_runtime, tune_process
 from .infer import WorkItem, predict
 from .lock import exclusive
 from .model import resolve_model
@@ -164,7 +164,7 @@ def _infer(cfg, out, model, runtime, todo, run_id, metadata, progress) -> tuple[
     changed: set[str] = set()
     t, done = time.monotonic(), 0
     for results in predict(model, runtime, items, batch_size=cfg.batch_size,
-                           workers=default_workers(runtime.device.type, cfg.workers), embeddings=cfg.embeddings,
+                           workers=cfg.workers, embeddings=cfg.embeddings,
                            compile=cfg.compile, jpeg_on_device=cfg.gpu_decode and runtime.is_cuda):
         writer.write([{Col.SHA256: r.sha256, **r.facts, **r.prediction} for r in results if r.error is None])
         decode_errors.update({r.sha256: r.error for r in results if r.error is not None})

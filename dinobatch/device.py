@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from .errors import DeviceError
 
-__all__ = ["PRECISIONS", "Runtime", "resolve_runtime", "default_workers", "tune_process", "MALLOC_ENV"]
+__all__ = ["PRECISIONS", "Runtime", "resolve_runtime", "default_workers", "tune_process", "MALLOC_ENV", "usable_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def default_workers(device_type: str, requested: int | None) -> int:
     """Decode workers: as asked, else one per spare core (on CPU the model's threads need the rest)."""
     if requested is not None:
         return requested
-    cores = _usable_cores()
+    cores = usable_cores()
     if device_type == "cuda":
         return max(1, min(8, cores - 1))
     return max(1, min(4, cores // 2))
@@ -151,7 +151,7 @@ def tune_process(runtime: Runtime) -> dict[str, Any]:
 
     applied: dict[str, Any] = {"allocator": _tune_allocator() if runtime.device.type == "cpu" else "system"}
     if runtime.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(_usable_cores())
+        torch.set_num_threads(usable_cores())
     applied["threads"] = torch.get_num_threads()
     applied["channels_last"] = True  # Runtime.prepare and to_device
     return applied
@@ -177,5 +177,6 @@ def _tune_allocator() -> str:
     return "glibc: mmap_max=0, trim_threshold=2GiB"
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

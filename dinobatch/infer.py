@@ -205,6 +205,65 @@ def forward_with_features(module, x):
     return module.fc(features), features
 
 
+_BURST_DATASET: "ImageDataset | None" = None  # set just before the burst pool forks; workers inherit it
+
+
+def _burst_init() -> None:
+    """A burst worker: one torch thread, and signals left to the parent (it decides how to stop)."""
+    import signal
+
+    import torch
+
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _burst_item(index: int) -> dict[str, Any]:
+    assert _BURST_DATASET is not None  # set before the fork
+    return _BURST_DATASET[index]
+
+
+def _burst_batches(dataset: "ImageDataset", batch_size: int, processes: int) -> Iterator:
+    """Batches decoded by all cores at once while the model waits, then handed over whole.
+
+    On a CPU the model's threads use every core; decode workers running beside them (a
+    DataLoader's) take cores away at random moments and stall the threads at each barrier.
+    Alternating gives each phase all the cores: decoding costs its own time divided by the cores."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    global _BURST_DATASET
+    _BURST_DATASET = dataset
+    try:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_burst_init) as pool:
+            try:
+                for lo in range(0, len(dataset), batch_size):
+                    indices = range(lo, min(len(dataset), lo + batch_size))
+                    chunk = -(-len(indices) // processes)
+                    yield collate(list(pool.map(_burst_item, indices, chunksize=chunk)))
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    finally:
+        _BURST_DATASET = None
+
+
+def _batches(dataset: "ImageDataset", runtime, batch_size: int, workers: int | None) -> Iterator:
+    """(records, batch) per batch: a burst pool on CPU by default, else a DataLoader with workers."""
+    from torch.utils.data import DataLoader
+
+    from .device import default_workers, usable_cores
+
+    if workers is None and not runtime.is_cuda and usable_cores() > 1:
+        return _burst_batches(dataset, batch_size, usable_cores())
+    workers = default_workers(runtime.device.type, workers)
+    return iter(DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                           collate_fn=collate, pin_memory=runtime.pin_memory,
+                           prefetch_factor=4 if workers > 0 else None))
+
+
 def _compiled(module, batch_size: int):
     """torch.compile'd forward; every batch padded to batch_size so the graph compiles once."""
     import torch
@@ -263,14 +322,14 @@ def fit_batch_size(module, runtime, crop: int, largest: int = 512) -> int:
     return 1
 
 
-def predict(model: LoadedModel, runtime, items: Sequence[WorkItem], *, batch_size: int | None, workers: int,
+def predict(model: LoadedModel, runtime, items: Sequence[WorkItem], *, batch_size: int | None, workers: int | None,
             embeddings: bool, compile: bool = False, jpeg_on_device: bool = False) -> Iterator[list[ContentResult]]:
     """Yield one list of ContentResult per batch, in input order; failed items are results too.
 
-    batch_size None: 32 on CPU, the largest that fits on CUDA. compile: torch.compile the model
-    (batches padded to one shape, so it compiles once). jpeg_on_device: JPEGs decoded on the GPU."""
+    batch_size None: 32 on CPU, the largest that fits on CUDA. workers None: on CPU, a burst pool
+    of every core between forward passes; on CUDA, DataLoader workers decoding ahead. compile:
+    torch.compile the model (batches padded to one shape: one compile). jpeg_on_device: nvjpeg."""
     import torch
-    from torch.utils.data import DataLoader
 
     if not items:
         return
@@ -283,10 +342,7 @@ def predict(model: LoadedModel, runtime, items: Sequence[WorkItem], *, batch_siz
     mean = torch.tensor(spec.preprocessing.mean, device=runtime.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(spec.preprocessing.std, device=runtime.device).view(1, 3, 1, 1) * 255
     dataset = ImageDataset(items, spec.preprocessing, jpeg_to_device=jpeg_on_device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=collate, pin_memory=runtime.pin_memory,
-                        prefetch_factor=4 if workers > 0 else None, persistent_workers=False)
-    for records, batch in loader:
+    for records, batch in _batches(dataset, runtime, batch_size, workers):
         preds: list[dict[str, Any] | str] = []
         x = device_batch(records, batch, runtime, spec.preprocessing)
         if x is not None:

@@ -160,4 +160,6 @@ def sha256_file(path: str) -> str:
 def read_bytes(path: str) -> bytes:
     """The whole file, refusing non-regular and oversized files."""
     with _open_regular(path) as fh:
-        return fh.read(MAX_FILE_BYTES + 1)
+        # sized from fstat: read(MAX_FILE_BYTES + 1) would allocate 512 MiB for every file. A file
+        # that grew meanwhile comes back cut short, and its sha256 check then reports the change.
+        return fh.read(os.fstat(fh.fileno()).st_size + 1)
