@@ -22,6 +22,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from classify import make_model  # noqa: E402  (benchmarks/classify.py: the same random ResNet50)
 
 
 def generate(folder: Path, n: int, size: tuple[int, int]) -> None:
@@ -51,18 +54,6 @@ def _generate_chunk(folder: Path, numbers: range, size: tuple[int, int]) -> None
             draw.ellipse([x, y, x + rng.randrange(w // 8, w // 2), y + rng.randrange(h // 8, h // 2)],
                          fill=tuple(rng.randrange(256) for _ in range(3)))
         img.save(folder / f"{i:06d}.jpg", quality=90)
-
-
-def make_model(path: Path) -> Path:
-    import torch
-
-    from dinobatch.model import ModelSpec, build_module, save_model
-
-    torch.manual_seed(0)
-    labels = tuple(f"class_{i}" for i in range(15))
-    save_model(path, ModelSpec("resnet50", labels, source={"kind": "benchmark"}),
-               build_module("resnet50", 15).state_dict())
-    return path
 
 
 def ceiling(model_path: Path, runtime, batch_size: int, compile: bool, seconds: float = 10.0) -> float:

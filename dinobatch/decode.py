@@ -57,23 +57,8 @@ def decode(data: bytes, *, min_side: int = HASH_MIN_SIDE) -> Decoded:
     """Decode bytes once: refuse bombs, take frame 0, orient, convert to RGB, hash."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        # Pillow only warns between 1x and 2x its limit; a warning is a refusal here.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        warnings.simplefilter("ignore", UserWarning)  # "corrupt EXIF" and the like: not actionable
-        try:
-            with _silenced_c_stderr():
-                return _decode(data, min_side)
-        except DecodeError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise DecodeError(f"refused: possible decompression bomb ({exc})") from exc
-        except UnidentifiedImageError as exc:
-            raise DecodeError("not an image, or a format Pillow cannot identify") from exc
-        except MemoryError as exc:
-            raise DecodeError("refused: decoding needs more memory than is available") from exc
-        except Exception as exc:  # any plugin failure on hostile bytes is this file's error, not the run's
-            raise DecodeError(_reason(exc)) from exc
+    with _decode_errors():
+        return _decode(data, min_side)
 
 
 @functools.cache
@@ -240,10 +225,11 @@ def decode_hashes(data: bytes, *, heavy: Callable[[int], ContextManager[Any]] | 
 
 @contextlib.contextmanager
 def _decode_errors() -> Iterator[None]:
-    """decode()'s rules: bomb warnings refused, C stderr silenced, any failure a DecodeError."""
+    """Bomb warnings refused, C stderr silenced, any failure a DecodeError (decode, decode_hashes)."""
     with warnings.catch_warnings():
+        # Pillow only warns between 1x and 2x its limit; a warning is a refusal here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", UserWarning)  # "corrupt EXIF" and the like: not actionable
         try:
             with _silenced_c_stderr():
                 yield

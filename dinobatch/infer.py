@@ -220,8 +220,21 @@ def _burst_init() -> None:
 
 
 def _burst_item(index: int) -> dict[str, Any]:
+    """Item `index`, its model input as a numpy array: pickled inline, where a tensor would go
+    through torch's shared-memory hand-over (a segment and a file descriptor per image)."""
     assert _BURST_DATASET is not None  # set before the fork
-    return _BURST_DATASET[index]
+    record = _BURST_DATASET[index]
+    if "tensor" in record:
+        record["tensor"] = record["tensor"].numpy()
+    return record
+
+
+def _from_burst(record: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    if "tensor" in record:
+        record["tensor"] = torch.from_numpy(record["tensor"])
+    return record
 
 
 def _burst_batches(dataset: "ImageDataset", batch_size: int, processes: int) -> Iterator:
@@ -240,14 +253,18 @@ def _burst_batches(dataset: "ImageDataset", batch_size: int, processes: int) -> 
                                  initializer=_burst_init) as pool:
             try:
                 for lo in range(0, len(dataset), batch_size):
-                    indices = range(lo, min(len(dataset), lo + batch_size))
-                    chunk = -(-len(indices) // processes)
-                    yield collate(list(pool.map(_burst_item, indices, chunksize=chunk)))
+                    yield collate([_from_burst(r) for r in _submit(pool, dataset, lo, batch_size, processes)])
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
     finally:
         _BURST_DATASET = None
+
+
+def _submit(pool, dataset, lo: int, batch_size: int, processes: int):
+    """Start decoding the batch at lo: an iterator over its records, in order."""
+    indices = range(lo, min(len(dataset), lo + batch_size))
+    return pool.map(_burst_item, indices, chunksize=-(-len(indices) // processes))
 
 
 def _batches(dataset: "ImageDataset", runtime, batch_size: int, workers: int | None) -> Iterator:
