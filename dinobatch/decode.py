@@ -39,9 +39,9 @@ class DecodeError(Exception):
     """The bytes are not an image Pillow can decode safely; the message is shown to the user."""
 
 
-@dataclass
-class Decoded:
-    """What one decode yields: facts about the file, its hashes and the picture."""
+@dataclass(frozen=True)
+class Hashes:
+    """What a hash-only decode yields: facts about the file and its hashes, no picture."""
 
     format: str
     width: int  # as displayed (EXIF orientation applied), full resolution
@@ -49,6 +49,12 @@ class Decoded:
     mode: str  # the stored pixel mode, before conversion
     phash: str
     dhash: str
+
+
+@dataclass(frozen=True)
+class Decoded(Hashes):
+    """What one decode yields: facts about the file, its hashes and the picture."""
+
     image: Image.Image  # RGB, oriented, possibly reduced in size by JPEG draft decoding
     orientation: int = 1  # the EXIF orientation that was applied to image (1: none)
 
@@ -89,15 +95,22 @@ def _silenced_c_stderr():
         os.close(devnull)
 
 
-def _decode(data: bytes, min_side: int) -> Decoded:
+def _open_checked(data: bytes) -> Image.Image:
+    """Open (no pixels yet) an allowed format; refuse bombs and empty sizes before any allocation."""
     img = Image.open(io.BytesIO(data), formats=_available_formats())
-    fmt, mode = img.format or "unknown", img.mode
     width, height = img.size
     if width * height > MAX_PIXELS:
         raise DecodeError(f"refused: declared size {width}x{height} exceeds the limit of "
                           f"{MAX_PIXELS} pixels (possible decompression bomb)")
     if width == 0 or height == 0:
         raise DecodeError(f"invalid image size {width}x{height}")
+    return img
+
+
+def _decode(data: bytes, min_side: int) -> Decoded:
+    img = _open_checked(data)
+    fmt, mode = img.format or "unknown", img.mode
+    width, height = img.size
     side = max(min_side, HASH_MIN_SIDE)
     if fmt in ("JPEG", "MPO"):
         img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode, (side, side))
@@ -193,17 +206,6 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
-@dataclass(frozen=True)
-class Hashes:
-    """What a hash-only decode yields: facts about the file and its hashes, no picture."""
-
-    format: str
-    width: int  # as displayed (EXIF orientation applied), full resolution
-    height: int
-    mode: str  # the stored pixel mode, before conversion
-    phash: str
-    dhash: str
-
 
 def decode_hashes(data: bytes, *, heavy: Callable[[int], ContextManager[Any]] | None = None) -> Hashes:
     """Facts, pHash and dHash from as small a decode as the hashes allow, keeping no picture.
@@ -250,14 +252,9 @@ def _no_gate(nbytes: int) -> ContextManager[None]:
 
 
 def _decode_hashes(data: bytes, heavy: Callable[[int], ContextManager[Any]]) -> Hashes:
-    img = Image.open(io.BytesIO(data), formats=_available_formats())
+    img = _open_checked(data)
     fmt, mode = img.format or "unknown", img.mode
     width, height = img.size
-    if width * height > MAX_PIXELS:
-        raise DecodeError(f"refused: declared size {width}x{height} exceeds the limit of "
-                          f"{MAX_PIXELS} pixels (possible decompression bomb)")
-    if width == 0 or height == 0:
-        raise DecodeError(f"invalid image size {width}x{height}")
     if fmt in ("JPEG", "MPO"):  # greyscale straight from the decoder: the hashes are grey anyway
         img.draft("L" if img.mode in ("RGB", "YCbCr", "L") else img.mode, (SCAN_MIN_SIDE, SCAN_MIN_SIDE))
     with heavy(img.width * img.height * _bytes_per_pixel(img.mode)):
