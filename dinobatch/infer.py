@@ -171,12 +171,13 @@ def _decode_jpegs_on_device(records: list[dict[str, Any]], runtime, prep: Prepro
             except RuntimeError:
                 images.append(None)
     for r, image in zip(todo, images):
-        data = r.pop("jpeg").numpy().tobytes()
+        jpeg, orientation = r.pop("jpeg"), r.pop("orientation")
         if image is None:
             log.debug("device JPEG decode failed for %s; using the CPU path", r["sha256"])
-            r["device_tensor"] = model_input(decode(data, min_side=prep.resize).image, prep).to(runtime.device)
+            cpu = decode(jpeg.numpy().tobytes(), min_side=prep.resize).image
+            r["device_tensor"] = model_input(cpu, prep).to(runtime.device)
         else:
-            r["device_tensor"] = device_model_input(orient_tensor(image, r.pop("orientation")), prep)
+            r["device_tensor"] = device_model_input(orient_tensor(image, orientation), prep)
 
 
 def device_batch(records: list[dict[str, Any]], batch, runtime, prep: Preprocessing):
@@ -290,7 +291,7 @@ def _compiled(module, batch_size: int):
     def forward(x):
         n = x.shape[0]
         if n < batch_size:
-            pad = x.new_zeros((batch_size - n, *x.shape[1:])).contiguous(memory_format=torch.channels_last)
+            pad = x.new_zeros((batch_size - n, *x.shape[1:]))
             x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
         logits, features = compiled(x)
         return logits[:n], features[:n]

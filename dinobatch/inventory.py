@@ -24,8 +24,9 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 from . import __version__
 from .decode import HASH_MIN_SIDE, SCAN_MIN_SIDE, DecodeError, decode_hashes
 from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Assignment, DedupeItem, group_duplicates
+from .device import usable_cores
 from .results import table_from_columns, write_table
-from .scan import MAX_FILE_BYTES, FileEntry, _open_regular, check_folder, walk
+from .scan import FileEntry, check_folder, read_bytes, walk
 from .schema import STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK, scan_metadata, scan_schema
 
 __all__ = ["ScanConfig", "ScanSummary", "scan_folder", "hash_file", "default_scan_workers", "HEAVY_BYTES"]
@@ -80,11 +81,8 @@ class ScanSummary:
 
 
 def default_scan_workers() -> int:
-    """Every core this process may run on (affinity and cgroup cpusets respected where visible)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    """Every core this process may run on (device.usable_cores: its CPU affinity)."""
+    return max(1, usable_cores())
 
 
 def scan_folder(cfg: ScanConfig, progress: Progress | None = None) -> ScanSummary:
@@ -141,22 +139,11 @@ def _gate(nbytes: int) -> ContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _read(abspath: str) -> bytes:
-    """scan.read_bytes with the read sized from fstat: read_bytes' read(512 MiB + 1) maps and
-    unmaps 512 MiB for every file, 0.2 ms a file, more than the sha256 of a photo costs."""
-    with _open_regular(abspath) as fh:  # same refusals: FIFOs and devices, files over the limit
-        expected = os.fstat(fh.fileno()).st_size
-        data = fh.read(expected + 1)
-        if len(data) > expected:  # it grew since: read on, up to the same limit
-            data += fh.read(MAX_FILE_BYTES + 1 - len(data))
-    return data
-
-
 def hash_file(abspath: str, size: int | None) -> Record:
     """sha256, facts and hashes of one file from a single read of its bytes, or why it has none."""
     with _gate(size or 0):
         try:
-            data = _read(abspath)
+            data = read_bytes(abspath)
         except OSError as exc:
             return None, None, None, f"cannot read file: {exc.strerror or exc}"
         sha = hashlib.sha256(data).hexdigest()

@@ -160,6 +160,9 @@ def sha256_file(path: str) -> str:
 def read_bytes(path: str) -> bytes:
     """The whole file, refusing non-regular and oversized files."""
     with _open_regular(path) as fh:
-        # sized from fstat: read(MAX_FILE_BYTES + 1) would allocate 512 MiB for every file. A file
-        # that grew meanwhile comes back cut short, and its sha256 check then reports the change.
-        return fh.read(os.fstat(fh.fileno()).st_size + 1)
+        # sized from fstat: read(MAX_FILE_BYTES + 1) would allocate 512 MiB for every file
+        expected = os.fstat(fh.fileno()).st_size
+        data = fh.read(expected + 1)
+        if len(data) > expected:  # it grew since: read on, up to the same limit
+            data += fh.read(MAX_FILE_BYTES + 1 - len(data))
+    return data
