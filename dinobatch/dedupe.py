@@ -17,6 +17,8 @@ __all__ = [
     "DEFAULT_DHASH_MAX",
     "DedupeItem",
     "Assignment",
+    "Groups",
+    "group_arrays",
     "popcount64",
     "near_pairs",
     "group_duplicates",
@@ -57,10 +59,6 @@ def _find(parent: list[int], x: int) -> int:
     return x
 
 
-def _hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
-
-
 def linked_components(items: Sequence[DedupeItem], phash_max: int, dhash_max: int) -> list[list[DedupeItem]]:
     """Components (of two or more) of items connected by exact copies or near links, chains
     included: what must stay together in one split. Identical hash pairs are collapsed first, so
@@ -94,38 +92,91 @@ def linked_components(items: Sequence[DedupeItem], phash_max: int, dhash_max: in
     return [c for c in components.values() if len(c) > 1]
 
 
-def _stars(members: list[DedupeItem], phash_max: int, dhash_max: int) -> list[list[DedupeItem]]:
+@dataclass(frozen=True)
+class Groups:
+    """Duplicate groups over n items, as arrays aligned with them (what group_arrays returns)."""
+
+    group: np.ndarray  # int64: group number, -1 for an item in no group
+    keeper: np.ndarray  # int64: index of the kept item of its group; -1 for a kept item or one in no group
+    exact: np.ndarray  # bool: same content as its kept item (False where keeper is -1)
+
+
+def _component_labels(content: np.ndarray, phash: np.ndarray, dhash: np.ndarray, phash_max: int,
+                      dhash_max: int) -> np.ndarray:
+    """Per item, a label shared by exactly the items of its component (exact copies or near links,
+    chains included); identical hash pairs are collapsed first, as in linked_components."""
+    keys, key_of = np.unique(np.stack([phash, dhash], axis=1), axis=0, return_inverse=True)
+    key_of = key_of.reshape(-1)
+    (a, a_max), (b, b_max) = sorted([(keys[:, 0], phash_max), (keys[:, 1], dhash_max)], key=lambda t: t[1])
+    links = near_pairs(a, a_max)
+    if len(links):
+        links = links[popcount64(b[links[:, 0]] ^ b[links[:, 1]]) <= b_max]
+    _, first, content_of = np.unique(content, return_index=True, return_inverse=True)
+    copies = np.stack([key_of[first[content_of.reshape(-1)]], key_of], axis=1)  # each item to its content's first
+    parent = list(range(len(keys)))
+    for x, y in [*links.tolist(), *np.unique(copies[copies[:, 0] != copies[:, 1]], axis=0).tolist()]:
+        rx, ry = _find(parent, x), _find(parent, y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    roots = np.asarray(parent, dtype=np.int64)
+    while not np.array_equal(roots, roots[roots]):  # every chain to its root
+        roots = roots[roots]
+    return roots[key_of]
+
+
+def _star_groups(members: np.ndarray, content: np.ndarray, phash: np.ndarray, dhash: np.ndarray,
+                 pixels: np.ndarray, phash_max: int, dhash_max: int) -> list[np.ndarray]:
     """Split a component into groups whose every member is directly within the limits of the kept
-    (largest, then first-path) file: A~B and B~C never make C a duplicate of A on their own."""
-    remaining = sorted(members, key=lambda x: (-x.pixels, x.path))
+    (largest, then first) item, listed first: A~B and B~C never make C a duplicate of A on their own."""
+    remaining = members[np.lexsort((members, -pixels[members]))]
     groups = []
     while len(remaining) > 1:
         keeper, rest = remaining[0], remaining[1:]
-        near = [x for x in rest if x.sha256 == keeper.sha256 or (
-            _hamming(x.phash, keeper.phash) <= phash_max and _hamming(x.dhash, keeper.dhash) <= dhash_max)]
-        if near:
-            groups.append([keeper] + near)
-        taken = {id(x) for x in near}
-        remaining = [x for x in rest if id(x) not in taken]
+        near = (content[rest] == content[keeper]) | (
+            (popcount64(phash[rest] ^ phash[keeper]) <= phash_max) & (popcount64(dhash[rest] ^ dhash[keeper]) <= dhash_max))
+        if near.any():
+            groups.append(np.concatenate([[keeper], rest[near]]))
+        remaining = rest[~near]
     return groups
+
+
+def group_arrays(content: np.ndarray, phash: np.ndarray, dhash: np.ndarray, pixels: np.ndarray, *,
+                 phash_max: int = DEFAULT_PHASH_MAX, dhash_max: int = DEFAULT_DHASH_MAX) -> Groups:
+    """group_duplicates over items given in path order as arrays (content: equal for equal sha256;
+    64-bit hashes; width * height), so a folder of any size costs no Python object per file."""
+    content, pixels = np.asarray(content), np.asarray(pixels, dtype=np.int64)
+    phash, dhash = np.asarray(phash, dtype=np.uint64), np.asarray(dhash, dtype=np.uint64)
+    n = len(content)
+    result = Groups(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool))
+    if n < 2:
+        return result
+    labels = _component_labels(content, phash, dhash, phash_max, dhash_max)
+    linked = np.flatnonzero(np.bincount(labels)[labels] > 1)
+    linked = linked[np.argsort(labels[linked], kind="stable")]
+    groups = [g for comp in np.split(linked, np.flatnonzero(np.diff(labels[linked])) + 1) if len(comp)
+              for g in _star_groups(comp, content, phash, dhash, pixels, phash_max, dhash_max)]
+    groups.sort(key=lambda g: g.min())  # numbered in the order of their first path
+    for number, members in enumerate(groups):
+        keeper, others = members[0], members[1:]
+        result.group[members] = number
+        result.keeper[others] = keeper
+        result.exact[others] = content[others] == content[keeper]
+    return result
 
 
 def group_duplicates(items: Sequence[DedupeItem], *, phash_max: int = DEFAULT_PHASH_MAX,
                      dhash_max: int = DEFAULT_DHASH_MAX) -> list[Assignment]:
     """Group exact copies and near duplicates (pHash AND dHash within their limits) around the
     largest file of each group, which is kept; every other member is directly near it."""
-    if not items:
-        return []
-    groups = [g for comp in linked_components(items, phash_max, dhash_max)
-              for g in _stars(comp, phash_max, dhash_max)]
-    groups.sort(key=lambda g: min(x.path for x in g))
+    items = sorted(items, key=lambda x: x.path)
+    content_ids: dict[str, int] = {}
+    groups = group_arrays(np.array([content_ids.setdefault(x.sha256, len(content_ids)) for x in items], np.int64),
+                          np.array([x.phash for x in items], np.uint64), np.array([x.dhash for x in items], np.uint64),
+                          np.array([x.pixels for x in items], np.int64), phash_max=phash_max, dhash_max=dhash_max)
     out = []
-    for number, members in enumerate(groups):
-        keeper = members[0]
-        for x in sorted(members, key=lambda x: x.path):
-            if x is keeper:
-                out.append(Assignment(x.path, number, None, None))
-            else:
-                kind = DUPLICATE_EXACT if x.sha256 == keeper.sha256 else DUPLICATE_NEAR
-                out.append(Assignment(x.path, number, keeper.path, kind))
+    for i in np.lexsort((np.arange(len(items)), groups.group)):
+        if groups.group[i] >= 0:
+            keeper = groups.keeper[i]
+            kind = None if keeper < 0 else DUPLICATE_EXACT if groups.exact[i] else DUPLICATE_NEAR
+            out.append(Assignment(items[i].path, int(groups.group[i]), items[keeper].path if keeper >= 0 else None, kind))
     return out

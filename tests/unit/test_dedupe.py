@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dinobatch.dedupe import DedupeItem, group_duplicates, near_pairs, popcount64
+from dinobatch.dedupe import (Assignment, DedupeItem, group_arrays, group_duplicates, linked_components, near_pairs,
+                             popcount64)
 
 
 def brute_force(h: np.ndarray, d: int) -> np.ndarray:
@@ -165,3 +166,70 @@ def test_thousands_of_identical_hashes_group_quickly_into_one():
     assignments = group_duplicates(items)
     assert len(assignments) == 20_000
     assert {a.duplicate_of for a in assignments} == {None, "00000.png"}
+
+
+def _reference_groups(items, phash_max, dhash_max):
+    """group_duplicates as it was written over DedupeItem objects (before group_arrays): the reference."""
+    def hamming(a, b):
+        return (a ^ b).bit_count()
+
+    groups = []
+    for comp in linked_components(items, phash_max, dhash_max):
+        remaining = sorted(comp, key=lambda x: (-x.pixels, x.path))
+        while len(remaining) > 1:
+            keeper, rest = remaining[0], remaining[1:]
+            near = [x for x in rest if x.sha256 == keeper.sha256 or (
+                hamming(x.phash, keeper.phash) <= phash_max and hamming(x.dhash, keeper.dhash) <= dhash_max)]
+            if near:
+                groups.append([keeper] + near)
+            taken = {id(x) for x in near}
+            remaining = [x for x in rest if id(x) not in taken]
+    groups.sort(key=lambda g: min(x.path for x in g))
+    out = []
+    for number, members in enumerate(groups):
+        keeper = members[0]
+        for x in sorted(members, key=lambda x: x.path):
+            if x is keeper:
+                out.append(Assignment(x.path, number, None, None))
+            else:
+                out.append(Assignment(x.path, number, keeper.path, "exact" if x.sha256 == keeper.sha256 else "near"))
+    return out
+
+
+def _clustered_items(seed, n):
+    """n items around a few base hashes: exact copies, near and not-quite-near variants, chains,
+    ties in size, and hashes above 2**63, in shuffled (not path) order."""
+    rng = np.random.default_rng(seed)
+    bases = [int(b) for b in rng.integers(0, 2**64 - 1, size=max(1, n // 8), dtype=np.uint64)]
+    items = []
+    for i in range(n):
+        base = bases[rng.integers(len(bases))]
+        ph, dh = base, base ^ 0xFF
+        for _ in range(rng.integers(0, 6)):
+            ph ^= 1 << int(rng.integers(64))
+        for _ in range(rng.integers(0, 3)):
+            dh ^= 1 << int(rng.integers(64))
+        sha = f"s{i}"
+        if items and rng.random() < 0.2:  # an exact copy of an earlier item
+            twin = items[rng.integers(len(items))]
+            sha, ph, dh = twin.sha256, twin.phash, twin.dhash
+        items.append(DedupeItem(f"{rng.integers(10**6):07d}-{i}.jpg", sha, ph, dh, int(rng.integers(1, 4)) * 100))
+    return items
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_array_grouping_gives_the_same_groups_as_the_object_based_reference(seed):
+    items = _clustered_items(seed, 300)
+    for phash_max, dhash_max in [(8, 3), (4, 1), (0, 0), (12, 6)]:
+        expected = _reference_groups(items, phash_max, dhash_max)
+        assert group_duplicates(items, phash_max=phash_max, dhash_max=dhash_max) == expected
+        assert any(a.kind == "near" for a in expected) or (phash_max, dhash_max) == (0, 0)
+
+
+def test_group_arrays_points_each_duplicate_at_its_kept_item_by_index():
+    # in path order: 0 and 2 are the same content, 1 is near 2 but larger, 3 stands alone
+    groups = group_arrays(np.array([7, 8, 7, 9]), np.array([0, 1, 0, 2**64 - 1], np.uint64),
+                          np.array([0, 0, 0, 2**64 - 1], np.uint64), np.array([10, 50, 10, 10]))
+    assert groups.group.tolist() == [0, 0, 0, -1]
+    assert groups.keeper.tolist() == [1, -1, 1, -1]
+    assert groups.exact.tolist() == [False, False, False, False]
