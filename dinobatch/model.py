@@ -194,13 +194,19 @@ def _module_with_weights(arch: str, labels: tuple[str, ...], state_dict: Any, wh
     if fc is not None and fc.shape[0] != len(labels):
         raise ModelError(f"{where}: the classifier has {fc.shape[0]} outputs but {len(labels)} "
                          f"labels were given; the labels file must list one label per class, in order")
-    module = build_module(arch, len(labels))
+    import torch
+
+    with torch.device("meta"):  # no random initialisation (0.4 s for a ResNet50): every tensor is loaded
+        module = build_module(arch, len(labels))
+    weights = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state_dict.items()}
     try:
-        module.load_state_dict(state_dict, strict=True)
+        module.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:4])
         raise ModelError(f"{where}: weights do not fit a torchvision {arch}: {detail}") from exc
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        raise ModelError(f"{where}: weights do not fit a torchvision {arch}: some tensors were not loaded")
     return module.eval()
 
 
