@@ -13,10 +13,10 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import imagehash
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["Decoded", "DecodeError", "decode", "to_rgb", "MAX_PIXELS", "HASH_MIN_SIDE", "Hashes",
-           "decode_hashes", "SCAN_MIN_SIDE"]
+           "decode_hashes", "SCAN_MIN_SIDE", "quiet_decoding"]
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,8 @@ def _decode(data: bytes, min_side: int) -> Decoded:
     orientation = _orientation(img)
     if orientation in _ROTATING_ORIENTATIONS:
         width, height = height, width
-    img = _oriented(img)
+    if orientation in _TRANSPOSE:  # exif_transpose's transforms, without its copy of upright pictures
+        img = img.transpose(_TRANSPOSE[orientation])
     rgb = to_rgb(img)
     factor = min(rgb.size) // side
     if factor >= 2:  # what JPEG's draft does while decoding, done after decoding for other formats
@@ -140,14 +141,6 @@ def _orientation(img: Image.Image) -> int:
         return int(img.getexif().get(0x0112, 1) or 1)
     except Exception:  # malformed EXIF must not fail the image; orientation is then unknown
         return 1
-
-
-def _oriented(img: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception as exc:  # a broken EXIF block: keep the pixels as stored
-        log.debug("EXIF orientation not applied: %s", exc)
-        return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -225,26 +218,47 @@ def decode_hashes(data: bytes, *, heavy: Callable[[int], ContextManager[Any]] | 
         return _decode_hashes(data, heavy or _no_gate)
 
 
+_quiet_depth = 0  # > 0 inside quiet_decoding(): nested decodes skip setting it up again
+
+
 @contextlib.contextmanager
-def _decode_errors() -> Iterator[None]:
-    """Bomb warnings refused, C stderr silenced, any failure a DecodeError (decode, decode_hashes)."""
+def quiet_decoding() -> Iterator[None]:
+    """Bomb warnings as errors, other Pillow warnings ignored, C-library stderr silenced.
+
+    decode() and decode_hashes() enter it themselves; a worker decoding many files enters it once
+    around them all, which saves four file-descriptor calls and a warnings-filter copy per file."""
+    global _quiet_depth
+    if _quiet_depth:
+        yield
+        return
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its limit; a warning is a refusal here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         warnings.simplefilter("ignore", UserWarning)  # "corrupt EXIF" and the like: not actionable
-        try:
-            with _silenced_c_stderr():
+        with _silenced_c_stderr():
+            _quiet_depth += 1
+            try:
                 yield
-        except DecodeError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise DecodeError(f"refused: possible decompression bomb ({exc})") from exc
-        except UnidentifiedImageError as exc:
-            raise DecodeError("not an image, or a format Pillow cannot identify") from exc
-        except MemoryError as exc:
-            raise DecodeError("refused: decoding needs more memory than is available") from exc
-        except Exception as exc:  # any plugin failure on hostile bytes is this file's error, not the run's
-            raise DecodeError(_reason(exc)) from exc
+            finally:
+                _quiet_depth -= 1
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Quiet decoding, and any failure a DecodeError (decode, decode_hashes)."""
+    try:
+        with quiet_decoding():
+            yield
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"refused: possible decompression bomb ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not an image, or a format Pillow cannot identify") from exc
+    except MemoryError as exc:
+        raise DecodeError("refused: decoding needs more memory than is available") from exc
+    except Exception as exc:  # any plugin failure on hostile bytes is this file's error, not the run's
+        raise DecodeError(_reason(exc)) from exc
 
 
 def _no_gate(nbytes: int) -> ContextManager[None]:

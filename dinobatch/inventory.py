@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 from . import __version__
-from .decode import HASH_MIN_SIDE, SCAN_MIN_SIDE, DecodeError, decode_hashes
+from .decode import HASH_MIN_SIDE, SCAN_MIN_SIDE, DecodeError, decode_hashes, quiet_decoding
 from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Assignment, DedupeItem, group_duplicates
 from .device import usable_cores
 from .results import table_from_columns, write_table
@@ -155,7 +155,8 @@ def hash_file(abspath: str, size: int | None) -> Record:
 
 
 def _hash_chunk(chunk: Sequence[tuple[int, str, int | None]]) -> list[tuple[int, Record]]:
-    return [(index, hash_file(path, size)) for index, path, size in chunk]
+    with quiet_decoding():  # once per chunk, not per file
+        return [(index, hash_file(path, size)) for index, path, size in chunk]
 
 
 # ---- fan-out ----------------------------------------------------------------------------------
