@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from .decode import DecodeError, decode
+from .decode import DecodeError, decode, quiet_decoding
 from .model import LoadedModel, Preprocessing
 from .scan import read_bytes
 from .schema import Col
 
 __all__ = ["WorkItem", "ContentResult", "ImageDataset", "predict", "model_input", "forward_with_features",
-           "orient_tensor", "device_model_input", "fit_batch_size"]
+           "orient_tensor", "device_model_input", "fit_batch_size", "balanced_shares"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,13 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def cost(self, index: int) -> int:
+        """The bytes of item index's first file: what its decoding time follows (0 if unknown)."""
+        try:
+            return os.stat(self.items[index].abspaths[0]).st_size
+        except (OSError, IndexError):
+            return 0
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
@@ -220,14 +228,18 @@ def _burst_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _burst_item(index: int) -> dict[str, Any]:
-    """Item `index`, its model input as a numpy array: pickled inline, where a tensor would go
+def _burst_items(indices: Sequence[int]) -> list[dict[str, Any]]:
+    """Items at indices, model inputs as numpy arrays: pickled inline, where a tensor would go
     through torch's shared-memory hand-over (a segment and a file descriptor per image)."""
     assert _BURST_DATASET is not None  # set before the fork
-    record = _BURST_DATASET[index]
-    if "tensor" in record:
-        record["tensor"] = record["tensor"].numpy()
-    return record
+    records = []
+    with quiet_decoding():  # once per share of the batch, not per file
+        for index in indices:
+            record = _BURST_DATASET[index]
+            if "tensor" in record:
+                record["tensor"] = record["tensor"].numpy()
+            records.append(record)
+    return records
 
 
 def _from_burst(record: dict[str, Any]) -> dict[str, Any]:
@@ -262,10 +274,30 @@ def _burst_batches(dataset: "ImageDataset", batch_size: int, processes: int) -> 
         _BURST_DATASET = None
 
 
-def _submit(pool, dataset, lo: int, batch_size: int, processes: int):
-    """Start decoding the batch at lo: an iterator over its records, in order."""
+def _submit(pool, dataset, lo: int, batch_size: int, processes: int) -> list[dict[str, Any]]:
+    """Decode the batch at lo, one share per process; its records, in order.
+
+    Shares are balanced by file size (decoding time follows the compressed bytes), so that no
+    core waits long for the other at the end of a burst, with one hand-over per process."""
     indices = range(lo, min(len(dataset), lo + batch_size))
-    return pool.map(_burst_item, indices, chunksize=-(-len(indices) // processes))
+    shares = balanced_shares(indices, [dataset.cost(i) for i in indices], processes)
+    futures = [(share, pool.submit(_burst_items, share)) for share in shares if share]
+    done = {i: r for share, future in futures for i, r in zip(share, future.result())}
+    return [done[i] for i in indices]
+
+
+def balanced_shares(indices: Sequence[int], costs: Sequence[float], n: int) -> list[list[int]]:
+    """indices split into n shares of nearly equal total cost (largest first, each to the lightest
+    share), every share in ascending index order."""
+    import heapq
+
+    shares: list[list[int]] = [[] for _ in range(n)]
+    heap = [(0.0, k) for k in range(n)]
+    for cost, index in sorted(zip(costs, indices), key=lambda ci: -ci[0]):
+        total, k = heapq.heappop(heap)
+        shares[k].append(index)
+        heapq.heappush(heap, (total + cost, k))
+    return [sorted(share) for share in shares]
 
 
 def _batches(dataset: "ImageDataset", runtime, batch_size: int, workers: int | None) -> Iterator:
@@ -365,7 +397,7 @@ def predict(model: LoadedModel, runtime, items: Sequence[WorkItem], *, batch_siz
         x = device_batch(records, batch, runtime, spec.preprocessing)
         if x is not None:
             with runtime.autocast():
-                logits, features = forward((x.float() - mean) / std)
+                logits, features = forward(x.to(torch.float32, copy=True).sub_(mean).div_(std))
             preds = _postprocess(logits, features, spec.labels, spec.temperature, embeddings)
         it = iter(preds)
         results = []

@@ -11,7 +11,8 @@ import torch
 from PIL import Image, ImageOps
 
 from dinobatch.device import resolve_runtime
-from dinobatch.infer import ImageDataset, WorkItem, collate, device_batch, orient_tensor, predict
+from dinobatch.infer import (ImageDataset, WorkItem, balanced_shares, collate, device_batch, orient_tensor,
+                            predict)
 from dinobatch.model import Preprocessing, load_model
 
 from tests.conftest import picture, save
@@ -65,3 +66,16 @@ def test_compiled_model_predicts_the_same_top1(tmp_path, tiny_model):
     compiled = [r.prediction for b in predict(model, cpu, items, batch_size=2, workers=0, embeddings=False,
                                               compile=True) for r in b]
     assert [p["label"] for p in compiled] == plain  # the last batch of one is padded, not recompiled
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_burst_shares_cover_the_batch_once_and_balance_the_bytes(n):
+    rng = np.random.default_rng(n)
+    costs = [int(c) for c in rng.integers(10_000, 2_000_000, 32)]
+    indices = list(range(100, 132))
+    shares = balanced_shares(indices, costs, n)
+    assert sorted(i for share in shares for i in share) == indices
+    assert all(share == sorted(share) for share in shares)
+    totals = [sum(costs[i - 100] for i in share) for share in shares]
+    # greedy largest-first: the heaviest share exceeds the lightest by at most one file's cost
+    assert max(totals) - min(totals) <= max(costs)
