@@ -8,17 +8,22 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import InputError
 
-__all__ = ["FileEntry", "check_folder", "walk", "sha256_file", "read_bytes", "display_path", "MAX_FILE_BYTES"]
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["FileEntry", "check_folder", "walk", "walk_table", "sha256_file", "read_bytes", "display_path",
+           "MAX_FILE_BYTES"]
 
 log = logging.getLogger(__name__)
 
 # A larger file is refused before it is read: no photo or drawing comes near this.
 MAX_FILE_BYTES = 512 * 1024 * 1024
 _CHUNK = 1024 * 1024
+_TABLE_CHUNK = 8192  # FileEntry objects alive at once while walk_table builds its columns
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,32 @@ def walk(root: str | Path, exclude: str | Path | None = None) -> Iterator[FileEn
             yield sub
         elif sub is not None:
             stack.append(iter(_listing(sub)))
+
+
+def walk_table(root: str | Path, exclude: str | Path | None = None) -> "pa.Table":
+    """What walk() yields, in the same order, as one table (schema.walk_schema): built a chunk at a
+    time so that no Python object per file outlives its chunk, whatever the size of the folder."""
+    import pyarrow as pa
+
+    chunks, pending = [], []
+    for entry in walk(root, exclude):
+        pending.append(entry)
+        if len(pending) == _TABLE_CHUNK:
+            chunks.append(_entries_table(pending))
+            pending = []
+    chunks.append(_entries_table(pending))
+    return pa.concat_tables(chunks)
+
+
+def _entries_table(entries: list[FileEntry]) -> "pa.Table":
+    from .results import table_from_columns
+    from .schema import Col, walk_schema
+
+    return table_from_columns({
+        Col.PATH: [e.path for e in entries], Col.PATH_BYTES: [e.raw for e in entries],
+        Col.ABSPATH: [os.fsencode(e.abspath) for e in entries], Col.BYTES: [e.size for e in entries],
+        Col.MTIME_NS: [e.mtime_ns for e in entries], Col.CTIME_NS: [e.ctime_ns for e in entries],
+        Col.INODE: [e.inode for e in entries], Col.ERROR: [e.error for e in entries]}, walk_schema())
 
 
 def check_folder(root: str | Path) -> str:

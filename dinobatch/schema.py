@@ -23,6 +23,7 @@ __all__ = [
     "SPLITS",
     "cache_schema",
     "file_index_schema",
+    "walk_schema",
     "SCAN_SCHEMA_VERSION",
     "scan_schema",
     "scan_metadata",
@@ -76,6 +77,11 @@ class Col:
     SPECIES_PERIOD = "species_period"
     SPECIES_DIET = "species_diet"
     SPECIES_LENGTH_M = "species_length_m"
+    # the file index and a walk's in-memory table
+    ABSPATH = "abspath"
+    MTIME_NS = "mtime_ns"
+    CTIME_NS = "ctime_ns"
+    INODE = "inode"
     # manifests
     SPLIT = "split"
     GROUP = "group"
@@ -178,12 +184,27 @@ def file_index_schema() -> pa.Schema:
     """Schema of the file index: what a file's stat said when its sha256 was last computed, so an
     unchanged file is not read again (the idea of git's index: size, mtime, ctime and inode)."""
     return pa.schema([
-        pa.field("abspath", pa.binary(), nullable=False),  # os.fsencode of the absolute path
+        pa.field(Col.ABSPATH, pa.binary(), nullable=False),  # os.fsencode of the absolute path
         pa.field(Col.BYTES, pa.int64(), nullable=False),
-        pa.field("mtime_ns", pa.int64(), nullable=False),
-        pa.field("ctime_ns", pa.int64(), nullable=False),
-        pa.field("inode", pa.int64(), nullable=False),
+        pa.field(Col.MTIME_NS, pa.int64(), nullable=False),
+        pa.field(Col.CTIME_NS, pa.int64(), nullable=False),
+        pa.field(Col.INODE, pa.int64(), nullable=False),
         pa.field(Col.SHA256, pa.string(), nullable=False),
+    ])
+
+
+def walk_schema() -> pa.Schema:
+    """The files a walk found, one row each, as classify holds them in memory (never written):
+    columns rather than one Python object per file, so a run's memory does not grow with the folder."""
+    return pa.schema([
+        pa.field(Col.PATH, pa.string(), nullable=False),  # relative, '/'-separated, printable
+        pa.field(Col.PATH_BYTES, pa.binary()),  # the exact bytes, when `path` had to escape them
+        pa.field(Col.ABSPATH, pa.binary(), nullable=False),  # os.fsencode of the absolute path
+        pa.field(Col.BYTES, pa.int64()),  # size, mtime, ctime and inode: null where stat failed
+        pa.field(Col.MTIME_NS, pa.int64()),
+        pa.field(Col.CTIME_NS, pa.int64()),
+        pa.field(Col.INODE, pa.int64()),
+        pa.field(Col.ERROR, pa.string()),  # why the file cannot be read, found by the walk
     ])
 
 
