@@ -11,17 +11,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from . import __version__, faults
 from .config import ClassifyConfig
-from .dedupe import DedupeItem, group_duplicates
+from .dedupe import Groups, group_arrays
 from .device import resolve_runtime, tune_process
 from .infer import WorkItem, predict
 from .lock import exclusive
 from .model import resolve_model
 from .results import ResultsDir
-from .scan import FileEntry, check_folder, sha256_file, walk
-from .schema import (FACT_COLUMNS, PREDICTION_COLUMNS, SPECIES_COLUMNS, STATUS_DUPLICATE, STATUS_ERROR,
-                     STATUS_OK, Col, row_schema, schema_metadata)
+from .scan import check_folder, sha256_file, walk_table
+from .schema import (DUPLICATE_EXACT, DUPLICATE_NEAR, FACT_COLUMNS, PREDICTION_COLUMNS, SPECIES_COLUMNS,
+                     STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK, Col, file_index_schema, row_schema, schema_metadata)
 from .species import default_species_csv, load_species
 
 __all__ = ["classify", "RunSummary", "Progress"]
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 # progress(stage, done, total): stage is "fingerprint" or "infer"
 Progress = Callable[[str, int, int], None]
 _ROWS_PER_BATCH = 2048
+_ERRORS_KEPT = 20  # errors listed in the summary (all of them are in the rows)
 
 
 @dataclass
@@ -66,30 +71,63 @@ def new_run_id(now: datetime) -> str:
     return now.strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
 
 
-def _fingerprint(entries: Sequence[FileEntry], index: dict[str, tuple], progress: Progress | None
-                 ) -> tuple[dict[str, str], dict[str, str], dict[str, tuple]]:
-    """sha256 per readable file path, the reason for each file that could not be read, and the new
-    file index; a file whose size, mtime, ctime and inode match the index is not read again."""
-    shas: dict[str, str] = {}
-    unreadable: dict[str, str] = {}
-    seen: dict[str, tuple] = {}
-    for done, entry in enumerate(entries, 1):
-        if entry.error is not None:
-            unreadable[entry.path] = entry.error
-        else:
-            stat = (entry.size, entry.mtime_ns, entry.ctime_ns, entry.inode)
-            known = index.get(entry.abspath)
-            try:
-                sha = known[4] if known is not None and tuple(known[:4]) == stat else sha256_file(entry.abspath)
-            except OSError as exc:
-                unreadable[entry.path] = f"cannot read file: {exc.strerror or exc}"
-            else:
-                shas[entry.path] = sha
-                seen[entry.abspath] = (*stat, sha)
-        faults.point("fingerprint")
-        if progress:
-            progress("fingerprint", done, len(entries))
-    return shas, unreadable, seen
+def _known_shas(files: pa.Table, index: pa.Table) -> pa.ChunkedArray:
+    """Per file, the sha256 the file index holds for it where size, mtime, ctime and inode all match
+    what the walk saw (null elsewhere): those files are not read again."""
+    known = index.take(pc.index_in(files[Col.ABSPATH], value_set=index[Col.ABSPATH].combine_chunks()))
+    same = [pc.equal(files[c], known[c]) for c in (Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE)]
+    return pc.if_else(pc.fill_null(pc.and_(pc.and_(same[0], same[1]), pc.and_(same[2], same[3])), False),
+                      known[Col.SHA256], pa.scalar(None, pa.string()))
+
+
+def _fingerprint(files: pa.Table, index: pa.Table, progress: Progress | None
+                 ) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """sha256 of each readable file, and the reason for each file that could not be read (null
+    elsewhere), aligned with files; a file whose stat matches the index is not read again."""
+    shas, errors, done = [], [], 0
+    columns = pa.table([files[Col.ABSPATH], files[Col.ERROR], _known_shas(files, index)], names=["a", "e", "k"])
+    for batch in columns.to_batches(max_chunksize=4096):  # Python values for one batch at a time
+        sha_part, error_part = [], []
+        for abspath, error, sha in zip(*(c.to_pylist() for c in batch.columns)):
+            if error is None and sha is None:
+                try:
+                    sha = sha256_file(os.fsdecode(abspath))
+                except OSError as exc:
+                    error = f"cannot read file: {exc.strerror or exc}"
+            sha_part.append(None if error else sha)
+            error_part.append(error)
+            done += 1
+            faults.point("fingerprint")
+            if progress:
+                progress("fingerprint", done, files.num_rows)
+        shas.append(pa.array(sha_part, pa.string()))
+        errors.append(pa.array(error_part, pa.string()))
+    return pa.chunked_array(shas, pa.string()), pa.chunked_array(errors, pa.string())
+
+
+class _Todo(Sequence[WorkItem]):
+    """The contents to infer, first seen first, each with every file that holds it: WorkItems made
+    on demand from arrays, so that the list of work holds no Python object per file."""
+
+    def __init__(self, abspaths: pa.ChunkedArray, shas: pa.ChunkedArray, cached: pa.Array):
+        new = np.flatnonzero(pc.and_(shas.is_valid(), pc.invert(pc.is_in(shas, value_set=cached))).to_numpy(
+            zero_copy_only=False))
+        new_shas = shas.take(pa.array(new, pa.int64()))
+        self.shas = pc.unique(new_shas)  # in order of first appearance
+        content = pc.index_in(new_shas, value_set=self.shas).to_numpy(zero_copy_only=False)
+        by_content = new[np.argsort(content, kind="stable")]  # files of each content together, in walk order
+        self.abspaths = abspaths.take(pa.array(by_content, pa.int64())).combine_chunks()
+        self.starts = np.concatenate([[0], np.cumsum(np.bincount(content, minlength=len(self.shas)))])
+
+    def __len__(self) -> int:
+        return len(self.shas)
+
+    def __getitem__(self, i):
+        i = range(len(self))[i]  # negative indices and IndexError as a list has them
+        if isinstance(i, range):
+            return [self[j] for j in i]
+        paths = self.abspaths[self.starts[i]:self.starts[i + 1]].to_pylist()
+        return WorkItem(tuple(os.fsdecode(p) for p in paths), self.shas[i].as_py())
 
 
 def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummary:
@@ -114,52 +152,55 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
 
 def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, progress, process) -> RunSummary:
     """The run itself, while this process alone writes to cfg.out."""
-    entries = list(walk(cfg.folder, exclude=cfg.out))  # an --out inside the folder is not input
-    log.info("found %d files under %s", len(entries), cfg.folder)
+    files = walk_table(cfg.folder, exclude=cfg.out)  # an --out inside the folder is not input
+    log.info("found %d files under %s", files.num_rows, cfg.folder)
     hashed_at = time.time_ns()
-    shas, unreadable, file_index = _fingerprint(entries, {} if cfg.force else out.read_file_index(), progress)
+    index = file_index_schema().empty_table() if cfg.force else out.read_file_index()
+    shas, errors = _fingerprint(files, index, progress)
+    del index
 
-    cached = set() if cfg.force else out.cached_shas(model.fingerprint, with_embeddings=cfg.embeddings)
-    todo: dict[str, list[str]] = {}
-    for entry in entries:
-        sha = shas.get(entry.path)
-        if sha is not None and sha not in cached:
-            todo.setdefault(sha, []).append(entry.abspath)
-    reused = len(set(shas.values()) & cached)
+    cached = pa.array([], pa.string()) if cfg.force else out.cached_shas(model.fingerprint,
+                                                                          with_embeddings=cfg.embeddings)
+    todo = _Todo(files[Col.ABSPATH], shas, cached)
+    reused = pc.count_distinct(shas.filter(pc.is_in(shas, value_set=cached))).as_py()
+    del cached
     log.info("%d unique contents to infer, %d already have predictions from this model", len(todo), reused)
 
     metadata = schema_metadata(version=__version__, model_name=model.name, model_fingerprint=model.fingerprint,
                                labels=list(model.spec.labels), folder=cfg.folder)
     decode_errors, changed, infer_seconds = _infer(cfg, out, model, runtime, todo, run_id, metadata, progress)
-    by_abspath = {e.abspath: e.path for e in entries}
-    unreadable.update({by_abspath[p]: "file changed while dinobatch was reading it; the next run classifies it"
-                       for p in changed})
+    changed_mask = pc.is_in(files[Col.ABSPATH], value_set=pa.array([os.fsencode(p) for p in changed], pa.binary()))
+    errors = pc.if_else(changed_mask, "file changed while dinobatch was reading it; the next run classifies it",
+                        errors)
 
-    content = out.read_cache(model.fingerprint, set(shas.values()) - set(decode_errors),
+    failed = pa.array(list(decode_errors), pa.string())
+    wanted = pc.unique(shas.drop_null())
+    content = out.read_cache(model.fingerprint, wanted.filter(pc.invert(pc.is_in(wanted, value_set=failed))),
                              with_embeddings=cfg.embeddings)
     stats: dict[str, Any] = {}
-    rows = _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg, model, run_id, stats)
+    rows = _row_batches(files, shas, errors, decode_errors, content, species, cfg, model, run_id, stats)
     rows_file = out.write_rows(run_id, rows, row_schema(metadata))
-    out.write_file_index(file_index, hashed_at)
+    seen = files.select([Col.ABSPATH, Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE]).append_column(Col.SHA256, shas)
+    out.write_file_index(seen.filter(shas.is_valid()), hashed_at)
     out.compact_cache(model.fingerprint, run_id, metadata)
     inferred = len(todo) - len(decode_errors)
     summary = RunSummary(
-        run_id=run_id, rows_file=str(rows_file), files=len(entries), counts=stats["counts"],
+        run_id=run_id, rows_file=str(rows_file), files=files.num_rows, counts=stats["counts"],
         inferred=inferred, reused=reused, duplicate_groups=stats["groups"],
         seconds=round(time.monotonic() - t0, 3),
         images_per_second=round(inferred / infer_seconds, 2) if inferred and infer_seconds > 0 else None,
         model={"name": model.name, "fingerprint": model.fingerprint, "arch": model.spec.arch,
                "classes": len(model.spec.labels)},
         runtime=runtime.describe(), config=cfg.to_dict(), process=process, started=started.isoformat(),
-        finished=datetime.now(timezone.utc).isoformat(), errors=stats["errors"][:20])
+        finished=datetime.now(timezone.utc).isoformat(), errors=stats["errors"])
     out.write_summary(run_id, summary.to_dict())
     return summary
 
 
-def _infer(cfg, out, model, runtime, todo, run_id, metadata, progress) -> tuple[dict[str, str], set[str], float]:
+def _infer(cfg, out, model, runtime, items: Sequence[WorkItem], run_id, metadata,
+           progress) -> tuple[dict[str, str], set[str], float]:
     """Decode and infer each new content; commit every batch to the cache as it finishes."""
     writer = out.cache_writer(model.fingerprint, run_id, metadata)
-    items = [WorkItem(tuple(paths), sha) for sha, paths in todo.items()]
     decode_errors: dict[str, str] = {}
     changed: set[str] = set()
     t, done = time.monotonic(), 0
@@ -176,17 +217,28 @@ def _infer(cfg, out, model, runtime, todo, run_id, metadata, progress) -> tuple[
     return decode_errors, changed, time.monotonic() - t
 
 
-def _assignments(entries, shas, unreadable, content, index, cfg) -> dict[str, Any]:
-    """Duplicate groups over the files that have a prediction (a file in error is in no group)."""
-    facts = content.select([Col.PHASH, Col.DHASH, Col.WIDTH, Col.HEIGHT]).to_pylist()
-    items = []
-    for e in entries:
-        i = None if e.path in unreadable else index.get(shas.get(e.path, ""))
-        if i is not None:
-            f = facts[i]
-            items.append(DedupeItem(e.path, shas[e.path], int(f[Col.PHASH], 16), int(f[Col.DHASH], 16),
-                                    f[Col.WIDTH] * f[Col.HEIGHT]))
-    return {a.path: a for a in group_duplicates(items, phash_max=cfg.phash_max, dhash_max=cfg.dhash_max)}
+def _hex64(hashes: pa.ChunkedArray) -> np.ndarray:
+    """16-hex-digit hash strings as uint64, converted a slice at a time."""
+    out = np.zeros(len(hashes), np.uint64)
+    for lo in range(0, len(hashes), 4096):
+        out[lo:lo + 4096] = [int(h, 16) for h in hashes.slice(lo, 4096).to_pylist()]
+    return out
+
+
+def _duplicates(path_order: np.ndarray, own: np.ndarray, content: pa.Table, cfg) -> Groups:
+    """Duplicate groups over the files that have a prediction (own: their row in content, -1 for a
+    file in error, which is in no group), as arrays over all files; keeper holds a file index."""
+    ok = path_order[own[path_order] >= 0]  # in path order, as group_arrays wants them
+    rows = own[ok]
+    pixels = content[Col.WIDTH].to_numpy().astype(np.int64) * content[Col.HEIGHT].to_numpy()
+    found = group_arrays(rows, _hex64(content[Col.PHASH])[rows], _hex64(content[Col.DHASH])[rows], pixels[rows],
+                         phash_max=cfg.phash_max, dhash_max=cfg.dhash_max)
+    n = len(own)
+    groups = Groups(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool))
+    groups.group[ok] = found.group
+    groups.keeper[ok] = np.where(found.keeper >= 0, ok[found.keeper], -1)
+    groups.exact[ok] = found.exact
+    return groups
 
 
 def _top_k(probs: list[list[float] | None], labels: Sequence[str], k: int) -> tuple[list, list]:
@@ -205,54 +257,73 @@ def _top_k(probs: list[list[float] | None], labels: Sequence[str], k: int) -> tu
     return names, values
 
 
-def _row_batches(entries, shas, unreadable, decode_errors, content, species, cfg, model, run_id,
+def _final_errors(shas, errors, decode_errors: dict[str, str], content: pa.Table) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """Every file's error (its own, its content's, or a missing prediction) and, for the files
+    without one, their row in content (-1 for the others)."""
+    failed = pa.array(list(decode_errors.values()), pa.string()).take(
+        pc.index_in(shas, value_set=pa.array(list(decode_errors), pa.string())))
+    row = pc.index_in(shas, value_set=content[Col.SHA256].combine_chunks())
+    missing = pc.if_else(row.is_null(), "no prediction was produced for this file; rerun", pa.scalar(None, pa.string()))
+    errors = pc.coalesce(errors, failed, missing)
+    own = pc.if_else(errors.is_null(), pc.fill_null(row, -1), -1)
+    return errors, own.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _row_batches(files: pa.Table, shas, errors, decode_errors, content, species, cfg, model, run_id,
                  stats: dict[str, Any]) -> Iterator:
     """Per-file rows in path order, built in slices; duplicates carry the kept file's prediction.
 
     Fills stats with counts, duplicate groups and errors as the rows are produced."""
-    import pyarrow as pa
-
-    schema = row_schema()
-    index = {sha: i for i, sha in enumerate(content[Col.SHA256].to_pylist())}
-    groups = _assignments(entries, shas, unreadable, content, index, cfg)
+    errors, own = _final_errors(shas, errors, decode_errors, content)
+    order = pc.sort_indices(files[Col.PATH]).to_numpy()  # code point order, as sorted() on str
+    groups = _duplicates(order, own, content, cfg)
     stats.update(counts={STATUS_OK: 0, STATUS_DUPLICATE: 0, STATUS_ERROR: 0}, errors=[],
-                 groups=len({g.group for g in groups.values()}))
-    ordered = sorted(entries, key=lambda e: e.path)
-    for lo in range(0, len(ordered), _ROWS_PER_BATCH):
-        chunk = ordered[lo:lo + _ROWS_PER_BATCH]
-        own, pred, cols = [], [], {name: [] for name in (Col.RUN_ID, Col.PATH, Col.PATH_BYTES, Col.BYTES, Col.MTIME,
-                                                         Col.SHA256, Col.STATUS, Col.ERROR, Col.DUPLICATE_OF,
-                                                         Col.DUPLICATE_KIND, Col.DUPLICATE_GROUP)}
-        for e in chunk:
-            sha = shas.get(e.path)
-            i = index.get(sha) if sha else None
-            g = groups.get(e.path)
-            error = unreadable.get(e.path) or (decode_errors.get(sha) if sha else None)
-            if error is None and i is None:
-                error = "no prediction was produced for this file; rerun"
-            status = STATUS_ERROR if error else (STATUS_DUPLICATE if g and g.duplicate_of else STATUS_OK)
-            stats["counts"][status] += 1
-            if error:
-                stats["errors"].append({"path": e.path, "error": error})
-                g = i = None
-            own.append(i)
-            pred.append(index[shas[g.duplicate_of]] if status == STATUS_DUPLICATE else i)
-            values = (run_id, e.path, e.raw, e.size, _utc(e.mtime_ns), sha, status, error,
-                      g.duplicate_of if g else None, g.kind if g else None, g.group if g else None)
-            for name, value in zip(cols, values):
-                cols[name].append(value)
-        facts = content.select(list(FACT_COLUMNS)).take(pa.array(own, pa.int64()))
-        preds = content.select(list(PREDICTION_COLUMNS)).take(pa.array(pred, pa.int64()))
-        labels = preds[Col.LABEL].to_pylist()
-        topk_labels, topk_probs = _top_k(preds[Col.PROBS].to_pylist(), model.spec.labels, cfg.top_k)
-        arrays = {**cols, **{c: facts[c] for c in FACT_COLUMNS}, **{c: preds[c] for c in PREDICTION_COLUMNS},
-                  Col.TOPK_LABELS: topk_labels, Col.TOPK_PROBS: topk_probs,
-                  Col.MODEL: [model.name] * len(chunk), Col.MODEL_FINGERPRINT: [model.fingerprint] * len(chunk)}
-        if not cfg.embeddings:
-            arrays[Col.EMBEDDING] = pa.nulls(len(chunk), pa.list_(pa.float32()))
-        for c in SPECIES_COLUMNS:
-            arrays[c] = [species.get(label, {}).get(c) if label else None for label in labels]
-        yield from pa.Table.from_pydict({f.name: arrays[f.name] for f in schema}, schema=schema).to_batches()
+                 groups=int(groups.group.max(initial=-1)) + 1)
+    for lo in range(0, len(order), _ROWS_PER_BATCH):
+        chunk = order[lo:lo + _ROWS_PER_BATCH]
+        yield from _row_batch(chunk, files, shas, errors, own, groups, content, species, cfg, model, run_id, stats)
+
+
+def _row_batch(chunk: np.ndarray, files, shas, errors, own, groups: Groups, content, species, cfg, model, run_id,
+               stats: dict[str, Any]) -> Iterator:
+    """The rows of the files at chunk (indices into files), in that order."""
+    take = pa.array(chunk, pa.int64())
+    error = errors.take(take)
+    keeper = groups.keeper[chunk]
+    duplicate = keeper >= 0
+    status = np.where(error.is_null().to_numpy(zero_copy_only=False),
+                      np.where(duplicate, STATUS_DUPLICATE, STATUS_OK), STATUS_ERROR)
+    for name, count in zip(*np.unique(status, return_counts=True)):
+        stats["counts"][str(name)] += int(count)
+    if len(stats["errors"]) < _ERRORS_KEPT:  # the summary shows the first few
+        stats["errors"].extend({"path": p, "error": e} for p, e in zip(files[Col.PATH].take(take).to_pylist(),
+                                                                       error.to_pylist()) if e is not None)
+        del stats["errors"][_ERRORS_KEPT:]
+    own_rows = own[chunk]
+    pred_rows = np.where(duplicate, own[np.maximum(keeper, 0)], own_rows)
+    facts = content.select(list(FACT_COLUMNS)).take(pa.array(own_rows, pa.int64(), mask=own_rows < 0))
+    preds = content.select(list(PREDICTION_COLUMNS)).take(pa.array(pred_rows, pa.int64(), mask=pred_rows < 0))
+    labels = preds[Col.LABEL].to_pylist()
+    topk_labels, topk_probs = _top_k(preds[Col.PROBS].to_pylist(), model.spec.labels, cfg.top_k)
+    in_group = groups.group[chunk] >= 0
+    arrays = {
+        Col.RUN_ID: [run_id] * len(chunk), Col.PATH: files[Col.PATH].take(take),
+        Col.PATH_BYTES: files[Col.PATH_BYTES].take(take), Col.BYTES: files[Col.BYTES].take(take),
+        Col.MTIME: [_utc(ns) for ns in files[Col.MTIME_NS].take(take).to_pylist()], Col.SHA256: shas.take(take),
+        Col.STATUS: status.tolist(), Col.ERROR: error,
+        Col.DUPLICATE_OF: files[Col.PATH].take(pa.array(keeper, pa.int64(), mask=~duplicate)),
+        Col.DUPLICATE_KIND: pa.array(np.where(groups.exact[chunk], DUPLICATE_EXACT, DUPLICATE_NEAR), pa.string(),
+                                     mask=~duplicate),
+        Col.DUPLICATE_GROUP: pa.array(groups.group[chunk], pa.int64(), mask=~in_group),
+        **{c: facts[c] for c in FACT_COLUMNS}, **{c: preds[c] for c in PREDICTION_COLUMNS},
+        Col.TOPK_LABELS: topk_labels, Col.TOPK_PROBS: topk_probs,
+        Col.MODEL: [model.name] * len(chunk), Col.MODEL_FINGERPRINT: [model.fingerprint] * len(chunk)}
+    if not cfg.embeddings:
+        arrays[Col.EMBEDDING] = pa.nulls(len(chunk), pa.list_(pa.float32()))
+    for c in SPECIES_COLUMNS:
+        arrays[c] = [species.get(label, {}).get(c) if label else None for label in labels]
+    schema = row_schema()
+    yield from pa.Table.from_pydict({f.name: arrays[f.name] for f in schema}, schema=schema).to_batches()
 
 
 def _utc(mtime_ns: int | None) -> datetime | None:

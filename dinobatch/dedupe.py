@@ -132,8 +132,8 @@ def _star_groups(members: np.ndarray, content: np.ndarray, phash: np.ndarray, dh
     groups = []
     while len(remaining) > 1:
         keeper, rest = remaining[0], remaining[1:]
-        near = (content[rest] == content[keeper]) | (
-            (popcount64(phash[rest] ^ phash[keeper]) <= phash_max) & (popcount64(dhash[rest] ^ dhash[keeper]) <= dhash_max))
+        near = (content[rest] == content[keeper]) | ((popcount64(phash[rest] ^ phash[keeper]) <= phash_max)
+                                                    & (popcount64(dhash[rest] ^ dhash[keeper]) <= dhash_max))
         if near.any():
             groups.append(np.concatenate([[keeper], rest[near]]))
         remaining = rest[~near]
@@ -178,5 +178,6 @@ def group_duplicates(items: Sequence[DedupeItem], *, phash_max: int = DEFAULT_PH
         if groups.group[i] >= 0:
             keeper = groups.keeper[i]
             kind = None if keeper < 0 else DUPLICATE_EXACT if groups.exact[i] else DUPLICATE_NEAR
-            out.append(Assignment(items[i].path, int(groups.group[i]), items[keeper].path if keeper >= 0 else None, kind))
+            kept = items[keeper].path if keeper >= 0 else None
+            out.append(Assignment(items[i].path, int(groups.group[i]), kept, kind))
     return out

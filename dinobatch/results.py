@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -180,27 +181,27 @@ class ResultsDir:
             raise _output_error("create cache folder", folder, exc) from exc
         return CacheWriter(folder, run_id, metadata)
 
-    def cached_shas(self, fingerprint: str, *, with_embeddings: bool) -> set[str]:
-        """sha256 of every content this model already has a prediction for."""
+    def cached_shas(self, fingerprint: str, *, with_embeddings: bool) -> pa.Array:
+        """sha256 of every content this model already has a prediction for, each once."""
         cols = [Col.SHA256, Col.EMBEDDING] if with_embeddings else [Col.SHA256]
-        found: set[str] = set()
+        found = []
         for part in self._cache_parts(fingerprint):
             table = _read_part(part, cols)
             if table is None:
                 continue
             if with_embeddings:
                 table = table.filter(table[Col.EMBEDDING].is_valid())
-            found.update(table[Col.SHA256].to_pylist())
-        return found
+            found.append(pc.unique(table[Col.SHA256]).cast(pa.string()))
+        return pc.unique(pa.chunked_array(found, pa.string()))
 
-    def read_cache(self, fingerprint: str, shas: set[str], *, with_embeddings: bool) -> pa.Table:
+    def read_cache(self, fingerprint: str, shas: pa.Array | pa.ChunkedArray, *, with_embeddings: bool) -> pa.Table:
         """The newest cached row of each wanted sha256 (later parts win), as one table.
 
         With with_embeddings only rows that carry an embedding count; without, the embedding
         column is not even read."""
         schema = cache_schema()
         columns = [n for n in schema.names if with_embeddings or n != Col.EMBEDDING]
-        wanted = pa.array(sorted(shas), pa.string())
+        wanted = shas.combine_chunks() if isinstance(shas, pa.ChunkedArray) else pa.array(shas, pa.string())
         pieces = []
         for part in self._cache_parts(fingerprint):
             table = _read_part(part, columns)
@@ -216,10 +217,7 @@ class ResultsDir:
             table = schema.empty_table()
         else:
             table = pa.concat_tables([p.select(schema.names).cast(schema) for p in pieces])
-        last: dict[str, int] = {}
-        for index, sha in enumerate(table[Col.SHA256].to_pylist()):
-            last[sha] = index
-        table = table.take(pa.array(sorted(last.values()), pa.int64()))
+        table = table.take(pa.array(_last_of_each(table[Col.SHA256]), pa.int64()))
         if not with_embeddings:
             table = table.append_column(cache_schema().field(Col.EMBEDDING),
                                         pa.nulls(table.num_rows, pa.list_(pa.float32())))
@@ -240,7 +238,7 @@ class ResultsDir:
             with pq.ParquetWriter(tmp, cache_schema(metadata)) as writer:
                 for part, rows in zip(parts, keep):
                     table = _read_part(part, None)
-                    if table is not None and rows:  # an unreadable part's work is redone anyway
+                    if table is not None and len(rows):  # an unreadable part's work is redone anyway
                         rows_kept = table.select(writer.schema.names).take(pa.array(rows, pa.int64()))
                         writer.write_table(rows_kept.cast(writer.schema))
         for part in parts:
@@ -253,20 +251,21 @@ class ResultsDir:
     def _index_path(self) -> Path:
         return self.path / "_cache" / "files.parquet"
 
-    def read_file_index(self) -> dict[str, tuple[int, int, int, int, str]]:
-        """abspath -> (size, mtime_ns, ctime_ns, inode, sha256) as last hashed; {} if absent or unreadable."""
+    def read_file_index(self) -> pa.Table:
+        """Each file's stat (size, mtime_ns, ctime_ns, inode) when its sha256 was last computed, by
+        abspath (file_index_schema); no rows if absent or unreadable."""
         table = _read_part(self._index_path(), None) if self._index_path().exists() else None
         if table is None or table.schema.names != file_index_schema().names:
-            return {}
-        cols = [table[n].to_pylist() for n in file_index_schema().names]
-        return {os.fsdecode(path): rest for path, *rest in zip(*cols)}
+            return file_index_schema().empty_table()
+        return table.cast(file_index_schema())
 
-    def write_file_index(self, index: dict[str, tuple[int, int, int, int, str]], hashed_at_ns: int) -> None:
-        """Save the file index, leaving out files changed too close to when they were hashed."""
-        entries = [(k, v) for k, v in index.items() if max(v[1], v[2]) < hashed_at_ns - _RACY_NS]
-        columns = [[os.fsencode(k) for k, _ in entries]] + [[v[i] for _, v in entries] for i in range(5)]
-        table = pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, file_index_schema())],
-                                     schema=file_index_schema())
+    def write_file_index(self, index: pa.Table, hashed_at_ns: int) -> None:
+        """Save the file index (file_index_schema columns), leaving out files changed too close to
+        when they were hashed."""
+        schema = file_index_schema()
+        index = index.select(schema.names)
+        settled = pc.less(pc.max_element_wise(index[Col.MTIME_NS], index[Col.CTIME_NS]), hashed_at_ns - _RACY_NS)
+        table = index.filter(settled).cast(schema)
         with atomic_path(self._index_path(), "write the file index") as tmp:
             pq.write_table(table, tmp)
 
@@ -299,24 +298,28 @@ def _read_part(path: Path, columns: list[str] | None) -> pa.Table | None:
 
 
 
-def _rows_to_keep(parts: list[Path]) -> list[list[int]]:
+def _last_of_each(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Sorted positions of the last occurrence of each distinct value of keys (no nulls)."""
+    codes = pc.index_in(keys, value_set=pc.unique(keys)).to_numpy()
+    _, first_from_end = np.unique(codes[::-1], return_index=True)
+    return np.sort(len(codes) - 1 - first_from_end)
+
+
+def _rows_to_keep(parts: list[Path]) -> list[np.ndarray]:
     """Per part, the row numbers read_cache could still pick: each sha256's newest row, and its
     newest row with an embedding (with_embeddings reads skip rows without one)."""
-    newest: dict[str, tuple[int, int]] = {}
-    newest_emb: dict[str, tuple[int, int]] = {}
-    for p, part in enumerate(parts):
+    shas, has_embedding, sizes = [], [], []
+    for part in parts:
         table = _read_part(part, [Col.SHA256, Col.EMBEDDING])
-        if table is None:
-            continue
-        valid = table[Col.EMBEDDING].is_valid().to_pylist()
-        for r, (sha, has) in enumerate(zip(table[Col.SHA256].to_pylist(), valid)):
-            newest[sha] = (p, r)
-            if has:
-                newest_emb[sha] = (p, r)
-    keep: list[set[int]] = [set() for _ in parts]
-    for p, r in [*newest.values(), *newest_emb.values()]:
-        keep[p].add(r)
-    return [sorted(k) for k in keep]
+        sizes.append(0 if table is None else table.num_rows)
+        if table is not None:  # only the validity of the embeddings is kept, one part's worth at a time
+            shas.append(table[Col.SHA256].cast(pa.string()))
+            has_embedding.append(table[Col.EMBEDDING].is_valid().to_numpy(zero_copy_only=False))
+    sha = pa.chunked_array([c for s in shas for c in s.chunks], pa.string())
+    with_embedding = np.flatnonzero(np.concatenate([np.zeros(0, bool), *has_embedding]))
+    keep = np.union1d(_last_of_each(sha), with_embedding[_last_of_each(sha.take(pa.array(with_embedding, pa.int64())))])
+    starts = np.cumsum([0, *sizes])
+    return [keep[(keep >= lo) & (keep < hi)] - lo for lo, hi in zip(starts[:-1], starts[1:])]
 
 
 def write_table(table: pa.Table, target: str | os.PathLike) -> Path:
