@@ -74,10 +74,11 @@ def new_run_id(now: datetime) -> str:
 def _known_shas(files: pa.Table, index: pa.Table) -> pa.ChunkedArray:
     """Per file, the sha256 the file index holds for it where size, mtime, ctime and inode all match
     what the walk saw (null elsewhere): those files are not read again."""
-    known = index.take(pc.index_in(files[Col.ABSPATH], value_set=index[Col.ABSPATH].combine_chunks()))
-    same = [pc.equal(files[c], known[c]) for c in (Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE)]
-    return pc.if_else(pc.fill_null(pc.and_(pc.and_(same[0], same[1]), pc.and_(same[2], same[3])), False),
-                      known[Col.SHA256], pa.scalar(None, pa.string()))
+    at = pc.index_in(files[Col.ABSPATH], value_set=index[Col.ABSPATH].combine_chunks())
+    same = pa.chunked_array([pa.array(np.ones(files.num_rows, bool))])
+    for c in (Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE):  # a column at a time: no copy of the index
+        same = pc.and_(same, pc.fill_null(pc.equal(files[c], index[c].take(at)), False))
+    return pc.if_else(same, index[Col.SHA256].take(at), pa.scalar(None, pa.string()))
 
 
 def _fingerprint(files: pa.Table, index: pa.Table, progress: Progress | None
