@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+from . import faults
 from .decode import DecodeError, decode, quiet_decoding
 from .model import LoadedModel, Preprocessing
 from .scan import read_bytes
+from .workers import run_isolated
 from .schema import Col
 
 __all__ = ["WorkItem", "ContentResult", "ImageDataset", "predict", "model_input", "forward_with_features",
@@ -107,6 +110,7 @@ class ImageDataset:
             record["error"] = read_error or "file changed while dinobatch was reading it; the next run classifies it"
             return record
         try:
+            faults.point("decode", path)
             dec = decode(data, min_side=self.prep.resize)
             if (self.jpeg_to_device and dec.format == "JPEG" and dec.mode in _DEVICE_JPEG_MODES
                     and dec.width * dec.height <= _DEVICE_JPEG_MAX_PIXELS):
@@ -256,22 +260,41 @@ def _burst_batches(dataset: "ImageDataset", batch_size: int, processes: int) -> 
     On a CPU the model's threads use every core; decode workers running beside them (a
     DataLoader's) take cores away at random moments and stall the threads at each barrier.
     Alternating gives each phase all the cores: decoding costs its own time divided by the cores."""
+    global _BURST_DATASET
+    _BURST_DATASET = dataset
+    pool = _burst_pool(processes)
+    try:
+        for lo in range(0, len(dataset), batch_size):
+            try:
+                records = _submit(pool, dataset, lo, batch_size, processes)
+            except BrokenProcessPool:  # a decoder crashed: find the file, make it a row, go on
+                pool.shutdown(wait=False, cancel_futures=True)
+                log.warning("a decoding process died; decoding this batch's files one at a time")
+                records = [_isolated_record(dataset, i) for i in range(lo, min(len(dataset), lo + batch_size))]
+                pool = _burst_pool(processes)
+            yield collate([_from_burst(r) for r in records])
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        _BURST_DATASET = None
+
+
+def _burst_pool(processes: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    global _BURST_DATASET
-    _BURST_DATASET = dataset
-    try:
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_burst_init) as pool:
-            try:
-                for lo in range(0, len(dataset), batch_size):
-                    yield collate([_from_burst(r) for r in _submit(pool, dataset, lo, batch_size, processes)])
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    finally:
-        _BURST_DATASET = None
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=_burst_init)
+
+
+def _isolated_record(dataset: "ImageDataset", index: int) -> dict[str, Any]:
+    """Item index decoded in a process of its own; if that process dies too, the file's error."""
+    ok, result = run_isolated(_burst_items, [index], initializer=_burst_init)
+    if ok:
+        return result[0]
+    return {"sha256": dataset.items[index].sha256, "error": result, "changed": ()}
 
 
 def _submit(pool, dataset, lo: int, batch_size: int, processes: int) -> list[dict[str, Any]]:

@@ -17,16 +17,18 @@ import os
 import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
-from . import __version__
+from . import __version__, faults
 from .decode import HASH_MIN_SIDE, SCAN_MIN_SIDE, DecodeError, decode_hashes, quiet_decoding
 from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Assignment, DedupeItem, group_duplicates
 from .device import usable_cores
 from .results import table_from_columns, write_table
 from .scan import FileEntry, check_folder, read_bytes, walk
+from .workers import run_isolated
 from .schema import STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK, scan_metadata, scan_schema
 
 __all__ = ["ScanConfig", "ScanSummary", "scan_folder", "hash_file", "default_scan_workers", "HEAVY_BYTES"]
@@ -148,6 +150,7 @@ def hash_file(abspath: str, size: int | None) -> Record:
             return None, None, None, f"cannot read file: {exc.strerror or exc}"
         sha = hashlib.sha256(data).hexdigest()
         try:
+            faults.point("decode", abspath)
             h = decode_hashes(data, heavy=_gate)
         except DecodeError as exc:
             return sha, len(data), None, str(exc)
@@ -181,22 +184,60 @@ def _chunks(todo: list, workers: int) -> list[list]:
 
 
 def _run_chunks(chunks: list[list], workers: int) -> Iterator[tuple[int, Record]]:
-    """Results of every chunk, in this process (workers 0, or one chunk) or in a fork pool."""
+    """Results of every chunk, in this process (workers 0, or one chunk) or in a fork pool.
+
+    At most two chunks per worker are in flight, so that when a decoder crashes and takes the
+    pool down, the suspects are those few chunks: their files are hashed one process each (the
+    culprit's row says it crashed) and a fresh pool takes the rest."""
     if workers == 0 or len(chunks) <= 1:
         for chunk in chunks:
             yield from _hash_chunk(chunk)
         return
     ctx = multiprocessing.get_context("fork")  # workers inherit the loaded modules; torch is not one
-    pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx, initializer=_init_worker,
-                               initargs=(ctx.RLock(),))
+    lock = ctx.RLock()
+    todo = iter(chunks)
+    pool = _pool(ctx, lock, min(workers, len(chunks)))
+    pending: dict[Future, list] = {}
     try:
-        pending: set[Future] = {pool.submit(_hash_chunk, chunk) for chunk in chunks}
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                yield from future.result()
+        while True:
+            _top_up(pool, pending, todo, 2 * workers)
+            if not pending:
+                return
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            try:
+                for future in finished:
+                    results = future.result()
+                    del pending[future]
+                    yield from results
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                log.warning("a hashing process died; hashing the files it held one at a time")
+                for chunk in list(pending.values()):
+                    yield from (_isolated(item, lock) for item in chunk)
+                pending.clear()
+                pool = _pool(ctx, lock, min(workers, len(chunks)))
     finally:  # on Ctrl-C or an error, drop the queued chunks instead of hashing the rest of the folder
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pool(ctx, lock, workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(lock,))
+
+
+def _top_up(pool: ProcessPoolExecutor, pending: dict[Future, list], todo: Iterator[list], limit: int) -> None:
+    """Submit chunks until `limit` are in flight or none is left."""
+    while len(pending) < limit:
+        chunk = next(todo, None)
+        if chunk is None:
+            return
+        pending[pool.submit(_hash_chunk, chunk)] = chunk
+
+
+def _isolated(item: tuple[int, str, int | None], lock: Any) -> tuple[int, Record]:
+    """One file hashed in a process of its own; if that process dies too, the file's error."""
+    ok, result = run_isolated(_hash_chunk, [item], initializer=lambda: _init_worker(lock))
+    index, _, size = item
+    return result[0] if ok else (index, (None, size, None, result))
 
 
 # ---- rows -------------------------------------------------------------------------------------
