@@ -166,6 +166,12 @@ def _classify_entry(root: str, root_real: str, e: os.DirEntry, seen: set[str]) -
 
 def _open_regular(path: str):
     """Open a file for reading without ever blocking on a FIFO that replaced it after the walk."""
+    fd, _ = _open_regular_fd(path)
+    return os.fdopen(fd, "rb")
+
+
+def _open_regular_fd(path: str) -> tuple[int, os.stat_result]:
+    """A raw descriptor and its stat, for a regular file within the size limit; anything else refused."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         st = os.fstat(fd)
@@ -173,7 +179,7 @@ def _open_regular(path: str):
             raise OSError(f"{_kind(st.st_mode)}, not an image file")
         if st.st_size > MAX_FILE_BYTES:
             raise OSError(f"file too large ({st.st_size} bytes; the limit is {MAX_FILE_BYTES})")
-        return os.fdopen(fd, "rb")
+        return fd, st
     except BaseException:
         os.close(fd)
         raise
@@ -189,11 +195,18 @@ def sha256_file(path: str) -> str:
 
 
 def read_bytes(path: str) -> bytes:
-    """The whole file, refusing non-regular and oversized files."""
-    with _open_regular(path) as fh:
-        # sized from fstat: read(MAX_FILE_BYTES + 1) would allocate 512 MiB for every file
-        expected = os.fstat(fh.fileno()).st_size
-        data = fh.read(expected + 1)
-        if len(data) > expected:  # it grew since: read on, up to the same limit
-            data += fh.read(MAX_FILE_BYTES + 1 - len(data))
+    """The whole file, refusing non-regular and oversized files.
+
+    Raw reads, the first sized from the open file's stat (no buffered reader: half the cost for a
+    200 KB photo), then on to the end, up to the same limit."""
+    fd, st = _open_regular_fd(path)
+    try:
+        data = os.read(fd, st.st_size + 1)
+        while len(data) <= MAX_FILE_BYTES:  # to the end: a short read, or a file that grew since
+            more = os.read(fd, min(_CHUNK, MAX_FILE_BYTES + 1 - len(data)))  # never a 512 MiB buffer
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
     return data
