@@ -78,7 +78,7 @@ class ImageDataset:
     whichever device ran."""
 
     def __init__(self, items: Sequence[WorkItem], prep: Preprocessing, jpeg_to_device: bool = False):
-        self.items = list(items)
+        self.items = items  # a Sequence: classify passes a lazy one (no object per file held)
         self.prep = prep
         self.jpeg_to_device = jpeg_to_device
 
@@ -218,15 +218,24 @@ def forward_with_features(module, x):
     return module.fc(features), features
 
 
+# Images decoded per burst (rounded down to whole batches, at least one): each burst costs a
+# hand-over to every worker and a wait for the slowest, so fewer, larger bursts waste less.
+_BURST_IMAGES = 128
 _BURST_DATASET: "ImageDataset | None" = None  # set just before the burst pool forks; workers inherit it
 
 
 def _burst_init() -> None:
-    """A burst worker: one torch thread, and signals left to the parent (it decides how to stop)."""
+    """A burst worker: one torch thread, and signals left to the parent (it decides how to stop).
+
+    gc.freeze(): the objects inherited from the parent (torch's, the model's) are never garbage
+    here; not traversing them spares each collection, and the copy-on-write of every page it
+    touches, as in scan's workers."""
+    import gc
     import signal
 
     import torch
 
+    gc.freeze()
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -263,16 +272,19 @@ def _burst_batches(dataset: "ImageDataset", batch_size: int, processes: int) -> 
     global _BURST_DATASET
     _BURST_DATASET = dataset
     pool = _burst_pool(processes)
+    burst = batch_size * max(1, _BURST_IMAGES // batch_size)  # whole batches per burst
     try:
-        for lo in range(0, len(dataset), batch_size):
+        for lo in range(0, len(dataset), burst):
+            hi = min(len(dataset), lo + burst)
             try:
-                records = _submit(pool, dataset, lo, batch_size, processes)
+                records = _submit(pool, dataset, lo, hi - lo, processes)
             except BrokenProcessPool:  # a decoder crashed: find the file, make it a row, go on
                 pool.shutdown(wait=False, cancel_futures=True)
-                log.warning("a decoding process died; decoding this batch's files one at a time")
-                records = [_isolated_record(dataset, i) for i in range(lo, min(len(dataset), lo + batch_size))]
+                log.warning("a decoding process died; decoding these %d files one at a time", hi - lo)
+                records = [_isolated_record(dataset, i) for i in range(lo, hi)]
                 pool = _burst_pool(processes)
-            yield collate([_from_burst(r) for r in records])
+            for b in range(0, len(records), batch_size):
+                yield collate([_from_burst(r) for r in records[b:b + batch_size]])
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -297,12 +309,12 @@ def _isolated_record(dataset: "ImageDataset", index: int) -> dict[str, Any]:
     return {"sha256": dataset.items[index].sha256, "error": result, "changed": ()}
 
 
-def _submit(pool, dataset, lo: int, batch_size: int, processes: int) -> list[dict[str, Any]]:
-    """Decode the batch at lo, one share per process; its records, in order.
+def _submit(pool, dataset, lo: int, count: int, processes: int) -> list[dict[str, Any]]:
+    """Decode the count items at lo, one share per process; their records, in order.
 
     Shares are balanced by file size (decoding time follows the compressed bytes), so that no
     core waits long for the other at the end of a burst, with one hand-over per process."""
-    indices = range(lo, min(len(dataset), lo + batch_size))
+    indices = range(lo, min(len(dataset), lo + count))
     shares = balanced_shares(indices, [dataset.cost(i) for i in indices], processes)
     futures = [(share, pool.submit(_burst_items, share)) for share in shares if share]
     done = {i: r for share, future in futures for i, r in zip(share, future.result())}
