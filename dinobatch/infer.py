@@ -5,19 +5,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import faults
-from .decode import DecodeError, decode, quiet_decoding
+from .burst import burst_batches
+from .decode import DecodeError, decode
 from .model import LoadedModel, Preprocessing
 from .scan import read_bytes
-from .workers import run_isolated
 from .schema import Col
 
 __all__ = ["WorkItem", "ContentResult", "ImageDataset", "predict", "model_input", "forward_with_features",
-           "orient_tensor", "device_model_input", "fit_batch_size", "balanced_shares"]
+           "orient_tensor", "device_model_input", "fit_batch_size", "model_input_hwc"]
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +41,26 @@ class ContentResult:
 
 
 def model_input(image, prep: Preprocessing):
-    """Resize the shorter side and centre-crop in one resampling step; uint8 CHW (normalised on device).
+    """Resize the shorter side and centre-crop in one resampling step; uint8 CHW (normalised on device)."""
+    import torchvision.transforms.functional as F
+
+    return F.pil_to_tensor(_resized_crop(image, prep))
+
+
+def model_input_hwc(image, prep: Preprocessing):
+    """model_input's pixels as a numpy HWC array (channels-last, as burst decoding hands them over)."""
+    import numpy as np
+
+    return np.asarray(_resized_crop(image, prep))
+
+
+def _resized_crop(image, prep: Preprocessing):
+    """The centre crop of the picture resized on its shorter side, in one resampling step.
 
     Resampling only the source box that lands in the crop gives torchvision's resize-then-crop
     (within one grey level) without ever materialising the resized image, so a 300000x1 strip
     costs a crop's worth of memory, not gigabytes.
     """
-    import torchvision.transforms.functional as F
     from PIL import Image
 
     w, h = image.size
@@ -61,7 +73,7 @@ def model_input(image, prep: Preprocessing):
     sx, sy = w / nw, h / nh
     box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
     resample = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-    return F.pil_to_tensor(image.resize((c, c), resample[prep.interpolation], box=box))
+    return image.resize((c, c), resample[prep.interpolation], box=box)
 
 
 # JPEGs the device decodes (nvjpeg): 8-bit RGB or grey, not beyond this many pixels; others, and any
@@ -93,6 +105,14 @@ class ImageDataset:
             return 0
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.record(index, lambda image: {"tensor": model_input(image, self.prep)})
+
+    def model_input_hwc(self, image):
+        return model_input_hwc(image, self.prep)
+
+    def record(self, index: int, prepare: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        """Item index decoded: its record, with what prepare(picture) returns where the CPU
+        prepares the model input (a tensor, or where the pixels were put)."""
         item = self.items[index]
         data, changed, read_error = None, [], None
         for path in item.abspaths:  # any copy with the right bytes will do
@@ -119,7 +139,7 @@ class ImageDataset:
                 record["jpeg"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 record["orientation"] = dec.orientation
             else:
-                record["tensor"] = model_input(dec.image, self.prep)
+                record.update(prepare(dec.image))
         except DecodeError as exc:
             record["error"] = str(exc)
             return record
@@ -218,123 +238,6 @@ def forward_with_features(module, x):
     return module.fc(features), features
 
 
-# Images decoded per burst (rounded down to whole batches, at least one): each burst costs a
-# hand-over to every worker and a wait for the slowest, so fewer, larger bursts waste less.
-_BURST_IMAGES = 128
-_BURST_DATASET: "ImageDataset | None" = None  # set just before the burst pool forks; workers inherit it
-
-
-def _burst_init() -> None:
-    """A burst worker: one torch thread, and signals left to the parent (it decides how to stop).
-
-    gc.freeze(): the objects inherited from the parent (torch's, the model's) are never garbage
-    here; not traversing them spares each collection, and the copy-on-write of every page it
-    touches, as in scan's workers."""
-    import gc
-    import signal
-
-    import torch
-
-    gc.freeze()
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _burst_items(indices: Sequence[int]) -> list[dict[str, Any]]:
-    """Items at indices, model inputs as numpy arrays: pickled inline, where a tensor would go
-    through torch's shared-memory hand-over (a segment and a file descriptor per image)."""
-    assert _BURST_DATASET is not None  # set before the fork
-    records = []
-    with quiet_decoding():  # once per share of the batch, not per file
-        for index in indices:
-            record = _BURST_DATASET[index]
-            if "tensor" in record:
-                record["tensor"] = record["tensor"].numpy()
-            records.append(record)
-    return records
-
-
-def _from_burst(record: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    if "tensor" in record:
-        record["tensor"] = torch.from_numpy(record["tensor"])
-    return record
-
-
-def _burst_batches(dataset: "ImageDataset", batch_size: int, processes: int) -> Iterator:
-    """Batches decoded by all cores at once while the model waits, then handed over whole.
-
-    On a CPU the model's threads use every core; decode workers running beside them (a
-    DataLoader's) take cores away at random moments and stall the threads at each barrier.
-    Alternating gives each phase all the cores: decoding costs its own time divided by the cores."""
-    global _BURST_DATASET
-    _BURST_DATASET = dataset
-    pool = _burst_pool(processes)
-    burst = batch_size * max(1, _BURST_IMAGES // batch_size)  # whole batches per burst
-    try:
-        for lo in range(0, len(dataset), burst):
-            hi = min(len(dataset), lo + burst)
-            try:
-                records = _submit(pool, dataset, lo, hi - lo, processes)
-            except BrokenProcessPool:  # a decoder crashed: find the file, make it a row, go on
-                pool.shutdown(wait=False, cancel_futures=True)
-                log.warning("a decoding process died; decoding these %d files one at a time", hi - lo)
-                records = [_isolated_record(dataset, i) for i in range(lo, hi)]
-                pool = _burst_pool(processes)
-            for b in range(0, len(records), batch_size):
-                yield collate([_from_burst(r) for r in records[b:b + batch_size]])
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    else:
-        pool.shutdown(wait=True)
-    finally:
-        _BURST_DATASET = None
-
-
-def _burst_pool(processes: int):
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=_burst_init)
-
-
-def _isolated_record(dataset: "ImageDataset", index: int) -> dict[str, Any]:
-    """Item index decoded in a process of its own; if that process dies too, the file's error."""
-    ok, result = run_isolated(_burst_items, [index], initializer=_burst_init)
-    if ok:
-        return result[0]
-    return {"sha256": dataset.items[index].sha256, "error": result, "changed": ()}
-
-
-def _submit(pool, dataset, lo: int, count: int, processes: int) -> list[dict[str, Any]]:
-    """Decode the count items at lo, one share per process; their records, in order.
-
-    Shares are balanced by file size (decoding time follows the compressed bytes), so that no
-    core waits long for the other at the end of a burst, with one hand-over per process."""
-    indices = range(lo, min(len(dataset), lo + count))
-    shares = balanced_shares(indices, [dataset.cost(i) for i in indices], processes)
-    futures = [(share, pool.submit(_burst_items, share)) for share in shares if share]
-    done = {i: r for share, future in futures for i, r in zip(share, future.result())}
-    return [done[i] for i in indices]
-
-
-def balanced_shares(indices: Sequence[int], costs: Sequence[float], n: int) -> list[list[int]]:
-    """indices split into n shares of nearly equal total cost (largest first, each to the lightest
-    share), every share in ascending index order."""
-    import heapq
-
-    shares: list[list[int]] = [[] for _ in range(n)]
-    heap = [(0.0, k) for k in range(n)]
-    for cost, index in sorted(zip(costs, indices), key=lambda ci: -ci[0]):
-        total, k = heapq.heappop(heap)
-        shares[k].append(index)
-        heapq.heappush(heap, (total + cost, k))
-    return [sorted(share) for share in shares]
-
-
 def _batches(dataset: "ImageDataset", runtime, batch_size: int, workers: int | None) -> Iterator:
     """(records, batch) per batch: a burst pool on CPU by default, else a DataLoader with workers."""
     from torch.utils.data import DataLoader
@@ -342,7 +245,7 @@ def _batches(dataset: "ImageDataset", runtime, batch_size: int, workers: int | N
     from .device import default_workers, usable_cores
 
     if workers is None and not runtime.is_cuda and usable_cores() > 1:
-        return _burst_batches(dataset, batch_size, usable_cores())
+        return burst_batches(dataset, batch_size, usable_cores())
     workers = default_workers(runtime.device.type, workers)
     return iter(DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                            collate_fn=collate, pin_memory=runtime.pin_memory,

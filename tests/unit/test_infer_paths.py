@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageOps
 
 from dinobatch.device import resolve_runtime
-from dinobatch.infer import (ImageDataset, WorkItem, balanced_shares, collate, device_batch, orient_tensor,
-                            predict)
+from dinobatch.burst import balanced_shares
+from dinobatch.infer import ImageDataset, WorkItem, collate, device_batch, orient_tensor, predict
 from dinobatch.model import Preprocessing, load_model
 
 from tests.conftest import picture, save
