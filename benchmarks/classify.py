@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="ceiling / classify / ceiling rounds")
     ap.add_argument("--workers", type=int, default=None, help="classify --workers [default: dinobatch's]")
+    ap.add_argument("--ceiling-batches", type=int, default=3, help="batches per ceiling measurement (x2)")
     args = ap.parse_args()
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -156,9 +157,9 @@ def main() -> None:
         timm = timm_style(model, paths, bs)
         rounds = []
         for r in range(args.repeats):  # this machine's speed drifts: each round has its own ceiling
-            before = ceiling(model, bs, 3, 2)
+            before = ceiling(model, bs, args.ceiling_batches, 2)
             wall, summary = dinobatch_run(tmp / "sample", model, tmp / f"out{r}", workers=args.workers)
-            after = ceiling(model, bs, 3, 2)
+            after = ceiling(model, bs, args.ceiling_batches, 2)
             rounds.append((before, after, n / wall, summary.images_per_second or 0.0, wall))
             print(f"round {r + 1}: ceiling {before:.2f} / {after:.2f}, classify {n / wall:.2f} img/s "
                   f"({wall:.1f} s), ratio {n / wall / ((before + after) / 2):.3f}", flush=True)
