@@ -20,7 +20,7 @@ import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +41,7 @@ COMPACT_PARTS = 16
 # A file changed within this long before it was hashed could change again within the same
 # timestamp tick unnoticed ('racily clean' in git's terms): its stat is not trusted next run.
 _RACY_NS = 2_000_000_000
+_READ_BATCH = 8192  # rows decoded at a time when reading the cache and the file index
 _RUN_ID = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+$")
 
 
@@ -184,14 +185,13 @@ class ResultsDir:
     def cached_shas(self, fingerprint: str, *, with_embeddings: bool) -> pa.Array:
         """sha256 of every content this model already has a prediction for, each once."""
         cols = [Col.SHA256, Col.EMBEDDING] if with_embeddings else [Col.SHA256]
-        found = []
-        for part in self._cache_parts(fingerprint):
-            table = _read_part(part, cols)
-            if table is None:
-                continue
+
+        def shas(batch: pa.RecordBatch) -> pa.Array:
             if with_embeddings:
-                table = table.filter(table[Col.EMBEDDING].is_valid())
-            found.append(pc.unique(table[Col.SHA256]).cast(pa.string()))
+                batch = batch.filter(batch.column(Col.EMBEDDING).is_valid())
+            return pc.unique(batch.column(Col.SHA256)).cast(pa.string())
+
+        found = [a for part in self._cache_parts(fingerprint) for a in _read_part_batches(part, cols, shas) or ()]
         return pc.unique(pa.chunked_array(found, pa.string()))
 
     def read_cache(self, fingerprint: str, shas: pa.Array | pa.ChunkedArray, *, with_embeddings: bool) -> pa.Table:
@@ -202,22 +202,21 @@ class ResultsDir:
         schema = cache_schema()
         columns = [n for n in schema.names if with_embeddings or n != Col.EMBEDDING]
         wanted = shas.combine_chunks() if isinstance(shas, pa.ChunkedArray) else pa.array(shas, pa.string())
-        pieces = []
-        for part in self._cache_parts(fingerprint):
-            table = _read_part(part, columns)
-            if table is None:
-                continue
-            keep = pc.is_in(table[Col.SHA256], value_set=wanted)
-            if with_embeddings:
-                keep = pc.and_(keep, table[Col.EMBEDDING].is_valid())
-            pieces.append(table.filter(keep))
         if not with_embeddings:
             schema = schema.remove(schema.get_field_index(Col.EMBEDDING))
-        if not pieces:
-            table = schema.empty_table()
-        else:
-            table = pa.concat_tables([p.select(schema.names).cast(schema) for p in pieces])
-        table = table.take(pa.array(_last_of_each(table[Col.SHA256]), pa.int64()))
+
+        def wanted_rows(batch: pa.RecordBatch) -> pa.RecordBatch:
+            keep = pc.is_in(batch.column(Col.SHA256), value_set=wanted)
+            if with_embeddings:
+                keep = pc.and_(keep, batch.column(Col.EMBEDDING).is_valid())
+            return batch.filter(keep).select(schema.names).cast(schema)
+
+        # a batch at a time: only the wanted rows of a part are ever held, never the part itself
+        table = pa.Table.from_batches([b for part in self._cache_parts(fingerprint)
+                                       for b in _read_part_batches(part, columns, wanted_rows) or ()], schema)
+        last = _last_of_each(table[Col.SHA256])
+        if len(last) < table.num_rows:  # a content cached twice: only then is the table copied
+            table = table.take(pa.array(last, pa.int64()))
         if not with_embeddings:
             table = table.append_column(cache_schema().field(Col.EMBEDDING),
                                         pa.nulls(table.num_rows, pa.list_(pa.float32())))
@@ -254,10 +253,11 @@ class ResultsDir:
     def read_file_index(self) -> pa.Table:
         """Each file's stat (size, mtime_ns, ctime_ns, inode) when its sha256 was last computed, by
         abspath (file_index_schema); no rows if absent or unreadable."""
-        table = _read_part(self._index_path(), None) if self._index_path().exists() else None
-        if table is None or table.schema.names != file_index_schema().names:
-            return file_index_schema().empty_table()
-        return table.cast(file_index_schema())
+        schema, path = file_index_schema(), self._index_path()
+        batches = _read_part_batches(path, None, lambda b: b) if path.exists() else None  # a batch at a time
+        if not batches or batches[0].schema.names != schema.names:
+            return schema.empty_table()
+        return pa.Table.from_batches([b.cast(schema) for b in batches], schema)
 
     def write_file_index(self, index: pa.Table, hashed_at_ns: int) -> None:
         """Save the file index (file_index_schema columns), leaving out files changed too close to
@@ -296,6 +296,17 @@ def _read_part(path: Path, columns: list[str] | None) -> pa.Table | None:
         log.warning("ignoring unreadable cache part %s: %s", path, exc)
         return None
 
+
+def _read_part_batches(path: Path, columns: list[str] | None,
+                       each: Callable[[pa.RecordBatch], Any]) -> list[Any] | None:
+    """each(batch) over one Parquet file read a batch at a time, so that reading costs a batch, not
+    the file; None for an unreadable file (warned about, and its work simply redone)."""
+    try:
+        with pq.ParquetFile(path) as reader:
+            return [each(b) for b in reader.iter_batches(batch_size=_READ_BATCH, columns=columns)]
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("ignoring unreadable cache part %s: %s", path, exc)
+        return None
 
 
 def _last_of_each(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
