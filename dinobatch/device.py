@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # DINOBATCH_MALLOC=system leaves glibc's allocator as the process found it.
 MALLOC_ENV = "DINOBATCH_MALLOC"
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _INT_MAX = 2**31 - 1
 
 
@@ -146,12 +146,10 @@ def tune_process(runtime: Runtime) -> dict[str, Any]:
     (measured: README, "Performance"). Keeping freed memory in the heap (no mmap for large blocks,
     no trimming) removes them; the same as GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
     glibc.malloc.trim_threshold=..., but applied at run time, so no wrapper script is needed.
-    Forked decode workers inherit it. Where glibc is tuned, Arrow allocates from the same heap
-    (see _arrow_pool). Torch's threads are set to the cores this process may use."""
+    Forked decode workers inherit it. Torch's threads are set to the cores this process may use."""
     import torch
 
     applied: dict[str, Any] = {"allocator": _tune_allocator() if runtime.device.type == "cpu" else "system"}
-    applied["arrow_pool"] = _arrow_pool(applied["allocator"])
     if runtime.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(usable_cores())
     applied["threads"] = torch.get_num_threads()
@@ -170,29 +168,13 @@ def _tune_allocator() -> str:
 
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only: musl and macOS have no such symbol
-        ok = (libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
-              and libc.mallopt(_M_ARENA_MAX, 1) == 1)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
     except (OSError, AttributeError):
         return "system"
     if not ok:
         log.debug("mallopt refused the allocator settings; keeping the defaults")
         return "system"
-    return "glibc: mmap_max=0, trim_threshold=2GiB, arena_max=1"
-
-
-def _arrow_pool(allocator: str) -> str:
-    """Arrow's memory pool: glibc's tuned heap where it was tuned, else Arrow's own default.
-
-    With freed memory kept in glibc's heap, Arrow's own pool (mimalloc) was a second heap that kept
-    its own high-water mark: memory one stage freed could not serve the next. One heap for numpy,
-    Python and Arrow makes the peak the largest live total, not a sum of each pool's peak (a
-    100,000-file rerun: -130 MiB, with arena_max=1 folding threads' arenas into the same heap)."""
-    import pyarrow as pa
-
-    if not allocator.startswith("glibc") or os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-        return pa.default_memory_pool().backend_name  # untuned, or the operator chose: theirs wins
-    pa.set_memory_pool(pa.system_memory_pool())
-    return "system"
+    return "glibc: mmap_max=0, trim_threshold=2GiB"
 
 
 def usable_cores() -> int:

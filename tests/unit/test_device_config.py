@@ -77,25 +77,3 @@ def test_process_settings_tune_glibc_unless_the_operator_chose(monkeypatch):
     if platform.libc_ver()[0] == "glibc":
         assert applied["allocator"].startswith("glibc")
     assert applied["threads"] == torch.get_num_threads() >= 1
-
-
-def test_arrow_shares_the_tuned_heap_unless_the_operator_chose(monkeypatch):
-    import platform
-
-    import pyarrow as pa
-
-    from dinobatch.device import MALLOC_ENV, resolve_runtime, tune_process
-
-    cpu, before = resolve_runtime("cpu", "fp32"), pa.default_memory_pool()
-    try:
-        monkeypatch.setenv(MALLOC_ENV, "system")
-        assert tune_process(cpu)["arrow_pool"] == before.backend_name == pa.default_memory_pool().backend_name
-        monkeypatch.delenv(MALLOC_ENV)
-        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", before.backend_name)
-        assert tune_process(cpu)["arrow_pool"] == before.backend_name
-        monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL")
-        applied = tune_process(cpu)
-        if platform.libc_ver()[0] == "glibc":
-            assert applied["arrow_pool"] == "system" == pa.default_memory_pool().backend_name
-    finally:
-        pa.set_memory_pool(before)
