@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # DINOBATCH_MALLOC=system leaves glibc's allocator as the process found it.
 MALLOC_ENV = "DINOBATCH_MALLOC"
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _INT_MAX = 2**31 - 1
 
 
@@ -168,16 +168,13 @@ def _tune_allocator() -> str:
 
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only: musl and macOS have no such symbol
-        # arena_max=1: threads (hamming.near_pairs') allocate from the same heap, whose freed
-        # memory later stages reuse, not from arenas each keeping its own high-water mark
-        ok = (libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
-              and libc.mallopt(_M_ARENA_MAX, 1) == 1)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
     except (OSError, AttributeError):
         return "system"
     if not ok:
         log.debug("mallopt refused the allocator settings; keeping the defaults")
         return "system"
-    return "glibc: mmap_max=0, trim_threshold=2GiB, arena_max=1"
+    return "glibc: mmap_max=0, trim_threshold=2GiB"
 
 
 def usable_cores() -> int:
