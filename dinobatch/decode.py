@@ -11,7 +11,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator
 
-import imagehash
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -125,8 +124,7 @@ def _decode(data: bytes, min_side: int) -> Decoded:
     if factor >= 2:  # what JPEG's draft does while decoding, done after decoding for other formats
         rgb = rgb.reduce(factor)
     grey = rgb.convert("L")  # what both hash functions start with: convert once (same hashes)
-    return Decoded(fmt, width, height, mode, str(imagehash.phash(grey)), str(imagehash.dhash(grey)), rgb,
-                   orientation)
+    return Decoded(fmt, width, height, mode, _phash(grey), _dhash(grey), rgb, orientation)
 
 
 def _reason(exc: BaseException) -> str:
@@ -327,8 +325,8 @@ _DCT_32_LOW = 2 * np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None
 
 
 def _phash(grey: Image.Image) -> str:
-    """imagehash.phash(grey) as 16 hex digits, computed with numpy so that no process imports scipy
-    (0.2-0.5 s each) just for a 32x32 DCT. Rounding the coefficients gives the exact zeros scipy's
+    """imagehash.phash(grey) as 16 hex digits, computed with numpy so that no process (classify's
+    decode workers included) imports scipy (0.2-0.5 s each) just for a 32x32 DCT. Rounding the coefficients gives the exact zeros scipy's
     FFT gives on flat pictures; the result equals imagehash's (tested, blank pictures included)."""
     pixels = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     low = np.round(_DCT_32_LOW @ pixels @ _DCT_32_LOW.T, 7)

@@ -133,4 +133,16 @@ def test_flat_and_symmetric_pictures_hash_exactly_as_imagehash(img):
     # pHash is computed without scipy: flat pictures (exact zeros in scipy's DCT) must agree too
     data = png_bytes(img)
     full, small = decode(data), decode_hashes(data)
+    grey = to_rgb(img).convert("L")
+    assert (full.phash, full.dhash) == (str(imagehash.phash(grey)), str(imagehash.dhash(grey)))
     assert (small.phash, small.dhash) == (full.phash, full.dhash)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_hashes_its_picture_exactly_as_imagehash(seed):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for data in (jpeg_bytes(picture(seed, (1200, 900)), exif=exif.tobytes()), png_bytes(picture(seed, (333, 500)))):
+        got = decode(data)
+        grey = got.image.convert("L")
+        assert (got.phash, got.dhash) == (str(imagehash.phash(grey)), str(imagehash.dhash(grey)))
