@@ -113,15 +113,26 @@ def _component_labels(content: np.ndarray, phash: np.ndarray, dhash: np.ndarray,
         links = links[popcount64(b[links[:, 0]] ^ b[links[:, 1]]) <= b_max]
     _, first, content_of = np.unique(content, return_index=True, return_inverse=True)
     copies = np.stack([key_of[first[content_of.reshape(-1)]], key_of], axis=1)  # each item to its content's first
-    parent = list(range(len(keys)))
-    for x, y in [*links.tolist(), *np.unique(copies[copies[:, 0] != copies[:, 1]], axis=0).tolist()]:
-        rx, ry = _find(parent, x), _find(parent, y)
-        if rx != ry:
-            parent[max(rx, ry)] = min(rx, ry)
-    roots = np.asarray(parent, dtype=np.int64)
-    while not np.array_equal(roots, roots[roots]):  # every chain to its root
-        roots = roots[roots]
-    return roots[key_of]
+    copies = copies[copies[:, 0] != copies[:, 1]]
+    edges = np.concatenate([links, copies]) if len(copies) else links
+    return _smallest_connected(len(keys), edges[:, 0], edges[:, 1])[key_of]
+
+
+def _smallest_connected(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each of n nodes, the smallest node connected to it through the edges (a[k], b[k]).
+
+    Union-find done with arrays (hook each edge's larger root under its smaller one, then
+    flatten every chain), so that millions of near links cost 16 bytes each, not a Python list."""
+    parent = np.arange(n, dtype=np.int64)
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    while len(a):
+        ra, rb = parent[a], parent[b]  # roots: parent is flat here
+        apart = ra != rb
+        a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]  # joined edges never matter again
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        while not np.array_equal(grand := parent[parent], parent):  # every chain to its root
+            parent = grand
+    return parent
 
 
 def _star_groups(members: np.ndarray, content: np.ndarray, phash: np.ndarray, dhash: np.ndarray,

@@ -233,3 +233,29 @@ def test_group_arrays_points_each_duplicate_at_its_kept_item_by_index():
     assert groups.group.tolist() == [0, 0, 0, -1]
     assert groups.keeper.tolist() == [1, -1, 1, -1]
     assert groups.exact.tolist() == [False, False, False, False]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_array_union_find_labels_each_node_with_the_smallest_node_it_reaches(seed):
+    from dinobatch.dedupe import _smallest_connected
+
+    rng = np.random.default_rng(seed)
+    n = 400
+    a, b = rng.integers(0, n, size=(2, int(rng.integers(0, 500))))
+    chain = rng.permutation(n)[:60]  # a long path in shuffled node order: many hooks per round
+    a, b = np.concatenate([a, chain[:-1]]), np.concatenate([b, chain[1:]])
+    neighbours = {i: set() for i in range(n)}
+    for x, y in zip(a.tolist(), b.tolist()):
+        neighbours[x].add(y)
+        neighbours[y].add(x)
+    expected = list(range(n))
+    for start in range(n):  # breadth-first from each node, in ascending order: the first to reach wins
+        if expected[start] == start:
+            seen, todo = {start}, [start]
+            while todo:
+                for y in neighbours[todo.pop()] - seen:
+                    seen.add(y)
+                    todo.append(y)
+            for y in seen:
+                expected[y] = min(expected[y], start)
+    assert _smallest_connected(n, a, b).tolist() == expected
