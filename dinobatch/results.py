@@ -41,6 +41,7 @@ COMPACT_PARTS = 16
 # A file changed within this long before it was hashed could change again within the same
 # timestamp tick unnoticed ('racily clean' in git's terms): its stat is not trusted next run.
 _RACY_NS = 2_000_000_000
+_ROW_GROUP_BYTES = 32 << 20  # a compacted cache part's row groups: about this much data each
 _READ_BATCH = 8192  # rows decoded at a time when reading the cache and the file index
 _RUN_ID = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+$")
 
@@ -198,25 +199,37 @@ class ResultsDir:
         """The newest cached row of each wanted sha256 (later parts win), as one table.
 
         With with_embeddings only rows that carry an embedding count; without, the embedding
-        column is not even read."""
+        column is not even read. Two passes: the sha256 column alone says which rows are wanted,
+        then each part is read a batch at a time and only those rows are kept (copied out tight),
+        so memory is the rows returned plus one batch, whatever the size of the cache."""
         schema = cache_schema()
-        columns = [n for n in schema.names if with_embeddings or n != Col.EMBEDDING]
-        wanted = shas.combine_chunks() if isinstance(shas, pa.ChunkedArray) else pa.array(shas, pa.string())
         if not with_embeddings:
             schema = schema.remove(schema.get_field_index(Col.EMBEDDING))
+        wanted = shas.combine_chunks() if isinstance(shas, pa.ChunkedArray) else pa.array(shas, pa.string())
+        parts = self._cache_parts(fingerprint)
+        keys = [Col.SHA256, Col.EMBEDDING] if with_embeddings else [Col.SHA256]
 
-        def wanted_rows(batch: pa.RecordBatch) -> pa.RecordBatch:
-            keep = pc.is_in(batch.column(Col.SHA256), value_set=wanted)
+        def eligible(batch: pa.RecordBatch) -> pa.Array:  # the row's sha256, or null if it cannot serve
+            sha = batch.column(Col.SHA256).cast(pa.string())
             if with_embeddings:
-                keep = pc.and_(keep, batch.column(Col.EMBEDDING).is_valid())
-            return batch.filter(keep).select(schema.names).cast(schema)
+                sha = pc.if_else(batch.column(Col.EMBEDDING).is_valid(), sha, pa.scalar(None, pa.string()))
+            return sha
 
-        # a batch at a time: only the wanted rows of a part are ever held, never the part itself
-        table = pa.Table.from_batches([b for part in self._cache_parts(fingerprint)
-                                       for b in _read_part_batches(part, columns, wanted_rows) or ()], schema)
-        last = _last_of_each(table[Col.SHA256])
-        if len(last) < table.num_rows:  # a content cached twice: only then is the table copied
-            table = table.take(pa.array(last, pa.int64()))
+        found = [_read_part_batches(part, keys, eligible) for part in parts]
+        sha = pa.chunked_array([a for arrays in found for a in arrays or ()], pa.string())
+        candidates = np.flatnonzero(pc.fill_null(pc.is_in(sha, value_set=wanted), False).to_numpy(zero_copy_only=False))
+        rows = candidates[_last_of_each(sha.take(pa.array(candidates, pa.int64())))]  # sorted global rows
+        del sha, candidates
+        batches, start = [], 0
+        for part, arrays in zip(parts, found):
+            if arrays is None:  # unreadable: its contents are simply inferred again next run
+                continue
+            end = start + sum(len(a) for a in arrays)
+            mine = rows[np.searchsorted(rows, start):np.searchsorted(rows, end)] - start
+            if len(mine):
+                batches.extend(_take_rows(part, schema, mine) or ())
+            start = end
+        table = pa.Table.from_batches(batches, schema)
         if not with_embeddings:
             table = table.append_column(cache_schema().field(Col.EMBEDDING),
                                         pa.nulls(table.num_rows, pa.list_(pa.float32())))
@@ -235,11 +248,14 @@ class ResultsDir:
         target = self._cache_folder(fingerprint) / f"part-{run_id}-zcompact.parquet"
         with atomic_path(target, "compact the cache in") as tmp:
             with pq.ParquetWriter(tmp, cache_schema(metadata)) as writer:
+                pending: list[pa.Table] = []  # kept rows of small parts, written as one row group
                 for part, rows in zip(parts, keep):
                     table = _read_part(part, None)
                     if table is not None and len(rows):  # an unreadable part's work is redone anyway
-                        rows_kept = table.select(writer.schema.names).take(pa.array(rows, pa.int64()))
-                        writer.write_table(rows_kept.cast(writer.schema))
+                        pending.append(table.select(writer.schema.names).take(pa.array(rows, pa.int64())))
+                    if sum(t.nbytes for t in pending) >= _ROW_GROUP_BYTES:
+                        _write_row_group(writer, pending)
+                _write_row_group(writer, pending)
         for part in parts:
             if part != target:
                 with contextlib.suppress(OSError):
@@ -288,6 +304,15 @@ class ResultsDir:
         return self.path / "_summary.json"
 
 
+def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
+    """tables written as one row group (a run's parts hold one batch each: thousands of tiny row
+    groups would cost every later read their metadata, about 20 KB each); empties the list."""
+    if tables:
+        table = pa.concat_tables([t.cast(writer.schema) for t in tables])
+        writer.write_table(table, row_group_size=max(1, table.num_rows))
+        tables.clear()
+
+
 def _read_part(path: Path, columns: list[str] | None) -> pa.Table | None:
     """One cache part; an unreadable one is skipped with a warning (its work is simply redone)."""
     try:
@@ -307,6 +332,21 @@ def _read_part_batches(path: Path, columns: list[str] | None,
     except (OSError, pa.ArrowException) as exc:
         log.warning("ignoring unreadable cache part %s: %s", path, exc)
         return None
+
+
+def _take_rows(path: Path, schema: pa.Schema, rows: np.ndarray) -> list[pa.RecordBatch] | None:
+    """The rows (sorted row numbers) of one Parquet file, read a batch at a time, as schema."""
+    out, lo = [], 0
+
+    def take(batch: pa.RecordBatch) -> None:
+        nonlocal lo
+        hi = lo + batch.num_rows
+        mine = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)] - lo
+        if len(mine):
+            out.append(batch.select(schema.names).take(pa.array(mine, pa.int64())).cast(schema))
+        lo = hi
+
+    return None if _read_part_batches(path, schema.names, take) is None else out
 
 
 def _last_of_each(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:

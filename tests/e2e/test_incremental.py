@@ -100,6 +100,7 @@ def test_many_cache_parts_are_merged_without_changing_any_prediction(tmp_path, t
     parts = sorted((out / "_cache").glob("*/part-*.parquet"))
     assert len(parts) == 1 and parts[0].name.endswith("-zcompact.parquet")
     assert pq.read_table(parts[0]).num_rows == 9 + 5  # newest of each, plus the five embedding rows
+    assert pq.ParquetFile(parts[0]).metadata.num_row_groups == 1  # not one tiny row group per old part
     third, rows3 = run(root, out, tiny_model)
     assert third.inferred == 0
     assert {p: r["probs"] for p, r in rows3.items()} == {p: r["probs"] for p, r in rows2.items()}
