@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from . import __version__, faults
 from .config import ClassifyConfig
 from .dedupe import Groups, group_arrays
-from .device import resolve_runtime, tune_process
+from .device import release_memory, resolve_runtime, tune_process
 from .infer import WorkItem, predict
 from .lock import exclusive
 from .model import resolve_model
@@ -166,10 +166,12 @@ def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, pro
     reused = pc.count_distinct(shas.filter(pc.is_in(shas, value_set=cached))).as_py()
     del cached
     log.info("%d unique contents to infer, %d already have predictions from this model", len(todo), reused)
+    release_memory()  # here and below: one stage's freed temporaries never add to the next one's peak
 
     metadata = schema_metadata(version=__version__, model_name=model.name, model_fingerprint=model.fingerprint,
                                labels=list(model.spec.labels), folder=cfg.folder)
     decode_errors, changed, infer_seconds = _infer(cfg, out, model, runtime, todo, run_id, metadata, progress)
+    release_memory()
     changed_mask = pc.is_in(files[Col.ABSPATH], value_set=pa.array([os.fsencode(p) for p in changed], pa.binary()))
     errors = pc.if_else(changed_mask, "file changed while dinobatch was reading it; the next run classifies it",
                         errors)
@@ -178,9 +180,11 @@ def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, pro
     wanted = pc.unique(shas.drop_null())
     content = out.read_cache(model.fingerprint, wanted.filter(pc.invert(pc.is_in(wanted, value_set=failed))),
                              with_embeddings=cfg.embeddings)
+    release_memory()
     stats: dict[str, Any] = {}
     rows = _row_batches(files, shas, errors, decode_errors, content, species, cfg, model, run_id, stats)
     rows_file = out.write_rows(run_id, rows, row_schema(metadata))
+    release_memory()
     seen = files.select([Col.ABSPATH, Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE]).append_column(Col.SHA256, shas)
     out.write_file_index(seen.filter(shas.is_valid()), hashed_at)
     out.compact_cache(model.fingerprint, run_id, metadata)

@@ -10,7 +10,8 @@ from typing import Any, Iterator
 
 from .errors import DeviceError
 
-__all__ = ["PRECISIONS", "Runtime", "resolve_runtime", "default_workers", "tune_process", "MALLOC_ENV", "usable_cores"]
+__all__ = ["PRECISIONS", "Runtime", "resolve_runtime", "default_workers", "tune_process", "MALLOC_ENV", "usable_cores",
+           "release_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,26 @@ def _tune_allocator() -> str:
         log.debug("mallopt refused the allocator settings; keeping the defaults")
         return "system"
     return "glibc: mmap_max=0, trim_threshold=2GiB"
+
+
+def release_memory() -> None:
+    """Hand memory freed by the stage just finished back to the system, between stages of a job.
+
+    tune_process keeps freed memory in glibc's heap (what makes the model fast), and Arrow's pool
+    keeps its own; left there, each stage's temporaries would add to the next one's peak, so that
+    peak memory grew with the folder. malloc_trim(0) returns the heap's free pages (its
+    thresholds stay as they are for the batches to come); release_unused does it for Arrow."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def usable_cores() -> int:
