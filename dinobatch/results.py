@@ -41,7 +41,7 @@ COMPACT_PARTS = 16
 # A file changed within this long before it was hashed could change again within the same
 # timestamp tick unnoticed ('racily clean' in git's terms): its stat is not trusted next run.
 _RACY_NS = 2_000_000_000
-_ROW_GROUP_BYTES = 32 << 20  # a compacted cache part's row groups: about this much data each
+_ROW_GROUP_BYTES = 8 << 20  # a compacted cache part's row groups: about this much data each
 _READ_BATCH = 8192  # rows decoded at a time when reading the cache and the file index
 _RUN_ID = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+$")
 
@@ -249,12 +249,15 @@ class ResultsDir:
         with atomic_path(target, "compact the cache in") as tmp:
             with pq.ParquetWriter(tmp, cache_schema(metadata)) as writer:
                 pending: list[pa.Table] = []  # kept rows of small parts, written as one row group
+                pending_bytes = 0
                 for part, rows in zip(parts, keep):
                     table = _read_part(part, None)
                     if table is not None and len(rows):  # an unreadable part's work is redone anyway
                         pending.append(table.select(writer.schema.names).take(pa.array(rows, pa.int64())))
-                    if sum(t.nbytes for t in pending) >= _ROW_GROUP_BYTES:
+                        pending_bytes += pending[-1].nbytes
+                    if pending_bytes >= _ROW_GROUP_BYTES:
                         _write_row_group(writer, pending)
+                        pending_bytes = 0
                 _write_row_group(writer, pending)
         for part in parts:
             if part != target:
@@ -364,9 +367,11 @@ def _rows_to_keep(parts: list[Path]) -> list[np.ndarray]:
         table = _read_part(part, [Col.SHA256, Col.EMBEDDING])
         sizes.append(0 if table is None else table.num_rows)
         if table is not None:  # only the validity of the embeddings is kept, one part's worth at a time
-            shas.append(table[Col.SHA256].cast(pa.string()))
+            shas.extend(table[Col.SHA256].cast(pa.string()).chunks)
             has_embedding.append(table[Col.EMBEDDING].is_valid().to_numpy(zero_copy_only=False))
-    sha = pa.chunked_array([c for s in shas for c in s.chunks], pa.string())
+        if len(shas) >= 256:  # thousands of one-batch parts: copied into one array, not kept as slivers
+            shas = [pa.concat_arrays(shas)]
+    sha = pa.chunked_array(shas, pa.string())
     with_embedding = np.flatnonzero(np.concatenate([np.zeros(0, bool), *has_embedding]))
     keep = np.union1d(_last_of_each(sha), with_embedding[_last_of_each(sha.take(pa.array(with_embedding, pa.int64())))])
     starts = np.cumsum([0, *sizes])
