@@ -215,16 +215,23 @@ class ResultsDir:
                 sha = pc.if_else(batch.column(Col.EMBEDDING).is_valid(), sha, pa.scalar(None, pa.string()))
             return sha
 
-        found = [_read_part_batches(part, keys, eligible) for part in parts]
-        sha = pa.chunked_array([a for arrays in found for a in arrays or ()], pa.string())
+        chunks, sizes = [], []  # sizes: rows per part, None for an unreadable one
+        for part in parts:
+            arrays = _read_part_batches(part, keys, eligible)
+            sizes.append(None if arrays is None else sum(len(a) for a in arrays))
+            chunks.extend(arrays or ())
+            if len(chunks) >= 256:  # thousands of one-batch parts: one array, not thousands of slivers
+                chunks = [pa.concat_arrays(chunks)]
+        sha = pa.chunked_array(chunks, pa.string())
+        del chunks
         candidates = np.flatnonzero(pc.fill_null(pc.is_in(sha, value_set=wanted), False).to_numpy(zero_copy_only=False))
         rows = candidates[_last_of_each(sha.take(pa.array(candidates, pa.int64())))]  # sorted global rows
         del sha, candidates
         batches, start = [], 0
-        for part, arrays in zip(parts, found):
-            if arrays is None:  # unreadable: its contents are simply inferred again next run
+        for part, size in zip(parts, sizes):
+            if size is None:  # unreadable: its contents are simply inferred again next run
                 continue
-            end = start + sum(len(a) for a in arrays)
+            end = start + size
             mine = rows[np.searchsorted(rows, start):np.searchsorted(rows, end)] - start
             if len(mine):
                 batches.extend(_take_rows(part, schema, mine) or ())
