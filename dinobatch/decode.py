@@ -326,8 +326,9 @@ _DCT_32_LOW = 2 * np.cos(np.pi * np.arange(8)[:, None] * (2 * np.arange(32)[None
 
 def _phash(grey: Image.Image) -> str:
     """imagehash.phash(grey) as 16 hex digits, computed with numpy so that no process (classify's
-    decode workers included) imports scipy (0.2-0.5 s each) just for a 32x32 DCT. Rounding the coefficients gives the exact zeros scipy's
-    FFT gives on flat pictures; the result equals imagehash's (tested, blank pictures included)."""
+    decode workers included) imports scipy (0.2-0.5 s each) just for a 32x32 DCT. Rounding the
+    coefficients gives the exact zeros scipy's FFT gives on flat pictures; the result equals
+    imagehash's (tested, blank pictures included)."""
     pixels = np.asarray(grey.resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     low = np.round(_DCT_32_LOW @ pixels @ _DCT_32_LOW.T, 7)
     ordered = np.sort(low, axis=None)
