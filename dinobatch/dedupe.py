@@ -52,13 +52,6 @@ class Assignment:
     kind: str | None  # "exact" (same bytes as the kept file) or "near"
 
 
-def _find(parent: list[int], x: int) -> int:
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = parent[x]
-    return x
-
-
 def linked_components(items: Sequence[DedupeItem], phash_max: int, dhash_max: int) -> list[list[DedupeItem]]:
     """Components (of two or more) of items connected by exact copies or near links, chains
     included: what must stay together in one split. Identical hash pairs are collapsed first, so
@@ -67,7 +60,6 @@ def linked_components(items: Sequence[DedupeItem], phash_max: int, dhash_max: in
     for item in items:
         pairs_of.setdefault((item.phash, item.dhash), []).append(item)
     keys = list(pairs_of)
-    parent = list(range(len(keys)))
     ph = np.array([k[0] for k in keys], dtype=np.uint64)
     dh = np.array([k[1] for k in keys], dtype=np.uint64)
     # index the hash with the tighter limit (fewer candidates), then check the other
@@ -75,20 +67,14 @@ def linked_components(items: Sequence[DedupeItem], phash_max: int, dhash_max: in
     links = near_pairs(a, a_max)
     if len(links):
         links = links[popcount64(b[links[:, 0]] ^ b[links[:, 1]]) <= b_max]
-    for x, y in links.tolist():
-        rx, ry = _find(parent, x), _find(parent, y)
-        if rx != ry:
-            parent[max(rx, ry)] = min(rx, ry)
     by_sha: dict[str, int] = {}  # exact copies always share a component (their hashes are equal anyway)
-    for index, key in enumerate(keys):
-        for item in pairs_of[key]:
-            first = by_sha.setdefault(item.sha256, index)
-            rx, ry = _find(parent, first), _find(parent, index)
-            if rx != ry:
-                parent[max(rx, ry)] = min(rx, ry)
+    copies = [(by_sha.setdefault(item.sha256, index), index)
+              for index, key in enumerate(keys) for item in pairs_of[key]]
+    edges = np.concatenate([links, np.array(copies, dtype=np.int64).reshape(-1, 2)])
+    labels = _smallest_connected(len(keys), edges[:, 0], edges[:, 1]).tolist()
     components: dict[int, list[DedupeItem]] = {}
-    for index, key in enumerate(keys):
-        components.setdefault(_find(parent, index), []).extend(pairs_of[key])
+    for label, key in zip(labels, keys):
+        components.setdefault(label, []).extend(pairs_of[key])
     return [c for c in components.values() if len(c) > 1]
 
 

@@ -164,15 +164,10 @@ def _tune_allocator() -> str:
         return "system"
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES"  # the operator tuned it already: theirs wins
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: musl and macOS have no such symbol
-        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return "system"
-    if not ok:
+    if not (libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1):
         log.debug("mallopt refused the allocator settings; keeping the defaults")
         return "system"
     return "glibc: mmap_max=0, trim_threshold=2GiB"
@@ -188,14 +183,22 @@ def release_memory() -> None:
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """The C library when it is glibc (ctypes handle), else None: musl and macOS have no mallopt
+    parameters or malloc_trim of glibc's kind."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only
-        libc.malloc_trim(0)
+        libc.gnu_get_libc_version  # glibc only: musl and macOS have no such symbol
     except (OSError, AttributeError):
-        pass
+        return None
+    return libc
 
 
 def usable_cores() -> int:

@@ -207,23 +207,11 @@ class ResultsDir:
             schema = schema.remove(schema.get_field_index(Col.EMBEDDING))
         wanted = shas.combine_chunks() if isinstance(shas, pa.ChunkedArray) else pa.array(shas, pa.string())
         parts = self._cache_parts(fingerprint)
-        keys = [Col.SHA256, Col.EMBEDDING] if with_embeddings else [Col.SHA256]
-
-        def eligible(batch: pa.RecordBatch) -> pa.Array:  # the row's sha256, or null if it cannot serve
-            sha = batch.column(Col.SHA256).cast(pa.string())
-            if with_embeddings:
-                sha = pc.if_else(batch.column(Col.EMBEDDING).is_valid(), sha, pa.scalar(None, pa.string()))
-            return sha
-
-        chunks, sizes = [], []  # sizes: rows per part, None for an unreadable one
-        for part in parts:
-            arrays = _read_part_batches(part, keys, eligible)
-            sizes.append(None if arrays is None else sum(len(a) for a in arrays))
-            chunks.extend(arrays or ())
-            if len(chunks) >= 256:  # thousands of one-batch parts: one array, not thousands of slivers
-                chunks = [pa.concat_arrays(chunks)]
-        sha = pa.chunked_array(chunks, pa.string())
-        del chunks
+        keys, sizes = _part_keys(parts, with_embedding=with_embeddings)
+        sha = keys[Col.SHA256]  # a row with no embedding cannot serve an embeddings read
+        if with_embeddings:
+            sha = pc.if_else(keys[Col.EMBEDDING], sha, pa.scalar(None, pa.string()))
+        del keys
         candidates = np.flatnonzero(pc.fill_null(pc.is_in(sha, value_set=wanted), False).to_numpy(zero_copy_only=False))
         rows = candidates[_last_of_each(sha.take(pa.array(candidates, pa.int64())))]  # sorted global rows
         del sha, candidates
@@ -360,6 +348,31 @@ def _take_rows(path: Path, schema: pa.Schema, rows: np.ndarray) -> list[pa.Recor
     return None if _read_part_batches(path, schema.names, take) is None else out
 
 
+def _part_keys(parts: list[Path], *, with_embedding: bool) -> tuple[pa.Table, list[int | None]]:
+    """Every row of the cache parts in turn, by its sha256 (and, with_embedding, whether it has an
+    embedding), read a batch at a time; and each part's row count (None: unreadable, skipped).
+    A run leaves thousands of one-batch parts: their rows are merged every 256 parts as they
+    are read, not held as thousands of slivers."""
+    columns = [Col.SHA256, Col.EMBEDDING] if with_embedding else [Col.SHA256]
+    schema = pa.schema([(Col.SHA256, pa.string())] + ([(Col.EMBEDDING, pa.bool_())] if with_embedding else []))
+
+    def keys(batch: pa.RecordBatch) -> pa.RecordBatch:
+        arrays = [batch.column(Col.SHA256).cast(pa.string())]
+        if with_embedding:
+            arrays.append(batch.column(Col.EMBEDDING).is_valid())
+        return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+    batches: list[pa.RecordBatch] = []
+    sizes: list[int | None] = []
+    for part in parts:
+        found = _read_part_batches(part, columns, keys)
+        sizes.append(None if found is None else sum(b.num_rows for b in found))
+        batches.extend(found or ())
+        if len(batches) >= 256:
+            batches = pa.Table.from_batches(batches, schema).combine_chunks().to_batches()
+    return pa.Table.from_batches(batches, schema), sizes
+
+
 def _last_of_each(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Sorted positions of the last occurrence of each distinct value of keys (no nulls)."""
     codes = pc.index_in(keys, value_set=pc.unique(keys)).to_numpy()
@@ -370,19 +383,12 @@ def _last_of_each(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
 def _rows_to_keep(parts: list[Path]) -> list[np.ndarray]:
     """Per part, the row numbers read_cache could still pick: each sha256's newest row, and its
     newest row with an embedding (with_embeddings reads skip rows without one)."""
-    shas, has_embedding, sizes = [], [], []
-    for part in parts:
-        table = _read_part(part, [Col.SHA256, Col.EMBEDDING])
-        sizes.append(0 if table is None else table.num_rows)
-        if table is not None:  # only the validity of the embeddings is kept, one part's worth at a time
-            shas.extend(table[Col.SHA256].cast(pa.string()).chunks)
-            has_embedding.append(table[Col.EMBEDDING].is_valid().to_numpy(zero_copy_only=False))
-        if len(shas) >= 256:  # thousands of one-batch parts: copied into one array, not kept as slivers
-            shas = [pa.concat_arrays(shas)]
-    sha = pa.chunked_array(shas, pa.string())
-    with_embedding = np.flatnonzero(np.concatenate([np.zeros(0, bool), *has_embedding]))
+    keys, sizes = _part_keys(parts, with_embedding=True)
+    sha = keys[Col.SHA256]
+    has_embedding = keys[Col.EMBEDDING].to_numpy(zero_copy_only=False)
+    with_embedding = np.flatnonzero(has_embedding)
     keep = np.union1d(_last_of_each(sha), with_embedding[_last_of_each(sha.take(pa.array(with_embedding, pa.int64())))])
-    starts = np.cumsum([0, *sizes])
+    starts = np.cumsum([0, *(size or 0 for size in sizes)])
     return [keep[(keep >= lo) & (keep < hi)] - lo for lo, hi in zip(starts[:-1], starts[1:])]
 
 
