@@ -97,6 +97,10 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.items)
 
+    def window(self, lo: int, hi: int) -> "ImageDataset":
+        """Items lo..hi-1 as a dataset of their own (the items are not copied)."""
+        return ImageDataset(_Window(self.items, lo, hi), self.prep, self.jpeg_to_device)
+
     def cost(self, index: int) -> int:
         """The bytes of item index's first file: what its decoding time follows (0 if unknown)."""
         try:
@@ -149,6 +153,21 @@ class ImageDataset:
         record["facts"] = {Col.FORMAT: dec.format, Col.WIDTH: dec.width, Col.HEIGHT: dec.height,
                            Col.MODE: dec.mode, Col.PHASH: dec.phash, Col.DHASH: dec.dhash}
         return record
+
+
+class _Window(Sequence):
+    """items[lo:hi] of a sequence that may be lazy (classify's builds a WorkItem per access)."""
+
+    def __init__(self, items: Sequence[WorkItem], lo: int, hi: int):
+        self.items, self.lo, self.hi = items, lo, min(hi, len(items))
+
+    def __len__(self) -> int:
+        return max(0, self.hi - self.lo)
+
+    def __getitem__(self, i: int) -> WorkItem:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.items[self.lo + i]
 
 
 def collate(records: list[dict[str, Any]]):
@@ -247,9 +266,63 @@ def _batches(dataset: "ImageDataset", runtime, batch_size: int, workers: int | N
     if workers is None and not runtime.is_cuda and usable_cores() > 1:
         return burst_batches(dataset, batch_size, usable_cores())
     workers = default_workers(runtime.device.type, workers)
-    return iter(DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                           collate_fn=collate, pin_memory=runtime.pin_memory,
-                           prefetch_factor=4 if workers > 0 else None))
+    if workers == 0:
+        return iter(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                               pin_memory=runtime.pin_memory))  # decoding in this process: nothing to recover
+    return _loader_batches(dataset, batch_size, workers, runtime.pin_memory)
+
+
+# Batches a DataLoader worker decodes ahead (its prefetch_factor): with `workers` of them, the
+# batches in flight when one dies are at most _PREFETCH x workers from the first not yet handed out.
+_PREFETCH = 4
+
+
+def _loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_memory: bool) -> Iterator:
+    """DataLoader batches in order; a worker that dies (a C decoder crashing on a hostile file, the
+    OOM killer) costs the file it was decoding, not the run. The batches the loader had in flight
+    are decoded again by burst_batches, which finds the file and makes it an error record, and a
+    fresh loader takes the rest. Without this a nightly job would die on the same file every night."""
+    from torch.utils.data import DataLoader
+
+    done, total = 0, len(dataset)
+    while done < total:
+        loader = DataLoader(dataset.window(done, total), batch_size=batch_size, shuffle=False, num_workers=workers,
+                            collate_fn=collate, pin_memory=pin_memory, prefetch_factor=_PREFETCH)
+        try:
+            for records, batch in _iter_reporting_deaths_in_next(loader):
+                done += len(records)
+                yield records, batch
+            return
+        except RuntimeError as exc:
+            if not str(exc).startswith("DataLoader worker"):
+                raise
+        # the loader's iterator is gone with the exception: its surviving workers are shut down
+        suspects = min(total, done + _PREFETCH * workers * batch_size)
+        log.warning("a decoding worker died; decoding the %d files it may have held again, each crash "
+                    "costing only its own file", suspects - done)
+        for records, batch in burst_batches(dataset.window(done, suspects), batch_size, workers):
+            done += len(records)
+            yield records, batch
+
+
+def _iter_reporting_deaths_in_next(loader) -> Iterator:
+    """iter(loader), with the death of a worker raised by next() and nowhere else.
+
+    A DataLoader with workers installs a SIGCHLD handler (once per process) that raises a worker's
+    death as a RuntimeError in the main thread at whatever it is doing: inside the model's forward
+    pass, or while a cache part is being committed. With the previous handler put back, the
+    iterator's own check (torch: every 5 s while it waits for a batch) raises it from next(), the
+    one place _loader_batches can recover from it."""
+    import signal
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGCHLD) if in_main else None
+    try:
+        return iter(loader)  # starts the workers (a death while it does is raised here, as by next())
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGCHLD, previous)
 
 
 def _compiled(module, batch_size: int):

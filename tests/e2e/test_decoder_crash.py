@@ -45,3 +45,18 @@ def test_classify_survives_a_crashing_decoder_and_keeps_every_other_prediction(p
     assert len(rows) == 10 and summary.counts["error"] == 1
     assert "decoder crashed" in rows["poison.png"]["error"] and rows["poison.png"]["label"] is None
     assert all(rows[f"photo{i}.jpg"]["status"] == "ok" and rows[f"photo{i}.jpg"]["label"] for i in range(9))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_crash_in_a_dataloader_worker_costs_only_its_file(poisoned, tmp_path, tiny_model, workers, caplog):
+    """-j N (and CUDA, by default) decodes in DataLoader workers: a worker dying on a file is
+    noticed by the loader itself, the batches it had in flight are decoded again in isolation, and
+    a fresh loader takes the rest. Batches of 2 put the poison in the middle of the folder's work."""
+    cfg = ClassifyConfig(folder=str(poisoned), out=str(tmp_path / "out"), model=str(tiny_model), batch_size=2,
+                         workers=workers, species=str(REPO / "manifests" / "species.csv"))
+    summary = classify(cfg)
+    rows = {r["path"]: r for r in pq.read_table(summary.rows_file).to_pylist()}
+    assert len(rows) == 10 and summary.counts["error"] == 1
+    assert "decoder crashed" in rows["poison.png"]["error"] and "SIGKILL" in rows["poison.png"]["error"]
+    assert all(rows[f"photo{i}.jpg"]["status"] == "ok" and rows[f"photo{i}.jpg"]["label"] for i in range(9))
+    assert "decoding worker died" in caplog.text
