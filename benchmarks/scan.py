@@ -1,6 +1,7 @@
 """Throughput and peak memory of `dinobatch scan` beside imagededup and a plain hashing loop.
 
     .venv/bin/python benchmarks/scan.py [FOLDER] [--workers N] [--repeat 3] [--large-mp 72]
+    .venv/bin/python benchmarks/scan.py --scale 1000 20000 100000 [--keep DIR]
 
 FOLDER defaults to ../shared/data/dinos (read in place). Every run is a fresh interpreter, started
 through a small wrapper so that its peak memory is its own: 'peak tree' is the sum of the resident
@@ -12,6 +13,10 @@ interpreter start and imports included. 'x imagededup' is images/s over imageded
 is imagededup's CPU seconds over the row's: the work each does, whatever share of the cores it got
 (on a shared machine wall-clock ratios move with other people's load; CPU seconds move less).
 The large-image case writes a JPEG and a PNG of --large-mp megapixels to a temporary folder.
+
+--scale runs the CLI alone over generated folders of small JPEGs (benchmarks/incremental.py's
+generator, kept in --keep DIR between runs if given): memory against the number of files, each
+folder's peaks beside the smallest one's, measured in the same run.
 """
 
 from __future__ import annotations
@@ -190,7 +195,11 @@ def main() -> None:
     ap.add_argument("--workers", default="auto", help="scan's --workers (default: every usable core)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per contender; the fastest is shown")
     ap.add_argument("--large-mp", type=float, default=72.0, help="megapixels of the large-image case (0: skip)")
+    ap.add_argument("--scale", type=int, nargs="+", help="numbers of generated files: memory against folder size")
+    ap.add_argument("--keep", help="with --scale: keep (and reuse) the generated folders here")
     args = ap.parse_args()
+    if args.scale:
+        return scale(args.scale, args.workers, args.keep)
     folder = Path(args.folder)
     if not folder.is_dir():
         sys.exit(f"benchmark folder not found: {folder}")
@@ -215,6 +224,30 @@ def main() -> None:
             rows = measure_folder(tmp / "large", args.workers, 1, tmp)
             mp = f"{args.large_mp:g} MP"
             print_table(f"large images: one {mp} JPEG and one {mp} PNG (peak memory)", 2, rows)
+
+
+def scale(sizes: list[int], workers: str, keep: str | None) -> None:
+    """The CLI over generated folders of each size: time, files/s, peak memory and its growth."""
+    from incremental import generate
+
+    print(f"machine: {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f}; Python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(keep) if keep else Path(tmp)
+        print(f"{'files':>8} {'seconds':>8} {'files/s':>8} {'peak tree MiB':>13} {'largest MiB':>11} "
+              f"{'largest growth':>14} {'per file':>9}")
+        first = None
+        for n in sorted(sizes):
+            folder = root / f"scan-scale-{n}"
+            if not (folder / ".complete").exists():
+                generate(folder, n)
+                (folder / ".complete").touch()  # hidden: never scanned
+            argv = [sys.executable, "-m", "dinobatch", "scan", str(folder), "-o", str(Path(tmp) / "s.parquet"), "-q"]
+            r = run_measured(argv + ([] if workers == "auto" else ["-j", workers]))
+            first = first or (n, r)
+            grown = r["largest_mib"] - first[1]["largest_mib"]
+            per_file = f"{grown * 2**20 / (n - first[0]):.0f} B" if n > first[0] else "-"
+            print(f"{n:>8} {r['wall']:>8.1f} {n / r['wall']:>8.0f} {r['peak_mib']:>13.0f} {r['largest_mib']:>11.0f} "
+                  f"{grown:>+14.0f} {per_file:>9}", flush=True)
 
 
 def _version(dist: str) -> str:

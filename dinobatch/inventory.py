@@ -2,7 +2,12 @@
 
 Worker processes (forked) take chunks of paths; each reads a file's bytes once, hashes them and
 decodes only as much as the hashes need (decode.decode_hashes); small records come back. Nothing
-on this path imports torch. The folder is only read; the one output is written atomically.
+on this path imports torch (nor pandas, which pyarrow imports for some conversions: 0.5 s). The
+folder is only read; the one output is written atomically.
+
+Per file the parent holds columns, never a Python object: the walk's Arrow table, the records
+gathered into numpy arrays a block at a time, the duplicate groups from dedupe.group_arrays, and
+the output built from those, so that its memory grows by well under a kilobyte per file.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from . import __version__, faults
 from .decode import HASH_MIN_SIDE, SCAN_MIN_SIDE, DecodeError, decode_hashes, quiet_decoding
-from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Assignment, DedupeItem, group_duplicates
-from .device import usable_cores
+from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Groups, group_arrays
+from .device import release_memory, usable_cores
 from .results import table_from_columns, write_table
-from .scan import FileEntry, check_folder, read_bytes, walk
+from .scan import check_folder, read_bytes, walk_table
 from .workers import run_isolated
-from .schema import STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK, scan_metadata, scan_schema
+from .schema import (DUPLICATE_EXACT, DUPLICATE_NEAR, STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK, Col, scan_metadata,
+                     scan_schema)
 
 __all__ = ["ScanConfig", "ScanSummary", "scan_folder", "hash_file", "default_scan_workers", "HEAVY_BYTES"]
 
@@ -42,6 +52,7 @@ Progress = Callable[[str, int, int], None]
 HEAVY_BYTES = 64 * 1024 * 1024
 _MAX_CHUNK = 16  # files per task: enough to amortise the hand-over, few enough to end together
 _CHUNKS_PER_WORKER = 16
+_BLOCK = 8192  # files whose paths, or records, are Python objects at once in the parent
 
 # (sha256, bytes read, (format, width, height, mode, phash, dhash), error): what a worker returns
 Record = tuple[str | None, int | None, tuple | None, str | None]
@@ -91,30 +102,74 @@ def scan_folder(cfg: ScanConfig, progress: Progress | None = None) -> ScanSummar
     """Scan cfg.folder and write one row per file found to cfg.output; return the summary."""
     t0, started = time.monotonic(), datetime.now(timezone.utc)
     cfg = dataclasses.replace(cfg, folder=check_folder(cfg.folder), output=os.path.abspath(cfg.output))
-    entries = _entries(cfg)
-    log.info("found %d files under %s", len(entries), cfg.folder)
+    files = _files(cfg)
+    log.info("found %d files under %s", files.num_rows, cfg.folder)
     workers = default_scan_workers() if cfg.workers is None else cfg.workers
-    records = _hash_all(entries, workers, progress)
-    items = [_dedupe_item(e, r) for e, r in zip(entries, records) if r[3] is None]
-    groups = {a.path: a for a in group_duplicates(items, phash_max=cfg.phash_max, dhash_max=cfg.dhash_max)}
+    release_memory()  # here and below: one stage's freed temporaries never add to the next one's peak
+    hashed = _hash_all(files, workers, progress)
+    release_memory()
+    groups = hashed.groups(cfg.phash_max, cfg.dhash_max)
+    release_memory()
     metadata = scan_metadata(version=__version__, folder=cfg.folder, jpeg_min_side=SCAN_MIN_SIDE,
                              hash_min_side=HASH_MIN_SIDE, phash_max=cfg.phash_max, dhash_max=cfg.dhash_max)
-    table, counts, errors = _table(entries, records, groups, metadata)
+    table, counts, errors = _table(files, hashed, groups, metadata)
+    duplicate_groups = int(groups.group.max(initial=-1)) + 1
+    del files, hashed, groups  # the table holds what the output needs
+    release_memory()
     write_table(table, cfg.output)
     seconds = time.monotonic() - t0
-    return ScanSummary(output=cfg.output, files=len(entries), counts=counts,
-                       duplicate_groups=len({a.group for a in groups.values()}), seconds=round(seconds, 3),
-                       images_per_second=round(len(entries) / seconds, 1) if entries and seconds > 0 else None,
+    n = table.num_rows
+    return ScanSummary(output=cfg.output, files=n, counts=counts,
+                       duplicate_groups=duplicate_groups, seconds=round(seconds, 3),
+                       images_per_second=round(n / seconds, 1) if n and seconds > 0 else None,
                        workers=workers, config=cfg.to_dict(), started=started.isoformat(),
-                       finished=datetime.now(timezone.utc).isoformat(), errors=errors[:20])
+                       finished=datetime.now(timezone.utc).isoformat(), errors=errors)
 
 
-def _entries(cfg: ScanConfig) -> list[FileEntry]:
-    """Files under the folder in path order, leaving out the output itself (scanning '.' twice)."""
-    name, output = os.path.basename(cfg.output), os.path.realpath(cfg.output)
-    return sorted((e for e in walk(cfg.folder)
-                   if os.path.basename(e.abspath) != name or os.path.realpath(e.abspath) != output),
-                  key=lambda e: e.path)
+def _files(cfg: ScanConfig) -> pa.Table:
+    """The walk's table (schema.walk_schema) in path order, leaving out the output itself (scanning '.' twice)."""
+    files = walk_table(cfg.folder)
+    name, output = os.path.basename(cfg.output), os.fsencode(os.path.realpath(cfg.output))
+    named = _positions(pc.ends_with(files[Col.PATH], pattern=name))
+    own = [i for i, p in zip(named, files[Col.ABSPATH].take(_arrow(named)).to_pylist())
+           if os.path.basename(p) == os.fsencode(name) and os.path.realpath(p) == output]
+    if own:
+        files = files.take(_arrow(np.setdiff1d(np.arange(files.num_rows), own)))
+    return files.take(pc.sort_indices(files[Col.PATH]))  # code point order, as sorted() on str
+
+
+# Arrow <-> numpy here goes through buffers: pyarrow's own conversions (to_numpy, numpy arguments,
+# Python scalars) import pandas where it is installed, 0.5 s, half of a scan of 600 photos.
+
+
+def _positions(mask) -> np.ndarray:
+    """Where a boolean Arrow array is true, as numpy int64."""
+    found = pc.indices_nonzero(mask)
+    return np.frombuffer(found.buffers()[1], np.uint64, count=len(found), offset=found.offset * 8).astype(np.int64)
+
+
+def _flags(mask) -> np.ndarray:
+    """A boolean Arrow array (no nulls) as numpy."""
+    flags = np.zeros(len(mask), bool)
+    flags[_positions(mask)] = True
+    return flags
+
+
+def _arrow(indices: np.ndarray) -> pa.Array:
+    """Row numbers as an Arrow array, for take()."""
+    return _fixed(np.asarray(indices, np.int64), np.ones(len(indices), bool), pa.int64())
+
+
+def _numbers(column, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-width Arrow column as numpy: its values (0 where null) and where it is valid."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    values = np.frombuffer(arr.buffers()[1], dtype, count=n, offset=arr.offset * np.dtype(dtype).itemsize)
+    if arr.null_count == 0:
+        return values.copy(), np.ones(n, bool)
+    bits = np.unpackbits(np.frombuffer(arr.buffers()[0], np.uint8), bitorder="little")
+    valid = bits[arr.offset:arr.offset + n].astype(bool)
+    return np.where(valid, values, 0), valid
 
 
 # ---- the per-file work, in worker processes ---------------------------------------------------
@@ -165,38 +220,44 @@ def _hash_chunk(chunk: Sequence[tuple[int, str, int | None]]) -> list[tuple[int,
 # ---- fan-out ----------------------------------------------------------------------------------
 
 
-def _hash_all(entries: Sequence[FileEntry], workers: int, progress: Progress | None) -> list[Record]:
-    """One record per entry, in entry order; files the walk already refused are not opened."""
-    records: list[Record] = [(None, e.size, None, e.error) for e in entries]
-    todo = [(i, e.abspath, e.size) for i, e in enumerate(entries) if e.error is None]
-    done = 0
-    for index, record in _run_chunks(_chunks(todo, workers), workers):
-        records[index] = record
-        done += 1
+def _hash_all(files: pa.Table, workers: int, progress: Progress | None) -> "_Hashed":
+    """Every file's record; files the walk already refused are not opened."""
+    hashed = _Hashed(files.num_rows)
+    todo = _positions(files[Col.ERROR].is_null())
+    sizes, _ = _numbers(files[Col.BYTES], np.int64)
+    size = max(1, min(_MAX_CHUNK, -(-len(todo) // max(1, workers * _CHUNKS_PER_WORKER))))
+    chunks = _chunks(todo, files[Col.ABSPATH], sizes, size)
+    for done, (index, record) in enumerate(_run_chunks(chunks, -(-len(todo) // size), workers), start=1):
+        hashed.add(index, record)
         if progress and (done % _MAX_CHUNK == 0 or done == len(todo)):
             progress("hash", done, len(todo))
-    return records
+    hashed.flush()
+    return hashed
 
 
-def _chunks(todo: list, workers: int) -> list[list]:
-    size = max(1, min(_MAX_CHUNK, -(-len(todo) // max(1, workers * _CHUNKS_PER_WORKER))))
-    return [todo[i:i + size] for i in range(0, len(todo), size)]
+def _chunks(todo: np.ndarray, abspaths, sizes: np.ndarray, size: int) -> Iterator[list]:
+    """(index, path, size) tasks of `size` files, their paths made Python strings a block at a time."""
+    for lo in range(0, len(todo), _BLOCK):
+        block = todo[lo:lo + _BLOCK]
+        items = [(int(i), os.fsdecode(p), int(sizes[i])) for i, p in zip(block, abspaths.take(_arrow(block)).to_pylist())]
+        for k in range(0, len(items), size):
+            yield items[k:k + size]
 
 
-def _run_chunks(chunks: list[list], workers: int) -> Iterator[tuple[int, Record]]:
+def _run_chunks(chunks: Iterator[list], count: int, workers: int) -> Iterator[tuple[int, Record]]:
     """Results of every chunk, in this process (workers 0, or one chunk) or in a fork pool.
 
     At most two chunks per worker are in flight, so that when a decoder crashes and takes the
     pool down, the suspects are those few chunks: their files are hashed one process each (the
     culprit's row says it crashed) and a fresh pool takes the rest."""
-    if workers == 0 or len(chunks) <= 1:
+    if workers == 0 or count <= 1:
         for chunk in chunks:
             yield from _hash_chunk(chunk)
         return
     ctx = multiprocessing.get_context("fork")  # workers inherit the loaded modules; torch is not one
     lock = ctx.RLock()
     todo = iter(chunks)
-    pool = _pool(ctx, lock, min(workers, len(chunks)))
+    pool = _pool(ctx, lock, min(workers, count))
     pending: dict[Future, list] = {}
     try:
         while True:
@@ -215,7 +276,7 @@ def _run_chunks(chunks: list[list], workers: int) -> Iterator[tuple[int, Record]
                 for chunk in list(pending.values()):
                     yield from (_isolated(item, lock) for item in chunk)
                 pending.clear()
-                pool = _pool(ctx, lock, min(workers, len(chunks)))
+                pool = _pool(ctx, lock, min(workers, count))
     finally:  # on Ctrl-C or an error, drop the queued chunks instead of hashing the rest of the folder
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -240,31 +301,147 @@ def _isolated(item: tuple[int, str, int | None], lock: Any) -> tuple[int, Record
     return result[0] if ok else (index, (None, size, None, result))
 
 
-# ---- rows -------------------------------------------------------------------------------------
+# ---- columns and rows -------------------------------------------------------------------------
 
 
-def _dedupe_item(entry: FileEntry, record: Record) -> DedupeItem:
-    sha, _, facts, _ = record
-    _, width, height, _, phash, dhash = facts
-    return DedupeItem(entry.path, sha, int(phash, 16), int(dhash, 16), width * height)
+class _Hashed:
+    """The workers' records as columns aligned with the files: numpy arrays filled a block at a time
+    (records arrive in any order): sha256 digests and hashes as bytes and numbers (hex only in the
+    output), small vocabularies (format, mode) as codes, errors by index."""
+
+    def __init__(self, n: int):
+        self.sha = np.zeros(n, "S32")  # raw digests
+        self.read = np.zeros(n, bool)  # has a digest
+        self.nbytes = np.zeros(n, np.int64)
+        self.width, self.height = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        self.phash, self.dhash = np.zeros(n, np.uint64), np.zeros(n, np.uint64)
+        self.decoded = np.zeros(n, bool)
+        self.format, self.mode = np.full(n, -1, np.int16), np.full(n, -1, np.int16)
+        self.names: dict[str, int] = {}  # format and mode names -> their codes
+        self.errors: dict[int, str] = {}
+        self._pending: list[tuple[int, Record]] = []
+
+    def add(self, index: int, record: Record) -> None:
+        self._pending.append((index, record))
+        if len(self._pending) == _BLOCK:
+            self.flush()
+
+    def flush(self) -> None:
+        read = [(i, bytes.fromhex(sha), nbytes) for i, (sha, nbytes, _, _) in self._pending if sha is not None]
+        if read:
+            at, digests, sizes = zip(*read)
+            at = list(at)
+            self.sha[at], self.nbytes[at], self.read[at] = digests, sizes, True
+        done = [(i, facts) for i, (_, _, facts, _) in self._pending if facts is not None]
+        if done:
+            at, facts = zip(*done)
+            at = list(at)
+            fmt, width, height, mode, phash, dhash = zip(*facts)
+            code = self.names.setdefault
+            self.format[at] = [code(f, len(self.names)) for f in fmt]
+            self.mode[at] = [code(m, len(self.names)) for m in mode]
+            self.width[at], self.height[at] = width, height
+            self.phash[at] = [int(h, 16) for h in phash]
+            self.dhash[at] = [int(h, 16) for h in dhash]
+            self.decoded[at] = True
+        self.errors.update((i, error) for i, (_, _, _, error) in self._pending if error is not None)
+        self._pending = []
+
+    def groups(self, phash_max: int, dhash_max: int) -> Groups:
+        """dedupe.group_arrays over the decoded files (in path order), as indices of all files."""
+        n = len(self.sha)
+        result = Groups(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool))
+        ok = np.flatnonzero(self.decoded)
+        _, content = np.unique(self.sha[ok], return_inverse=True)
+        found = group_arrays(content.reshape(-1), self.phash[ok], self.dhash[ok],
+                             self.width[ok].astype(np.int64) * self.height[ok], phash_max=phash_max, dhash_max=dhash_max)
+        result.group[ok], result.exact[ok] = found.group, found.exact
+        result.keeper[ok] = np.where(found.keeper >= 0, ok[np.maximum(found.keeper, 0)], -1)
+        return result
 
 
-def _table(entries: Sequence[FileEntry], records: Sequence[Record], groups: dict[str, Assignment],
-           metadata: dict[bytes, bytes]):
-    """The rows in path order, their counts by status, and the files in error."""
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def _hex(raw: np.ndarray) -> np.ndarray:
+    """Fixed-width bytes (numpy S<w>) as lower-case hex digits (S<2w>), as bytes.hex() writes them."""
+    octets = np.frombuffer(raw.tobytes(), np.uint8)
+    digits = np.empty(2 * len(octets), np.uint8)
+    digits[0::2], digits[1::2] = _HEX_DIGITS[octets >> 4], _HEX_DIGITS[octets & 15]
+    return digits.view(f"S{2 * raw.dtype.itemsize}")
+
+
+def _hex64(values: np.ndarray) -> np.ndarray:
+    """64-bit numbers as 16 hex digits each, as imagehash writes a hash."""
+    return _hex(values.astype(">u8").view("S8"))
+
+
+def _table(files: pa.Table, hashed: _Hashed, groups: Groups, metadata: dict[bytes, bytes]):
+    """The rows in path order, their counts by status, and the first files in error."""
     schema = scan_schema(metadata)
-    cols: dict[str, list] = {name: [] for name in schema.names}
-    counts = {STATUS_OK: 0, STATUS_DUPLICATE: 0, STATUS_ERROR: 0}
-    errors = []
-    for e, (sha, nbytes, facts, error) in zip(entries, records):
-        g = groups.get(e.path)
-        status = STATUS_ERROR if error else (STATUS_DUPLICATE if g and g.duplicate_of else STATUS_OK)
-        counts[status] += 1
-        if error:
-            errors.append({"path": e.path, "error": error})
-        mtime_us = e.mtime_ns // 1000 if e.mtime_ns is not None else None
-        row = (e.path, e.raw, nbytes, mtime_us, sha, status, error, *(facts or (None,) * 6),
-               g.duplicate_of if g else None, g.kind if g else None, g.group if g else None)
-        for name, value in zip(schema.names, row):
-            cols[name].append(value)
-    return table_from_columns(cols, schema), counts, errors
+    n = files.num_rows
+    walk_error = files[Col.ERROR]
+    errors = [None] * n
+    for i, error in hashed.errors.items():
+        errors[i] = error
+    error = pc.coalesce(walk_error, table_from_columns({Col.ERROR: errors}, pa.schema([schema.field(Col.ERROR)]))[0])
+    failed = _flags(error.is_valid())
+    status = np.where(failed, 2, np.where(groups.keeper >= 0, 1, 0))
+    sizes, sized = _numbers(files[Col.BYTES], np.int64)
+    walked = _flags(walk_error.is_null())  # opened for hashing
+    nbytes = np.where(walked, np.where(hashed.read, hashed.nbytes, -1), np.where(sized, sizes, -1))
+    mtime, has_mtime = _numbers(files[Col.MTIME_NS], np.int64)
+    decoded = hashed.decoded & ~failed
+    duplicate = groups.keeper >= 0
+    columns = {
+        Col.PATH: files[Col.PATH], Col.PATH_BYTES: files[Col.PATH_BYTES],
+        Col.BYTES: _fixed(nbytes, nbytes >= 0, pa.int64()),
+        Col.MTIME: _fixed(mtime // 1000, has_mtime, schema.field(Col.MTIME).type),
+        Col.SHA256: _strings(_hex(hashed.sha), hashed.read),
+        Col.STATUS: _vocabulary([STATUS_OK, STATUS_DUPLICATE, STATUS_ERROR], status),
+        Col.ERROR: error,
+        Col.FORMAT: _named(hashed.names, np.where(decoded, hashed.format, -1)),
+        Col.WIDTH: _fixed(hashed.width, decoded, pa.int32()), Col.HEIGHT: _fixed(hashed.height, decoded, pa.int32()),
+        Col.MODE: _named(hashed.names, np.where(decoded, hashed.mode, -1)),
+        Col.PHASH: _strings(_hex64(hashed.phash), decoded), Col.DHASH: _strings(_hex64(hashed.dhash), decoded),
+        Col.DUPLICATE_OF: files[Col.PATH].take(_fixed(np.maximum(groups.keeper, 0), duplicate, pa.int64())),
+        Col.DUPLICATE_KIND: _vocabulary([DUPLICATE_NEAR, DUPLICATE_EXACT],
+                                        np.where(duplicate, groups.exact.astype(np.int64), -1)),
+        Col.DUPLICATE_GROUP: _fixed(groups.group, groups.group >= 0, pa.int64()),
+    }
+    table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+    counts = {STATUS_OK: int((status == 0).sum()), STATUS_DUPLICATE: int((status == 1).sum()),
+              STATUS_ERROR: int((status == 2).sum())}
+    first = np.flatnonzero(failed)[:20]
+    shown = table.select([Col.PATH, Col.ERROR]).take(_arrow(first)).to_pylist()
+    return table, counts, [{"path": r[Col.PATH], "error": r[Col.ERROR]} for r in shown]
+
+
+def _validity(valid: np.ndarray):
+    return None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+
+
+def _fixed(values: np.ndarray, valid: np.ndarray, kind: pa.DataType) -> pa.Array:
+    """Integers (or timestamps in the type's unit) as an Arrow array, null where not valid."""
+    dtype = np.int64 if pa.types.is_timestamp(kind) else np.dtype(kind.to_pandas_dtype())
+    data = np.where(valid, values, 0).astype(dtype)
+    return pa.Array.from_buffers(kind, len(values), [_validity(valid), pa.py_buffer(data)])
+
+
+def _strings(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    """Fixed-width ASCII (numpy S<w>) as an Arrow string array, null where not valid."""
+    width = values.dtype.itemsize
+    offsets = np.zeros(len(values) + 1, np.int64)
+    np.cumsum(np.where(valid, width, 0), out=offsets[1:])
+    return pa.Array.from_buffers(pa.string(), len(values), [_validity(valid), pa.py_buffer(offsets.astype(np.int32)),
+                                                            pa.py_buffer(values[valid].tobytes())])
+
+
+def _vocabulary(words: list[str], codes: np.ndarray) -> pa.Array:
+    """words[code] per row as an Arrow string array; null where the code is -1."""
+    dictionary = table_from_columns({"w": words}, pa.schema([pa.field("w", pa.string())]))[0]
+    return dictionary.take(_fixed(np.maximum(codes, 0), codes >= 0, pa.int64()))
+
+
+def _named(names: dict[str, int], codes: np.ndarray) -> pa.Array:
+    return _vocabulary(sorted(names, key=names.get), codes)

@@ -85,6 +85,30 @@ def test_scan_groups_copies_and_reports_every_file_once(folder, tmp_path):
     assert tree_digest(folder) == before
 
 
+def test_digests_and_hashes_with_zero_bytes_are_written_whole(tmp_path):
+    """sha256 digests ending in zero bytes and hashes starting with zero digits keep every digit
+    (scan holds digests and hashes as fixed-width bytes and numbers, and writes hex at the end)."""
+    import hashlib
+    import io
+
+    root = tmp_path / "zeros"
+    buf = io.BytesIO()
+    picture(3).save(buf, "PNG")
+    png = buf.getvalue()
+    data = next(png + k.to_bytes(4, "big") for k in range(1 << 22)
+                if hashlib.sha256(png + k.to_bytes(4, "big")).digest()[-2:] == b"\0\0")  # bytes after IEND: ignored
+    (root / "sub").mkdir(parents=True)
+    (root / "zero_tail.png").write_bytes(data)
+    (root / "sub" / "same.png").write_bytes(data)
+    save(Image.new("L", (64, 64), 0), root / "black.png")  # flat: pHash and dHash all zeros
+    assert scan(root, "-o", tmp_path / "z.parquet", "-j", "2", "-q")[0] == 0
+    rows = rows_of(tmp_path / "z.parquet")
+    digest = hashlib.sha256(data).hexdigest()
+    assert digest.endswith("0000") and rows["zero_tail.png"]["sha256"] == rows["sub/same.png"]["sha256"] == digest
+    assert (rows["zero_tail.png"]["duplicate_of"], rows["zero_tail.png"]["duplicate_kind"]) == ("sub/same.png", "exact")
+    assert rows["black.png"]["phash"] == rows["black.png"]["dhash"] == "0" * 16
+
+
 def test_in_process_and_pool_give_the_same_rows(folder, tmp_path):
     assert scan(folder, "-o", tmp_path / "pool.parquet", "-j", "2", "-q")[0] == 0
     assert scan(folder, "-o", tmp_path / "inline.parquet", "-j", "0", "-q")[0] == 0
@@ -129,6 +153,7 @@ try:
 except SystemExit as exc:
     rc = exc.code
 print(json.dumps({"rc": rc, "torch": "torch" in sys.modules, "scipy": "scipy" in sys.modules,
+                  "pandas": "pandas" in sys.modules,
                   "self_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "child_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
@@ -145,12 +170,13 @@ def _run_in_subprocess(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_scan_never_imports_torch_nor_scipy(folder, tmp_path):
+def test_scan_never_imports_torch_scipy_nor_pandas(folder, tmp_path):
     # workers are forked: what the main process has not imported (checked here with -j 0) they import
-    # themselves; scipy would cost each of them 0.2-0.5 s, torch far more
+    # themselves; scipy would cost each of them 0.2-0.5 s, torch far more. pyarrow imports pandas
+    # (0.5 s) for some conversions where it is installed (the bench extra brings it).
     for workers in ("2", "0"):
         got = _run_in_subprocess(["scan", str(folder), "-o", str(tmp_path / "s.parquet"), "-j", workers, "-q"])
-        assert got["rc"] == 0 and got["torch"] is False and got["scipy"] is False
+        assert got["rc"] == 0 and got["torch"] is False and got["scipy"] is False and got["pandas"] is False
 
 
 def test_peak_memory_stays_under_1_gb_with_very_large_images(tmp_path):
