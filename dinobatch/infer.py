@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from . import faults
-from .burst import burst_batches
+from .burst import BURST_IMAGES, burst_batches
 from .decode import DecodeError, decode
 from .model import LoadedModel, Preprocessing
 from .scan import read_bytes
@@ -275,6 +277,9 @@ def _batches(dataset: "ImageDataset", runtime, batch_size: int, workers: int | N
 # Batches a DataLoader worker decodes ahead (its prefetch_factor): with `workers` of them, the
 # batches in flight when one dies are at most _PREFETCH x workers from the first not yet handed out.
 _PREFETCH = 4
+# How long a failed next() waits for a dying worker to be seen dead: the error can come first (a
+# lost connection to the worker, the pin-memory thread that was reading from it).
+_DEATH_GRACE_S = 5.0
 
 
 def _loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_memory: bool) -> Iterator:
@@ -285,44 +290,112 @@ def _loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_
     from torch.utils.data import DataLoader
 
     done, total = 0, len(dataset)
-    while done < total:
-        loader = DataLoader(dataset.window(done, total), batch_size=batch_size, shuffle=False, num_workers=workers,
-                            collate_fn=collate, pin_memory=pin_memory, prefetch_factor=_PREFETCH)
-        try:
-            for records, batch in _iter_reporting_deaths_in_next(loader):
+    with _sigchld_left_to_the_loader():
+        while done < total:
+            loader = DataLoader(dataset.window(done, total), batch_size=batch_size, shuffle=False,
+                                num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+                                prefetch_factor=_PREFETCH)
+            batches = None
+            while True:
+                try:  # only around starting the workers and taking a batch, never around the yield
+                    if batches is None:
+                        batches = _started(loader)
+                    records, batch = next(batches)
+                except StopIteration:
+                    return
+                except Exception as exc:
+                    if not _worker_died(exc, batches):
+                        raise
+                    break
                 done += len(records)
                 yield records, batch
-            return
-        except RuntimeError as exc:
-            if not str(exc).startswith("DataLoader worker"):
-                raise
-        # the loader's iterator is gone with the exception: its surviving workers are shut down
-        suspects = min(total, done + _PREFETCH * workers * batch_size)
-        log.warning("a decoding worker died; decoding the %d files it may have held again, each crash "
-                    "costing only its own file", suspects - done)
-        for records, batch in burst_batches(dataset.window(done, suspects), batch_size, workers):
-            done += len(records)
-            yield records, batch
+            del batches  # its surviving workers are shut down with it
+            suspects = min(total, done + _PREFETCH * workers * batch_size)
+            log.warning("a decoding worker died; decoding the %d files it may have held again, each crash "
+                        "costing only its own file", suspects - done)
+            # bursts of BURST_IMAGES at most: a crash in one costs that many processes of one file each
+            for records, batch in burst_batches(dataset.window(done, suspects), min(batch_size, BURST_IMAGES),
+                                                workers):
+                done += len(records)
+                yield records, batch
 
 
-def _iter_reporting_deaths_in_next(loader) -> Iterator:
-    """iter(loader), with the death of a worker raised by next() and nowhere else.
+def _started(loader) -> Iterator:
+    """iter(loader), with torch's SIGCHLD handler (installed by the first loader with workers in
+    the process) taken out again at once; see _sigchld_left_to_the_loader."""
+    try:
+        return iter(loader)
+    finally:
+        _quiet_sigchld()
+
+
+def _worker_died(exc: Exception, batches) -> bool:
+    """Whether exc, raised while starting or reading a loader, comes from a worker that died: torch
+    says so itself, or (an error met on the way, such as a lost connection) one of its workers is
+    dead within a few seconds. Any other error, a worker's own exception included, is not one."""
+    if isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker"):
+        return True
+    processes = getattr(batches, "_workers", None) or []  # torch's iterator keeps its worker processes here
+    deadline = time.monotonic() + _DEATH_GRACE_S
+    while processes:
+        if any(not p.is_alive() for p in processes):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+_TORCH_SIGCHLD: list = []  # torch's SIGCHLD handler, once taken out, to put back afterwards
+
+
+@contextlib.contextmanager
+def _sigchld_left_to_the_loader() -> Iterator[None]:
+    """While classify's loaders run, a worker's death is raised by the loader itself, from next().
 
     A DataLoader with workers installs a SIGCHLD handler (once per process) that raises a worker's
     death as a RuntimeError in the main thread at whatever it is doing: inside the model's forward
-    pass, or while a cache part is being committed. With the previous handler put back, the
-    iterator's own check (torch: every 5 s while it waits for a batch) raises it from next(), the
-    one place _loader_batches can recover from it."""
+    pass, or while a cache part is being committed, where nothing can recover. Without it the
+    iterator's own check (torch: every 5 s while it waits for a batch) raises it from next(). torch's
+    handler is taken out after each loader starts (and at once if an earlier loader, in training
+    say, left it there), and put back when the batches are done."""
     import signal
     import threading
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGCHLD) if in_main else None
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; torch installs none from here either
+        return
+    _quiet_sigchld()
     try:
-        return iter(loader)  # starts the workers (a death while it does is raised here, as by next())
+        yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGCHLD, previous)
+        if _TORCH_SIGCHLD:
+            signal.signal(signal.SIGCHLD, _TORCH_SIGCHLD.pop())
+
+
+def _quiet_sigchld() -> None:
+    """Take torch's SIGCHLD handler out (keeping it to put back), if it is the one installed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if "_set_SIGCHLD_handler" in getattr(handler, "__qualname__", ""):
+        previous = _closure_value(handler, "previous_handler")
+        signal.signal(signal.SIGCHLD, previous if callable(previous) else signal.SIG_DFL)
+        if not _TORCH_SIGCHLD:
+            _TORCH_SIGCHLD.append(handler)
+
+
+def _closure_value(fn, name: str):
+    """The value a closure captured under `name` (None if it captured no such name)."""
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+    cell = cells.get(name)
+    try:
+        return cell.cell_contents if cell is not None else None
+    except ValueError:  # an empty cell
+        return None
 
 
 def _compiled(module, batch_size: int):

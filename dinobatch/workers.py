@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import pickle
 import signal
 from typing import Any, Callable
 
@@ -39,7 +40,7 @@ def run_isolated(fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], N
     proc.start()
     sender.close()  # the child holds the only write end now: its death ends recv() with EOFError
     try:
-        result, ok = receiver.recv(), True
+        result, ok = pickle.loads(receiver.recv_bytes()), True
     except EOFError:
         result, ok = None, False
     finally:
@@ -54,5 +55,7 @@ def run_isolated(fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], N
 def _child(sender, fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], None] | None) -> None:
     if initializer is not None:
         initializer()
-    sender.send(fn(arg))
+    # Plain pickle, not the connection's own: that one hands a torch tensor over as a file
+    # descriptor to shared memory, which the parent can no longer fetch once this process has exited.
+    sender.send_bytes(pickle.dumps(fn(arg)))
     sender.close()

@@ -6,13 +6,20 @@ contains 'poison' die by SIGKILL, as a segfaulting libjpeg or libtiff, or the OO
 
 from __future__ import annotations
 
+import hashlib
+import signal
+import time
+
 import pyarrow.parquet as pq
 import pytest
+from torch.utils.data import DataLoader
 
 from dinobatch import faults
 from dinobatch.classify import classify
 from dinobatch.config import ClassifyConfig
 from dinobatch.device import usable_cores
+from dinobatch.infer import ImageDataset, WorkItem, _loader_batches
+from dinobatch.model import Preprocessing
 from dinobatch.inventory import ScanConfig, scan_folder
 from tests.conftest import REPO, picture, save
 
@@ -33,6 +40,7 @@ def test_scan_survives_a_crashing_decoder(poisoned, tmp_path):
     assert len(rows) == 10 and summary.counts["error"] == 1
     assert rows["poison.png"]["status"] == "error"
     assert "decoder crashed" in rows["poison.png"]["error"] and "SIGKILL" in rows["poison.png"]["error"]
+    assert rows["poison.png"]["bytes"] == (poisoned / "poison.png").stat().st_size  # still known
     assert all(rows[f"photo{i}.jpg"]["status"] == "ok" and rows[f"photo{i}.jpg"]["phash"] for i in range(9))
 
 
@@ -60,3 +68,39 @@ def test_a_crash_in_a_dataloader_worker_costs_only_its_file(poisoned, tmp_path, 
     assert "decoder crashed" in rows["poison.png"]["error"] and "SIGKILL" in rows["poison.png"]["error"]
     assert all(rows[f"photo{i}.jpg"]["status"] == "ok" and rows[f"photo{i}.jpg"]["label"] for i in range(9))
     assert "decoding worker died" in caplog.text
+
+
+@pytest.mark.parametrize("jpeg_to_device, loader_before", [(True, False), (False, True)])
+def test_loader_recovery_with_jpeg_bytes_and_after_another_loader(tmp_path, monkeypatch, request, jpeg_to_device,
+                                                                   loader_before):
+    """What CUDA adds: JPEG bytes travel as tensors to be decoded on the device (they must survive
+    the one-process-per-file isolation), and a loader with workers used earlier in the process
+    (training, say) has left torch's SIGCHLD handler installed, which would raise the death in the
+    middle of the model. The crash still costs only its file, and torch's handler is back after."""
+    root = tmp_path / "in"
+    for i in range(30):  # the poison late in the folder: the worker dies while the model runs
+        save(picture(i), root / f"p{i:02d}.jpg", quality=90)
+    save(picture(50), root / "p25poison.jpg", quality=90)
+    monkeypatch.setenv(faults.ENV, "decode:1:poison")
+    if loader_before:  # as in a fresh process where training ran first: torch installs its handler
+        from torch.utils.data._utils import signal_handling
+
+        monkeypatch.setattr(signal_handling, "_SIGCHLD_handler_set", False)
+        original = signal.getsignal(signal.SIGCHLD)
+        request.addfinalizer(lambda: signal.signal(signal.SIGCHLD, original))
+        assert sum(len(b) for b in DataLoader(list(range(4)), batch_size=2, num_workers=1)) == 4
+        assert "_set_SIGCHLD_handler" in signal.getsignal(signal.SIGCHLD).__qualname__
+    before = signal.getsignal(signal.SIGCHLD)
+    files = sorted(root.iterdir())
+    items = [WorkItem((str(f),), hashlib.sha256(f.read_bytes()).hexdigest()) for f in files]
+    dataset = ImageDataset(items, Preprocessing(resize=64, crop=56), jpeg_to_device=jpeg_to_device)
+    records = []
+    for batch_records, _ in _loader_batches(dataset, 2, 2, False):
+        records += batch_records
+        time.sleep(0.3)  # the model's forward pass, where torch's handler would strike
+    assert [r["sha256"] for r in records] == [item.sha256 for item in items]
+    failed = {f.name: r["error"] for f, r in zip(files, records) if r["error"]}
+    assert list(failed) == ["p25poison.jpg"] and "decoder crashed" in failed["p25poison.jpg"]
+    if jpeg_to_device:
+        assert all("jpeg" in r for r in records if not r["error"])
+    assert signal.getsignal(signal.SIGCHLD) is before
