@@ -36,7 +36,7 @@ from .decode import HASH_MIN_SIDE, SCAN_MIN_SIDE, DecodeError, decode_hashes, qu
 from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Groups, group_arrays
 from .device import release_memory, usable_cores
 from .results import table_from_columns, write_table
-from .scan import check_folder, read_bytes, walk_table
+from .scan import check_folder, display_path, read_bytes, walk_table
 from .workers import run_isolated
 from .schema import (DUPLICATE_EXACT, DUPLICATE_NEAR, STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK, Col, scan_metadata,
                      scan_schema)
@@ -102,11 +102,12 @@ def scan_folder(cfg: ScanConfig, progress: Progress | None = None) -> ScanSummar
     """Scan cfg.folder and write one row per file found to cfg.output; return the summary."""
     t0, started = time.monotonic(), datetime.now(timezone.utc)
     cfg = dataclasses.replace(cfg, folder=check_folder(cfg.folder), output=os.path.abspath(cfg.output))
-    files = _files(cfg)
+    files, abspaths = _files(cfg)
     log.info("found %d files under %s", files.num_rows, cfg.folder)
     workers = default_scan_workers() if cfg.workers is None else cfg.workers
     release_memory()  # here and below: one stage's freed temporaries never add to the next one's peak
-    hashed = _hash_all(files, workers, progress)
+    hashed = _hash_all(files, abspaths, workers, progress)
+    del abspaths
     release_memory()
     groups = hashed.groups(cfg.phash_max, cfg.dhash_max)
     release_memory()
@@ -126,16 +127,31 @@ def scan_folder(cfg: ScanConfig, progress: Progress | None = None) -> ScanSummar
                        finished=datetime.now(timezone.utc).isoformat(), errors=errors)
 
 
-def _files(cfg: ScanConfig) -> pa.Table:
-    """The walk's table (schema.walk_schema) in path order, leaving out the output itself (scanning '.' twice)."""
+def _files(cfg: ScanConfig) -> tuple[pa.Table, "_Paths"]:
+    """The walk's table (schema.walk_schema, but for the absolute paths) in path order, leaving out
+    the output itself (scanning '.' twice), and the files' absolute paths in that order."""
     files = walk_table(cfg.folder)
     name, output = os.path.basename(cfg.output), os.fsencode(os.path.realpath(cfg.output))
-    named = _positions(pc.ends_with(files[Col.PATH], pattern=name))
+    named = _positions(pc.ends_with(files[Col.PATH], pattern=display_path(name)))  # paths are shown so
     own = [i for i, p in zip(named, files[Col.ABSPATH].take(_arrow(named)).to_pylist())
            if os.path.basename(p) == os.fsencode(name) and os.path.realpath(p) == output]
     if own:
         files = files.take(_arrow(np.setdiff1d(np.arange(files.num_rows), own)))
-    return files.take(pc.sort_indices(files[Col.PATH]))  # code point order, as sorted() on str
+    order = pc.sort_indices(files[Col.PATH])  # code point order, as sorted() on str
+    # The absolute paths are taken in that order a block at a time, never as one column: one Arrow
+    # binary column holds at most 2 GiB (10 million paths of 200 bytes).
+    return files.drop_columns([Col.ABSPATH]).take(order), _Paths(files[Col.ABSPATH], order)
+
+
+@dataclass(frozen=True)
+class _Paths:
+    """The absolute paths of the files in path order: `column` taken in `order`, on demand."""
+
+    column: Any  # pa.ChunkedArray of os.fsencode(absolute path), in the walk's order
+    order: Any  # pa.Array: row of the walk's table for each file in path order
+
+    def take(self, rows: np.ndarray) -> list[bytes]:
+        return self.column.take(self.order.take(_arrow(rows))).to_pylist()
 
 
 # Arrow <-> numpy here goes through buffers: pyarrow's own conversions (to_numpy, numpy arguments,
@@ -220,14 +236,16 @@ def _hash_chunk(chunk: Sequence[tuple[int, str, int | None]]) -> list[tuple[int,
 # ---- fan-out ----------------------------------------------------------------------------------
 
 
-def _hash_all(files: pa.Table, workers: int, progress: Progress | None) -> "_Hashed":
+def _hash_all(files: pa.Table, abspaths: _Paths, workers: int, progress: Progress | None) -> "_Hashed":
     """Every file's record; files the walk already refused are not opened."""
     hashed = _Hashed(files.num_rows)
     todo = _positions(files[Col.ERROR].is_null())
     sizes, _ = _numbers(files[Col.BYTES], np.int64)
     size = max(1, min(_MAX_CHUNK, -(-len(todo) // max(1, workers * _CHUNKS_PER_WORKER))))
-    chunks = _chunks(todo, files[Col.ABSPATH], sizes, size)
-    for done, (index, record) in enumerate(_run_chunks(chunks, -(-len(todo) // size), workers), start=1):
+    whole, rest = divmod(len(todo), _BLOCK)
+    count = whole * -(-_BLOCK // size) + -(-rest // size)  # chunks never span two blocks
+    chunks = _chunks(todo, abspaths, sizes, size)
+    for done, (index, record) in enumerate(_run_chunks(chunks, count, workers), start=1):
         hashed.add(index, record)
         if progress and (done % _MAX_CHUNK == 0 or done == len(todo)):
             progress("hash", done, len(todo))
@@ -235,11 +253,11 @@ def _hash_all(files: pa.Table, workers: int, progress: Progress | None) -> "_Has
     return hashed
 
 
-def _chunks(todo: np.ndarray, abspaths, sizes: np.ndarray, size: int) -> Iterator[list]:
+def _chunks(todo: np.ndarray, abspaths: _Paths, sizes: np.ndarray, size: int) -> Iterator[list]:
     """(index, path, size) tasks of `size` files, their paths made Python strings a block at a time."""
     for lo in range(0, len(todo), _BLOCK):
         block = todo[lo:lo + _BLOCK]
-        items = [(int(i), os.fsdecode(p), int(sizes[i])) for i, p in zip(block, abspaths.take(_arrow(block)).to_pylist())]
+        items = [(int(i), os.fsdecode(p), int(sizes[i])) for i, p in zip(block, abspaths.take(block))]
         for k in range(0, len(items), size):
             yield items[k:k + size]
 
@@ -312,7 +330,7 @@ class _Hashed:
     def __init__(self, n: int):
         self.sha = np.zeros(n, "S32")  # raw digests
         self.read = np.zeros(n, bool)  # has a digest
-        self.nbytes = np.zeros(n, np.int64)
+        self.nbytes = np.full(n, -1, np.int64)  # -1: no size in the record
         self.width, self.height = np.zeros(n, np.int32), np.zeros(n, np.int32)
         self.phash, self.dhash = np.zeros(n, np.uint64), np.zeros(n, np.uint64)
         self.decoded = np.zeros(n, bool)
@@ -327,11 +345,14 @@ class _Hashed:
             self.flush()
 
     def flush(self) -> None:
-        read = [(i, bytes.fromhex(sha), nbytes) for i, (sha, nbytes, _, _) in self._pending if sha is not None]
+        read = [(i, bytes.fromhex(sha)) for i, (sha, _, _, _) in self._pending if sha is not None]
         if read:
-            at, digests, sizes = zip(*read)
-            at = list(at)
-            self.sha[at], self.nbytes[at], self.read[at] = digests, sizes, True
+            at, digests = zip(*read)
+            self.sha[list(at)], self.read[list(at)] = digests, True
+        sized = [(i, nbytes) for i, (_, nbytes, _, _) in self._pending if nbytes is not None]
+        if sized:  # a file whose decoder crashed keeps the size the walk found
+            at, sizes = zip(*sized)
+            self.nbytes[list(at)] = sizes
         done = [(i, facts) for i, (_, _, facts, _) in self._pending if facts is not None]
         if done:
             at, facts = zip(*done)
@@ -389,7 +410,7 @@ def _table(files: pa.Table, hashed: _Hashed, groups: Groups, metadata: dict[byte
     status = np.where(failed, 2, np.where(groups.keeper >= 0, 1, 0))
     sizes, sized = _numbers(files[Col.BYTES], np.int64)
     walked = _flags(walk_error.is_null())  # opened for hashing
-    nbytes = np.where(walked, np.where(hashed.read, hashed.nbytes, -1), np.where(sized, sizes, -1))
+    nbytes = np.where(walked, hashed.nbytes, np.where(sized, sizes, -1))
     mtime, has_mtime = _numbers(files[Col.MTIME_NS], np.int64)
     decoded = hashed.decoded & ~failed
     duplicate = groups.keeper >= 0
@@ -428,12 +449,18 @@ def _fixed(values: np.ndarray, valid: np.ndarray, kind: pa.DataType) -> pa.Array
     return pa.Array.from_buffers(kind, len(values), [_validity(valid), pa.py_buffer(data)])
 
 
-def _strings(values: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """Fixed-width ASCII (numpy S<w>) as an Arrow string array, null where not valid."""
-    width = values.dtype.itemsize
-    offsets = np.zeros(len(values) + 1, np.int64)
-    np.cumsum(np.where(valid, width, 0), out=offsets[1:])
-    return pa.Array.from_buffers(pa.string(), len(values), [_validity(valid), pa.py_buffer(offsets.astype(np.int32)),
+def _strings(values: np.ndarray, valid: np.ndarray):
+    """Fixed-width ASCII (numpy S<w>) as an Arrow string column, null where not valid: in chunks of
+    under 2 GiB, what one Arrow string array can hold (33 million sha256 digests)."""
+    step = (2**31 - 1) // max(1, values.dtype.itemsize)
+    return pa.chunked_array([_string_array(values[lo:lo + step], valid[lo:lo + step])
+                             for lo in range(0, len(values), step)], pa.string())
+
+
+def _string_array(values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    offsets = np.zeros(len(values) + 1, np.int32)
+    np.cumsum(np.where(valid, values.dtype.itemsize, 0), out=offsets[1:])
+    return pa.Array.from_buffers(pa.string(), len(values), [_validity(valid), pa.py_buffer(offsets),
                                                             pa.py_buffer(values[valid].tobytes())])
 
 

@@ -130,6 +130,9 @@ def test_limits_flags_and_an_output_inside_the_folder(folder):
     assert "scan.parquet" not in rows  # the first run's output is not listed as an input file
     assert rows["dino_brighter.jpg"]["duplicate_of"] is None  # no longer within the limits
     assert rows["copy_of_a.jpg"]["duplicate_of"] == "a.jpg"  # exact copies always are
+    odd = folder / "sub" / "sc\\an \\x41.parquet"  # shown escaped in `path`: matched all the same
+    assert scan(folder, "-o", odd, "-q")[0] == scan(folder, "-o", odd, "-q")[0] == 0
+    assert set(rows_of(odd)) == set(rows) | {"scan.parquet"}
 
 
 def test_missing_folder_is_an_input_error(tmp_path):
