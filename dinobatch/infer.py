@@ -290,26 +290,28 @@ def _loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_
     from torch.utils.data import DataLoader
 
     done, total = 0, len(dataset)
-    with _sigchld_left_to_the_loader():
+    with _deaths_raised_only_by_reads():
         while done < total:
             loader = DataLoader(dataset.window(done, total), batch_size=batch_size, shuffle=False,
                                 num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
                                 prefetch_factor=_PREFETCH)
             batches = None
-            while True:
-                try:  # only around starting the workers and taking a batch, never around the yield
-                    if batches is None:
-                        batches = _started(loader)
-                    records, batch = next(batches)
-                except StopIteration:
-                    return
-                except Exception as exc:
-                    if not _worker_died(exc, batches):
-                        raise
-                    break
-                done += len(records)
-                yield records, batch
-            del batches  # its surviving workers are shut down with it
+            try:
+                while True:
+                    try:  # only around starting the workers and taking a batch, never around the yield
+                        if batches is None:
+                            batches = _started(loader)
+                        records, batch = _read(batches)
+                    except StopIteration:
+                        return
+                    except Exception as exc:
+                        if not (isinstance(exc, _WorkerDied) or _worker_died(exc, batches)):
+                            raise
+                        break
+                    done += len(records)
+                    yield records, batch
+            finally:  # workers shut down here, whatever ends the loop, before the handler changes back
+                _shut_down(batches)
             suspects = min(total, done + _PREFETCH * workers * batch_size)
             log.warning("a decoding worker died; decoding the %d files it may have held again, each crash "
                         "costing only its own file", suspects - done)
@@ -320,13 +322,58 @@ def _loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_
                 yield records, batch
 
 
+class _WorkerDied(Exception):
+    """A worker of the loader being read is dead."""
+
+
+_READING: list = []  # the loader iterator that next() is reading, while it is
+
+
+def _read(batches):
+    """next(batches), or _WorkerDied if one of its workers is dead, before or during the read.
+
+    Before: a worker killed while the model ran may have left its last message half-written, and
+    reading that would wait for the rest for ever. During: the SIGCHLD handler below raises into
+    the read, as torch's own would."""
+    _READING.append(batches)
+    try:
+        if _dead(batches):
+            raise _WorkerDied()
+        return next(batches)
+    finally:
+        _READING.clear()
+
+
+def _shut_down(batches) -> None:
+    """Stop a loader iterator's workers now, not whenever the iterator is collected."""
+    shut_down = getattr(batches, "_shutdown_workers", None)  # what torch's iterator runs when collected
+    if shut_down is not None:
+        shut_down()
+
+
+def _dead(batches) -> bool:
+    return any(not p.is_alive() for p in getattr(batches, "_workers", None) or ())  # torch keeps them there
+
+
+def _on_sigchld(signum, frame) -> None:
+    """classify's SIGCHLD handler while its loaders run: a worker's death is raised only into a read."""
+    if _READING and _dead(_READING[0]):
+        raise _WorkerDied()
+
+
 def _started(loader) -> Iterator:
-    """iter(loader), with torch's SIGCHLD handler (installed by the first loader with workers in
-    the process) taken out again at once; see _sigchld_left_to_the_loader."""
+    """iter(loader), with the handler of _deaths_raised_only_by_reads put back at once if torch has
+    just installed its own (it does, once per process, when the first loader starts workers)."""
+    import signal
+
     try:
         return iter(loader)
     finally:
-        _quiet_sigchld()
+        if _in_main_thread():
+            handler = signal.getsignal(signal.SIGCHLD)
+            if handler is not _on_sigchld:
+                _TORCH_SIGCHLD[:] = [handler]
+                signal.signal(signal.SIGCHLD, _on_sigchld)
 
 
 def _worker_died(exc: Exception, batches) -> bool:
@@ -335,10 +382,11 @@ def _worker_died(exc: Exception, batches) -> bool:
     dead within a few seconds. Any other error, a worker's own exception included, is not one."""
     if isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker"):
         return True
-    processes = getattr(batches, "_workers", None) or []  # torch's iterator keeps its worker processes here
+    if str(exc).startswith("Caught "):  # torch re-raising an exception from a worker (or its pin thread)
+        return False
     deadline = time.monotonic() + _DEATH_GRACE_S
-    while processes:
-        if any(not p.is_alive() for p in processes):
+    while getattr(batches, "_workers", None):
+        if _dead(batches):
             return True
         if time.monotonic() > deadline:
             return False
@@ -346,56 +394,46 @@ def _worker_died(exc: Exception, batches) -> bool:
     return False
 
 
-_TORCH_SIGCHLD: list = []  # torch's SIGCHLD handler, once taken out, to put back afterwards
+_TORCH_SIGCHLD: list = []  # torch's SIGCHLD handler, when it installed one while ours was in place
+_DEPTH: list = []  # one entry per _deaths_raised_only_by_reads entered (loaders read side by side)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 @contextlib.contextmanager
-def _sigchld_left_to_the_loader() -> Iterator[None]:
-    """While classify's loaders run, a worker's death is raised by the loader itself, from next().
+def _deaths_raised_only_by_reads() -> Iterator[None]:
+    """While classify's loaders run, a worker's death is raised only where a batch is read.
 
     A DataLoader with workers installs a SIGCHLD handler (once per process) that raises a worker's
     death as a RuntimeError in the main thread at whatever it is doing: inside the model's forward
-    pass, or while a cache part is being committed, where nothing can recover. Without it the
-    iterator's own check (torch: every 5 s while it waits for a batch) raises it from next(). torch's
-    handler is taken out after each loader starts (and at once if an earlier loader, in training
-    say, left it there), and put back when the batches are done."""
+    pass, or while a cache part is being committed, where nothing can recover. In its place
+    _on_sigchld raises only into a read (_read), and _read checks before it reads. The handler
+    that was there (torch's, if it has installed one meanwhile) is put back after."""
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if not _in_main_thread():
         yield  # signal handlers belong to the main thread; torch installs none from here either
         return
-    _quiet_sigchld()
+    _DEPTH.append(None)
+    if len(_DEPTH) > 1:  # an enclosing loader has put the handler in place and will put it back
+        try:
+            yield
+        finally:
+            _DEPTH.pop()
+        return
+    before = signal.getsignal(signal.SIGCHLD)
+    before = signal.SIG_DFL if before is None else before  # None: set from C, not restorable
+    _TORCH_SIGCHLD.clear()
+    signal.signal(signal.SIGCHLD, _on_sigchld)
     try:
         yield
     finally:
-        if _TORCH_SIGCHLD:
-            signal.signal(signal.SIGCHLD, _TORCH_SIGCHLD.pop())
-
-
-def _quiet_sigchld() -> None:
-    """Take torch's SIGCHLD handler out (keeping it to put back), if it is the one installed."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    handler = signal.getsignal(signal.SIGCHLD)
-    if "_set_SIGCHLD_handler" in getattr(handler, "__qualname__", ""):
-        previous = _closure_value(handler, "previous_handler")
-        signal.signal(signal.SIGCHLD, previous if callable(previous) else signal.SIG_DFL)
-        if not _TORCH_SIGCHLD:
-            _TORCH_SIGCHLD.append(handler)
-
-
-def _closure_value(fn, name: str):
-    """The value a closure captured under `name` (None if it captured no such name)."""
-    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
-    cell = cells.get(name)
-    try:
-        return cell.cell_contents if cell is not None else None
-    except ValueError:  # an empty cell
-        return None
+        _DEPTH.pop()
+        signal.signal(signal.SIGCHLD, _TORCH_SIGCHLD.pop() if _TORCH_SIGCHLD else before)
 
 
 def _compiled(module, batch_size: int):

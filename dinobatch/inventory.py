@@ -138,16 +138,17 @@ def _files(cfg: ScanConfig) -> tuple[pa.Table, "_Paths"]:
     if own:
         files = files.take(_arrow(np.setdiff1d(np.arange(files.num_rows), own)))
     order = pc.sort_indices(files[Col.PATH])  # code point order, as sorted() on str
-    # The absolute paths are taken in that order a block at a time, never as one column: one Arrow
-    # binary column holds at most 2 GiB (10 million paths of 200 bytes).
-    return files.drop_columns([Col.ABSPATH]).take(order), _Paths(files[Col.ABSPATH], order)
+    # The absolute paths are taken in that order a block at a time, from one large_binary array
+    # (ChunkedArray.take would join the chunks again for every block).
+    abspaths = files[Col.ABSPATH].cast(pa.large_binary()).combine_chunks()
+    return files.drop_columns([Col.ABSPATH]).take(order), _Paths(abspaths, order)
 
 
 @dataclass(frozen=True)
 class _Paths:
     """The absolute paths of the files in path order: `column` taken in `order`, on demand."""
 
-    column: Any  # pa.ChunkedArray of os.fsencode(absolute path), in the walk's order
+    column: Any  # pa.Array (large_binary) of os.fsencode(absolute path), in the walk's order
     order: Any  # pa.Array: row of the walk's table for each file in path order
 
     def take(self, rows: np.ndarray) -> list[bytes]:

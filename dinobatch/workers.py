@@ -41,7 +41,7 @@ def run_isolated(fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], N
     sender.close()  # the child holds the only write end now: its death ends recv() with EOFError
     try:
         result, ok = pickle.loads(receiver.recv_bytes()), True
-    except EOFError:
+    except (EOFError, OSError):  # died before sending, or part-way through
         result, ok = None, False
     finally:
         receiver.close()
