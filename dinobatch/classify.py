@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from . import __version__, faults
 from .config import ClassifyConfig
-from .dedupe import Groups, group_arrays
+from .dedupe import Groups, group_among
 from .device import release_memory, resolve_runtime, tune_process
 from .infer import WorkItem, predict
 from .lock import exclusive
@@ -236,14 +236,8 @@ def _duplicates(path_order: np.ndarray, own: np.ndarray, content: pa.Table, cfg)
     ok = path_order[own[path_order] >= 0]  # in path order, as group_arrays wants them
     rows = own[ok]
     pixels = content[Col.WIDTH].to_numpy().astype(np.int64) * content[Col.HEIGHT].to_numpy()
-    found = group_arrays(rows, _hex64(content[Col.PHASH])[rows], _hex64(content[Col.DHASH])[rows], pixels[rows],
-                         phash_max=cfg.phash_max, dhash_max=cfg.dhash_max)
-    n = len(own)
-    groups = Groups(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool))
-    groups.group[ok] = found.group
-    groups.keeper[ok] = np.where(found.keeper >= 0, ok[found.keeper], -1)
-    groups.exact[ok] = found.exact
-    return groups
+    return group_among(len(own), ok, rows, _hex64(content[Col.PHASH])[rows], _hex64(content[Col.DHASH])[rows],
+                       pixels[rows], phash_max=cfg.phash_max, dhash_max=cfg.dhash_max)
 
 
 def _top_k(probs: list[list[float] | None], labels: Sequence[str], k: int) -> tuple[list, list]:

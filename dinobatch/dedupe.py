@@ -19,6 +19,7 @@ __all__ = [
     "Assignment",
     "Groups",
     "group_arrays",
+    "group_among",
     "popcount64",
     "near_pairs",
     "group_duplicates",
@@ -159,6 +160,18 @@ def group_arrays(content: np.ndarray, phash: np.ndarray, dhash: np.ndarray, pixe
         result.keeper[others] = keeper
         result.exact[others] = content[others] == content[keeper]
     return result
+
+
+def group_among(n: int, among: np.ndarray, content: np.ndarray, phash: np.ndarray, dhash: np.ndarray,
+                pixels: np.ndarray, *, phash_max: int = DEFAULT_PHASH_MAX, dhash_max: int = DEFAULT_DHASH_MAX) -> Groups:
+    """group_arrays over the items `among` (indices of n items, in path order; the other arrays
+    aligned with `among`), as Groups over all n: items left out are in no group, and keeper holds
+    an index of the n items (classify and scan leave out the files in error)."""
+    found = group_arrays(content, phash, dhash, pixels, phash_max=phash_max, dhash_max=dhash_max)
+    groups = Groups(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool))
+    groups.group[among], groups.exact[among] = found.group, found.exact
+    groups.keeper[among] = np.where(found.keeper >= 0, among[np.maximum(found.keeper, 0)], -1)
+    return groups
 
 
 def group_duplicates(items: Sequence[DedupeItem], *, phash_max: int = DEFAULT_PHASH_MAX,

@@ -6,7 +6,7 @@ on this path imports torch (nor pandas, which pyarrow imports for some conversio
 folder is only read; the one output is written atomically.
 
 Per file the parent holds columns, never a Python object: the walk's Arrow table, the records
-gathered into numpy arrays a block at a time, the duplicate groups from dedupe.group_arrays, and
+gathered into numpy arrays a block at a time, the duplicate groups from dedupe.group_among, and
 the output built from those, so that its memory grows by well under a kilobyte per file.
 """
 
@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from . import __version__, faults
 from .decode import HASH_MIN_SIDE, SCAN_MIN_SIDE, DecodeError, decode_hashes, quiet_decoding
-from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Groups, group_arrays
+from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Groups, group_among
 from .device import release_memory, usable_cores
 from .results import table_from_columns, write_table
 from .scan import check_folder, display_path, read_bytes, walk_table
@@ -370,16 +370,11 @@ class _Hashed:
         self._pending = []
 
     def groups(self, phash_max: int, dhash_max: int) -> Groups:
-        """dedupe.group_arrays over the decoded files (in path order), as indices of all files."""
-        n = len(self.sha)
-        result = Groups(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool))
+        """Duplicate groups over the decoded files (in path order), as Groups over all files."""
         ok = np.flatnonzero(self.decoded)
         _, content = np.unique(self.sha[ok], return_inverse=True)
-        found = group_arrays(content.reshape(-1), self.phash[ok], self.dhash[ok],
-                             self.width[ok].astype(np.int64) * self.height[ok], phash_max=phash_max, dhash_max=dhash_max)
-        result.group[ok], result.exact[ok] = found.group, found.exact
-        result.keeper[ok] = np.where(found.keeper >= 0, ok[np.maximum(found.keeper, 0)], -1)
-        return result
+        return group_among(len(self.sha), ok, content.reshape(-1), self.phash[ok], self.dhash[ok],
+                           self.width[ok].astype(np.int64) * self.height[ok], phash_max=phash_max, dhash_max=dhash_max)
 
 
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
@@ -403,10 +398,9 @@ def _table(files: pa.Table, hashed: _Hashed, groups: Groups, metadata: dict[byte
     schema = scan_schema(metadata)
     n = files.num_rows
     walk_error = files[Col.ERROR]
-    errors = [None] * n
-    for i, error in hashed.errors.items():
-        errors[i] = error
-    error = pc.coalesce(walk_error, table_from_columns({Col.ERROR: errors}, pa.schema([schema.field(Col.ERROR)]))[0])
+    codes = np.full(n, -1, np.int64)  # the hashing errors, as codes into their own list
+    codes[list(hashed.errors)] = np.arange(len(hashed.errors))
+    error = pc.coalesce(walk_error, _vocabulary(list(hashed.errors.values()), codes))
     failed = _flags(error.is_valid())
     status = np.where(failed, 2, np.where(groups.keeper >= 0, 1, 0))
     sizes, sized = _numbers(files[Col.BYTES], np.int64)

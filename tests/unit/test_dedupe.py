@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dinobatch.dedupe import (Assignment, DedupeItem, group_arrays, group_duplicates, linked_components, near_pairs,
-                             popcount64)
+from dinobatch.dedupe import (Assignment, DedupeItem, group_among, group_arrays, group_duplicates, linked_components,
+                             near_pairs, popcount64)
 
 
 def brute_force(h: np.ndarray, d: int) -> np.ndarray:
@@ -259,3 +259,14 @@ def test_array_union_find_labels_each_node_with_the_smallest_node_it_reaches(see
             for y in seen:
                 expected[y] = min(expected[y], start)
     assert _smallest_connected(n, a, b).tolist() == expected
+
+
+def test_group_among_leaves_the_others_out_and_keeps_indices_of_all_items():
+    """Files in error are left out of grouping; groups and keepers are given over every file."""
+    h = np.uint64(0x0F0F0F0F0F0F0F0F)
+    among = np.array([1, 3, 4])  # items 0 and 2 (in error) are not grouped
+    groups = group_among(5, among, np.array([0, 0, 1]), np.array([h, h, h]), np.array([h, h, h ^ np.uint64(1)]),
+                         np.array([10, 20, 10]))
+    assert groups.group.tolist() == [-1, 0, -1, 0, 0]
+    assert groups.keeper.tolist() == [-1, 3, -1, -1, 3]  # the largest (item 3) is kept
+    assert groups.exact.tolist() == [False, True, False, False, False]
