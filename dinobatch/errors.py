@@ -13,6 +13,7 @@ __all__ = [
     "EXIT_OUTPUT",
     "EXIT_THRESHOLD",
     "EXIT_LOCKED",
+    "EXIT_DATA",
     "EXIT_INTERRUPTED",
     "DinobatchError",
     "ConfigError",
@@ -21,6 +22,7 @@ __all__ = [
     "InputError",
     "OutputError",
     "LockedError",
+    "DataError",
 ]
 
 EXIT_OK = 0  # the run finished; unreadable images are rows with status "error", not a failure
@@ -29,10 +31,11 @@ EXIT_USAGE = 2  # bad command line (Click's own code)
 EXIT_CONFIG = 3  # bad configuration file or option value
 EXIT_MODEL = 4  # the model cannot be loaded, imported or fetched
 EXIT_DEVICE = 5  # the device or precision asked for is not available
-EXIT_INPUT = 6  # the input folder or file is missing or unusable
+EXIT_INPUT = 6  # the input folder or file is missing or cannot be opened
 EXIT_OUTPUT = 7  # results could not be written (permissions, disk full)
 EXIT_THRESHOLD = 8  # curate --fail-on: a share of flagged images passed its threshold (outputs written)
-EXIT_LOCKED = 9  # another dinobatch classify holds the output folder (the message names it); nothing was done
+EXIT_LOCKED = 9  # another dinobatch run holds the output (the message names it); nothing was done
+EXIT_DATA = 10  # an input table (predictions, manifest, decisions CSV) has wrong values; the message names rows and columns
 EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C / SIGINT); finished batches are kept
 
 
@@ -76,3 +79,11 @@ class LockedError(DinobatchError):
     """Another run holds the output folder (or manifest) this run would write."""
 
     exit_code = EXIT_LOCKED
+
+
+class DataError(DinobatchError):
+    """An input table or CSV opened fine but its contents are wrong: missing or mistyped columns,
+    NaN or out-of-range values, labels that do not exist. The message names the rows and columns;
+    nothing was written."""
+
+    exit_code = EXIT_DATA
