@@ -167,6 +167,7 @@ def group_among(n: int, among: np.ndarray, content: np.ndarray, phash: np.ndarra
     """group_arrays over the items `among` (indices of n items, in path order; the other arrays
     aligned with `among`), as Groups over all n: items left out are in no group, and keeper holds
     an index of the n items (classify and scan leave out the files in error)."""
+    among = np.asarray(among, dtype=np.int64)  # Arrow's sort indices are uint64, where -1 cannot go
     found = group_arrays(content, phash, dhash, pixels, phash_max=phash_max, dhash_max=dhash_max)
     groups = Groups(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool))
     groups.group[among], groups.exact[among] = found.group, found.exact

@@ -270,3 +270,13 @@ def test_group_among_leaves_the_others_out_and_keeps_indices_of_all_items():
     assert groups.group.tolist() == [-1, 0, -1, 0, 0]
     assert groups.keeper.tolist() == [-1, 3, -1, -1, 3]  # the largest (item 3) is kept
     assert groups.exact.tolist() == [False, True, False, False, False]
+
+
+def test_group_among_takes_unsigned_indices_as_arrow_sort_indices_are():
+    """pyarrow's sort_indices (the path order classify passes) is uint64 on some versions: grouping
+    must not overflow writing -1 for the keepers themselves (a CUDA run died there on 2026-12-04)."""
+    h = np.uint64(0x0F0F0F0F0F0F0F0F)
+    among = np.array([1, 3, 4], dtype=np.uint64)
+    groups = group_among(5, among, np.array([0, 0, 1]), np.array([h, h, h]), np.array([h, h, h]),
+                         np.array([10, 20, 10]))
+    assert groups.keeper.tolist() == [-1, 3, -1, -1, 3]
