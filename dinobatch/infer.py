@@ -313,6 +313,9 @@ def _loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_
             finally:  # workers shut down here, whatever ends the loop, before the handler changes back
                 _shut_down(batches)
             suspects = min(total, done + _PREFETCH * workers * batch_size)
+            if suspects == done:  # every batch was read: nothing was lost, nothing to decode again
+                log.debug("a decoding worker was gone after the last batch; nothing to decode again")
+                return
             log.warning("a decoding worker died; decoding the %d files it may have held again, each crash "
                         "costing only its own file", suspects - done)
             # bursts of BURST_IMAGES at most: a crash in one costs that many processes of one file each
