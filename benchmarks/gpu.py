@@ -142,6 +142,17 @@ def main() -> None:
                 figures[name] = r
                 rows.append((name, r["img_s"], top))
                 print(name, json.dumps(r), flush=True)
+            if not compile and runtime.is_cuda:
+                # -j auto stops at 8 decode workers; the first H200 run was decode-bound with 16 cores
+                from dinobatch.device import usable_cores
+
+                for workers in sorted({min(16, usable_cores() - 1), usable_cores()} - {8}):
+                    name = f"classify end to end, compile=False, gpu_decode=False, -j {workers}"
+                    r = classify_run(tmp / "in", model, tmp / f"out-j{workers}", args.device,
+                                     compile=False, gpu_decode=False, workers=workers)
+                    figures[name] = r
+                    rows.append((name, r["img_s"], top))
+                    print(name, json.dumps(r), flush=True)
         figures["rows"] = [(n, round(v, 1), round(v / b, 3)) for n, v, b in rows]
     print(f"\n{'measure':<72} {'img/s':>9} {'ratio':>6}")
     for name, value, ratio in figures["rows"]:
