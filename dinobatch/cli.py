@@ -18,6 +18,7 @@ from . import __version__
 from .config import CONFIG_ENV, MODEL_ENV, ClassifyConfig, load_config_file
 from .device import PRECISIONS
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, DinobatchError, OutputError
+from .terminal import printable
 
 __all__ = ["main", "cli"]
 
@@ -37,6 +38,24 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _TextFormatter(logging.Formatter):
+    """Log lines for people: names in a message escaped (terminal.printable), one record per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg, args = record.msg, record.args
+        text = record.getMessage()
+        # a captured warning is laid out in lines on purpose (location, then the source line)
+        keep = record.name == "py.warnings"
+        record.msg, record.args = printable(text.rstrip("\n") if keep else text, keep_newlines=keep), None
+        try:
+            return super().format(record)
+        finally:
+            record.msg, record.args = msg, args
+
+    def formatException(self, ei) -> str:
+        return printable(super().formatException(ei), keep_newlines=True)
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
@@ -44,8 +63,8 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     if ctx is not None and ctx.meta.get("dinobatch.log_format") == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("dinobatch: %(levelname)s: %(message)s" if verbose
-                                               else "dinobatch: %(message)s"))
+        handler.setFormatter(_TextFormatter("dinobatch: %(levelname)s: %(message)s" if verbose
+                                            else "dinobatch: %(message)s"))
     logging.captureWarnings(True)  # library warnings become log records (JSON ones with --log-format json)
     for name in ("dinobatch", "py.warnings"):
         logging.getLogger(name).handlers[:] = [handler]
@@ -81,12 +100,13 @@ def _run(action: Callable[[], Any]) -> Any:
 
 
 def _say_error(message: str) -> None:
-    """An error for the operator: a log record in JSON mode (so shippers see it), else plain stderr."""
+    """An error for the operator: a log record in JSON mode (so shippers see it), else plain stderr
+    on one line, names escaped."""
     ctx = click.get_current_context(silent=True)
     if ctx is not None and ctx.meta.get("dinobatch.log_format") == "json":
         log.error("%s", message)
     else:
-        click.echo(f"dinobatch: {message}", err=True)
+        click.echo(f"dinobatch: {printable(message)}", err=True)
 
 
 class _Progress:
@@ -235,9 +255,9 @@ def _print_summary(s) -> None:
                f"{c.get('error', 0)} error ({s.duplicate_groups} duplicate groups)")
     rate = f", {s.images_per_second} images/s" if s.images_per_second else ""
     click.echo(f"inferred {s.inferred} new, reused {s.reused}; {s.seconds:.1f} s{rate} on {s.runtime}")
-    click.echo(f"rows: {s.rows_file}")
+    click.echo(f"rows: {printable(s.rows_file)}")
     for err in s.errors[:5]:
-        click.echo(f"  error: {err['path']}: {err['error']}")
+        click.echo(f"  error: {printable(err['path'])}: {printable(err['error'])}")
 
 
 @cli.group()
@@ -267,7 +287,7 @@ def model_import(state_dict: str, arch: str, labels_path: str, out: str, resize:
                                    preprocessing=Preprocessing(resize=resize, crop=crop,
                                                                interpolation=interpolation))
         if not quiet:
-            click.echo(f"wrote {out}: {arch}, {len(loaded.spec.labels)} classes, "
+            click.echo(f"wrote {printable(out)}: {arch}, {len(loaded.spec.labels)} classes, "
                        f"fingerprint {loaded.fingerprint[:16]}")
 
     _run(body)
@@ -292,12 +312,12 @@ def model_info(model_ref: str, as_json: bool) -> None:
             return
         spec = loaded.spec
         p = spec.preprocessing
-        click.echo(f"model:          {loaded.name}\nfingerprint:    {loaded.fingerprint}\n"
+        click.echo(f"model:          {printable(loaded.name)}\nfingerprint:    {loaded.fingerprint}\n"
                    f"architecture:   {spec.arch}\nclasses:        {len(spec.labels)}\n"
                    f"preprocessing:  resize {p.resize} ({p.interpolation}), crop {p.crop}, "
                    f"mean {list(p.mean)}, std {list(p.std)}\ntemperature:    {spec.temperature}\n"
                    f"source:         {json.dumps(spec.source)}")
-        click.echo("labels:         " + ", ".join(spec.labels[:20]) + (" ..." if len(spec.labels) > 20 else ""))
+        click.echo("labels:         " + ", ".join(printable(x) for x in spec.labels[:20]) + (" ..." if len(spec.labels) > 20 else ""))
 
     _run(body)
 
@@ -317,10 +337,7 @@ def results(folder, model, out, quiet, verbose) -> None:
 
         table = current_rows(folder, model)
         if out is None:
-            for r in table.select(["path", "status", "label", "confidence", "duplicate_of", "error"]).to_pylist():
-                conf = f"{r['confidence']:.3f}" if r["confidence"] is not None else "-"
-                extra = r["duplicate_of"] or r["error"] or ""
-                click.echo(f"{r['path']}\t{r['status']}\t{r['label'] or '-'}\t{conf}\t{extra}")
+            _print_rows(table)
             return
         suffix = out.rsplit(".", 1)[-1].lower()
         if suffix == "parquet":
@@ -342,9 +359,19 @@ def results(folder, model, out, quiet, verbose) -> None:
         else:
             raise ConfigError(f"--out {out}: use a .parquet, .csv or .jsonl file name")
         if not quiet:
-            click.echo(f"wrote {table.num_rows} current rows to {out}")
+            click.echo(f"wrote {table.num_rows} current rows to {printable(out)}")
 
     _run(body)
+
+
+def _print_rows(table) -> None:
+    """Tab-separated, under a header, one line per row: names escaped, so a tab or newline in one
+    cannot shift a column or split a row."""
+    click.echo("path\tstatus\tlabel\tconfidence\tdetail")
+    for r in table.select(["path", "status", "label", "confidence", "duplicate_of", "error"]).to_pylist():
+        conf = f"{r['confidence']:.3f}" if r["confidence"] is not None else "-"
+        fields = (r["path"], r["status"], r["label"] or "-", conf, r["duplicate_of"] or r["error"] or "")
+        click.echo("\t".join(printable(f) for f in fields))
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import click
 from .cli import _run, _setup_logging, _verbosity, cli
 from .config import MODEL_ENV
 from .errors import EXIT_THRESHOLD, ConfigError
+from .terminal import printable
 
 
 def _fail_on(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
@@ -60,9 +61,9 @@ def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, 
         if not quiet:
             click.echo(f"{result.images} images, {len(result.queue)} to review: " +
                        ", ".join(f"{k} {v}" for k, v in result.counts.items() if v))
-            click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+            click.echo("wrote " + ", ".join(printable(p) for p in paths.values()))
         for breach in result.breaches:
-            click.echo(f"dinobatch: threshold passed: {breach}", err=True)
+            click.echo(f"dinobatch: threshold passed: {printable(breach)}", err=True)
         if result.breaches:
             sys.exit(EXIT_THRESHOLD)
 
@@ -88,8 +89,8 @@ def relabel(decisions, manifest_path, out, dry_run, user, quiet, verbose) -> Non
         if not quiet or dry_run:
             for c in changes:
                 detail = f" -> {c.new_label}" if c.action == "relabel" else ""
-                click.echo(f"{c.action:<8} {c.path}: {c.old_label}{detail}" + (f"  ({c.note})" if c.note else ""))
-            click.echo(f"{len(changes)} decisions; " + ("dry run, nothing written" if dry_run else f"wrote {target}"))
+                click.echo(printable(f"{c.action:<8} {c.path}: {c.old_label}{detail}" + (f"  ({c.note})" if c.note else "")))
+            click.echo(f"{len(changes)} decisions; " + ("dry run, nothing written" if dry_run else f"wrote {printable(target)}"))
 
     _run(body)
 
@@ -109,7 +110,7 @@ def export(predictions, to, min_confidence, quiet, verbose) -> None:
 
         counts = run_export(predictions, to, min_confidence=min_confidence)
         if not quiet:
-            click.echo(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "nothing to copy")
+            click.echo(printable(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "nothing to copy"))
 
     _run(body)
 
@@ -143,15 +144,15 @@ def similar(images, model, reference, top_k, neighbours, species, cache, device,
             return
         for r in results:
             if r["error"]:
-                click.echo(f"{r['image']}: error: {r['error']}")
+                click.echo(printable(f"{r['image']}: error: {r['error']}"))
                 continue
             best = r["species"][0]
             facts = ", ".join(str(best[k]) for k in ("species_scientific_name", "species_period", "species_diet")
                               if best.get(k))
-            click.echo(f"{r['image']}: looks like {best['label']} ({best['similarity']:.3f})" + (f" - {facts}" if facts else ""))
+            click.echo(printable(f"{r['image']}: looks like {best['label']} ({best['similarity']:.3f})" + (f" - {facts}" if facts else "")))
             for s in r["species"][1:]:
-                click.echo(f"    then {s['label']} ({s['similarity']:.3f})")
+                click.echo(printable(f"    then {s['label']} ({s['similarity']:.3f})"))
             for n in r["nearest"]:
-                click.echo(f"    nearest: {n['path']} [{n['label']}] ({n['similarity']:.3f})")
+                click.echo(printable(f"    nearest: {n['path']} [{n['label']}] ({n['similarity']:.3f})"))
 
     _run(body)

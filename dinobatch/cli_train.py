@@ -10,6 +10,7 @@ from .cli import _Progress, _run, _setup_logging, _verbosity, cli
 from .config import MODEL_ENV
 from .device import PRECISIONS
 from .errors import ConfigError
+from .terminal import printable
 
 
 def _floats(text: str) -> list[float]:
@@ -52,7 +53,7 @@ def manifest(folder, out, fractions, seed, kind, phash_max, dhash_max, quiet, ve
             click.echo(f"{len(rows)} files, {len({r['label'] for r in rows})} labels: {splits['train']} train, "
                        f"{splits['val']} val, {splits['test']} test, "
                        f"{sum(1 for r in rows if r['status'] == 'error')} error; "
-                       f"{len(groups)} duplicate groups kept within one split\nwrote {out}")
+                       f"{len(groups)} duplicate groups kept within one split\nwrote {printable(out)}")
 
     _run(body)
 
@@ -78,7 +79,7 @@ def augment(manifest_path, level, out, splits, seed, quiet, verbose) -> None:
         progress.close()
         path = write_manifest(table, f"{out}/manifest.parquet", out)
         if not quiet:
-            click.echo(f"wrote {table.num_rows} images (x{multiplier(level)} per original) and {path}")
+            click.echo(f"wrote {table.num_rows} images (x{multiplier(level)} per original) and {printable(path)}")
 
     _run(body)
 
@@ -139,7 +140,7 @@ def train(manifest_path, out, resume, print_config, quiet, verbose, **options) -
             if "ece_before" in cal:
                 click.echo(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal['ece_before']:.4f} -> "
                            f"{cal['ece_after']:.4f}")
-            click.echo(f"best epoch {result.best_epoch}; wrote {result.model}")
+            click.echo(f"best epoch {result.best_epoch}; wrote {printable(result.model)}")
 
     _run(body)
 
@@ -170,8 +171,8 @@ def evaluate(manifest_path, model, split, out, device, precision, batch_size, wo
                               precision=precision, batch_size=batch_size, workers=workers, progress=progress)
         progress.close()
         if not quiet:
-            click.echo(format_table(result.metrics))
-            click.echo(f"wrote {result.out}/metrics.json, predictions.parquet, confusion.png")
+            click.echo(printable(format_table(result.metrics), keep_newlines=True))
+            click.echo(f"wrote {printable(result.out)}/metrics.json, predictions.parquet, confusion.png")
 
     _run(body)
 
@@ -214,8 +215,8 @@ def sweep(manifest_path, out, batch_sizes, lrs, levels, epoch_list, quiet, verbo
             for r in rows:
                 detail = (f"val loss {_num(r['val_loss'])} top-1 {_num(r['val_top1'])} macro F1 {_num(r['val_macro_f1'])}"
                           if r["status"] == "ok" else f"error: {r['error']}")
-                click.echo(f"{r['trial']}: {detail} ({r['seconds']} s)")
+                click.echo(printable(f"{r['trial']}: {detail} ({r['seconds']} s)"))
             best = best_trial(rows)
-            click.echo(f"best: {best['trial']} {best['model']}" if best else "no trial finished")
+            click.echo(printable(f"best: {best['trial']} {best['model']}") if best else "no trial finished")
 
     _run(body)
