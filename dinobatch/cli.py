@@ -15,9 +15,11 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .config import CONFIG_ENV, MODEL_ENV, ClassifyConfig, load_config_file
+from .cli_params import SECONDS, config_type_error
+from .config import CONFIG_ENV, MAX_BATCH_SIZE, MODEL_ENV, ClassifyConfig, load_config_file
 from .device import PRECISIONS
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, DinobatchError, OutputError
+from .model import MAX_CROP, MAX_RESIZE
 from .terminal import printable
 
 __all__ = ["main", "cli"]
@@ -158,10 +160,14 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         try:
             values = load_config_file(value, ctx.command.name, set(params))
             for key, raw in values.items():  # check types here, so the message names the file and key
+                where = f"{value}: [{ctx.command.name}] {key} = {raw!r}"
+                wrong = config_type_error(params[key], raw)
+                if wrong:
+                    raise ConfigError(f"{where}: {wrong}")
                 try:
                     params[key].type_cast_value(ctx, raw)
                 except click.BadParameter as exc:
-                    raise ConfigError(f"{value}: [{ctx.command.name}] {key} = {raw!r}: {exc.message}") from exc
+                    raise ConfigError(f"{where}: {exc.message}") from exc
         except DinobatchError as exc:
             _say_error(f"error: {exc}")
             ctx.exit(exc.exit_code)
@@ -197,7 +203,7 @@ def cli() -> None:
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (asked for and missing: error).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
-@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("-b", "--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=None,
               help="Images per batch [default: 32 on CPU, the largest that fits (<= 512) on CUDA].")
 @click.option("-j", "--workers", type=click.IntRange(min=0), default=None,
               help="Decode worker processes [default: half the cores on CPU, cores-1 (max 8) on CUDA].")
@@ -212,7 +218,7 @@ def cli() -> None:
               help="Species facts CSV [default: manifests/species.csv].")
 @click.option("--phash-max", type=click.IntRange(0, 64), default=8, help="Near duplicate: pHash distance.")
 @click.option("--dhash-max", type=click.IntRange(0, 64), default=3, help="Near duplicate: dHash distance.")
-@click.option("--wait", type=click.FloatRange(min=0), default=0.0,
+@click.option("--wait", type=SECONDS, default=0.0,
               help="Seconds to wait for another run on the same --out before exiting with code 9.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
@@ -271,8 +277,8 @@ def model() -> None:
 @click.option("--labels", "labels_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Text file: one class label per line, in class-index order.")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
-@click.option("--resize", type=click.IntRange(min=1), default=256, help="Shorter side before cropping.")
-@click.option("--crop", type=click.IntRange(min=1), default=224, help="Centre crop (model input size).")
+@click.option("--resize", type=click.IntRange(1, MAX_RESIZE), default=256, help="Shorter side before cropping.")
+@click.option("--crop", type=click.IntRange(1, MAX_CROP), default=224, help="Centre crop (model input size).")
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default="bilinear")
 @_verbosity
 def model_import(state_dict: str, arch: str, labels_path: str, out: str, resize: int, crop: int,

@@ -8,6 +8,7 @@ import sys
 import click
 
 from .cli import _run, _setup_logging, _verbosity, cli
+from .cli_params import FINITE, FRACTION
 from .config import MODEL_ENV
 from .errors import EXIT_THRESHOLD, ConfigError
 from .terminal import printable
@@ -32,14 +33,14 @@ def _fail_on(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
               help="The labels people gave (manifest or CSV); without it: confidence, duplicates, outliers.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the queue.")
 @click.option("--html", "html_page", is_flag=True, help="Also write review.html (open it from disk).")
-@click.option("--low-confidence", type=click.FloatRange(0, 1), default=0.5, help="Flag confidence below this.")
+@click.option("--low-confidence", type=FRACTION, default=0.5, help="Flag confidence below this.")
 @click.option("--rank-by", type=click.Choice(["self_confidence", "normalized_margin"]), default="self_confidence",
               help="Ranking of suspected label errors.")
 @click.option("--method", type=click.Choice(["prune_by_noise_rate", "confident_learning"]),
               default="prune_by_noise_rate", help="Confident-learning variant for label errors.")
-@click.option("--embedding-duplicate", type=click.FloatRange(0, 1), default=0.97,
+@click.option("--embedding-duplicate", type=FRACTION, default=0.97,
               help="Cosine similarity from which two embeddings are the same scene.")
-@click.option("--outlier-z", type=float, default=3.5, help="Robust z-score from which an image is an outlier.")
+@click.option("--outlier-z", type=FINITE, default=3.5, help="Robust z-score from which an image is an outlier.")
 @click.option("--fail-on", "fail_on", multiple=True, metavar="REASON=SHARE",
               help="Exit 8 when the share of images flagged for REASON (or 'any') passes SHARE.")
 @_verbosity
@@ -98,7 +99,7 @@ def relabel(decisions, manifest_path, out, dry_run, user, quiet, verbose) -> Non
 @cli.command()
 @click.argument("predictions", type=click.Path(exists=True, file_okay=False))
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to copy into.")
-@click.option("--min-confidence", type=click.FloatRange(0, 1), required=True,
+@click.option("--min-confidence", type=FRACTION, required=True,
               help="Copies at or above this confidence go to TO/<label>/, the rest to TO/_review/.")
 @_verbosity
 def export(predictions, to, min_confidence, quiet, verbose) -> None:

@@ -7,6 +7,7 @@ import json
 import click
 
 from .cli import _Progress, _run, _setup_logging, _verbosity, cli
+from .cli_params import FINITE, finite_float
 from .config import MODEL_ENV
 from .device import PRECISIONS
 from .errors import ConfigError
@@ -14,7 +15,7 @@ from .terminal import printable
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    return [finite_float(x) for x in text.split(",") if x.strip()]
 
 
 def _ints(text: str) -> list[int]:
@@ -89,12 +90,12 @@ def _train_options(f):
         click.option("--arch", default="resnet50", help="torchvision ResNet-family architecture."),
         click.option("--pretrained", default="imagenet", help="imagenet, none, or a dinobatch model file."),
         click.option("--epochs", type=click.IntRange(min=0), default=10, help="Epochs at --lr."),
-        click.option("--lr", type=float, default=0.01, help="Learning rate."),
+        click.option("--lr", type=FINITE, default=0.01, help="Learning rate."),
         click.option("--final-epochs", type=click.IntRange(min=0), default=1, help="Epochs at --final-lr after those."),
-        click.option("--final-lr", type=float, default=None, help="Learning rate of the final epochs [default: lr/2]."),
+        click.option("--final-lr", type=FINITE, default=None, help="Learning rate of the final epochs [default: lr/2]."),
         click.option("-b", "--batch-size", type=click.IntRange(min=1), default=128),
-        click.option("--momentum", type=float, default=0.9),
-        click.option("--weight-decay", type=float, default=1e-4),
+        click.option("--momentum", type=FINITE, default=0.9),
+        click.option("--weight-decay", type=FINITE, default=1e-4),
         click.option("--augment-level", type=click.IntRange(0, 6), default=2, help="On-the-fly augmentation."),
         click.option("--freeze-backbone", is_flag=True, help="Train the classifier only."),
         click.option("--image-size", type=click.IntRange(min=16), default=224, help="Model input size (crop)."),

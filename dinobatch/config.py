@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -11,11 +12,14 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ClassifyConfig", "load_config_file", "MODEL_ENV", "CONFIG_ENV"]
+__all__ = ["ClassifyConfig", "load_config_file", "MODEL_ENV", "CONFIG_ENV", "MAX_BATCH_SIZE"]
 
 MODEL_ENV = "DINOBATCH_MODEL"
 KNOWN_SECTIONS = ("classify",)  # one table per command that reads the file
 CONFIG_ENV = "DINOBATCH_CONFIG"
+# Images per classify batch at most: twice the largest batch auto-sizing picks on CUDA (512). The
+# batch's buffers are allocated up front, so -b 1000000000 ended in an ENOMEM traceback.
+MAX_BATCH_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -40,14 +44,16 @@ class ClassifyConfig:
     gpu_decode: bool = True  # on CUDA, decode JPEGs on the GPU (nvjpeg)
 
     def __post_init__(self) -> None:
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError("batch_size must be at least 1")
+        if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ConfigError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}")
         if self.top_k < 1:
             raise ConfigError("top_k must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise ConfigError("workers must be 0 or more")
         if not (0 <= self.phash_max <= 64 and 0 <= self.dhash_max <= 64):
             raise ConfigError("phash_max and dhash_max must be between 0 and 64")
+        if not (math.isfinite(self.wait) and self.wait >= 0):
+            raise ConfigError(f"wait must be a finite number of seconds >= 0, got {self.wait}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,6 +66,8 @@ def load_config_file(path: str | os.PathLike, section: str, allowed: set[str]) -
             data = tomllib.load(fh)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     unknown_sections = sorted(set(data) - set(KNOWN_SECTIONS))
@@ -69,12 +77,14 @@ def load_config_file(path: str | os.PathLike, section: str, allowed: set[str]) -
     table = data.get(section, {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [{section}] must be a table")
-    out = {}
+    out, spelled = {}, {}
     for key, value in table.items():
         name = key.replace("-", "_")
         if name not in allowed:
             raise ConfigError(f"{path}: unknown key {key!r} in [{section}]; known: {', '.join(sorted(allowed))}")
-        out[name] = value
+        if name in spelled:
+            raise ConfigError(f"{path}: [{section}] sets {name} twice, as {spelled[name]!r} and {key!r}")
+        out[name], spelled[name] = value, key
     base = Path(path).resolve().parent
     for key in ("model", "out", "species"):  # relative paths in a config file are relative to the file
         value = out.get(key)

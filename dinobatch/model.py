@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "ARCHS",
+    "MAX_RESIZE",
+    "MAX_CROP",
     "Preprocessing",
     "ModelSpec",
     "LoadedModel",
@@ -46,6 +49,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
          "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+# Limits of a model's preprocessing. Images are decoded to a shorter side of at least `resize`, and
+# each batch's `crop`x`crop` inputs are allocated up front: 12000 asked for 55 GB at the first batch.
+MAX_RESIZE = 2048
+MAX_CROP = 1024
 _DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -62,8 +69,21 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if self.interpolation not in INTERPOLATIONS:
             raise ModelError(f"unknown interpolation {self.interpolation!r}; use one of {INTERPOLATIONS}")
-        if not (0 < self.crop <= self.resize):
-            raise ModelError(f"preprocessing needs 0 < crop <= resize, got crop={self.crop} resize={self.resize}")
+        if not all(type(v) is int for v in (self.resize, self.crop)):
+            raise ModelError(f"preprocessing needs whole numbers, got resize={self.resize!r} crop={self.crop!r}")
+        if not (0 < self.crop <= self.resize and self.crop <= MAX_CROP and self.resize <= MAX_RESIZE):
+            raise ModelError(f"preprocessing needs 0 < crop <= resize, crop <= {MAX_CROP} and resize <= "
+                             f"{MAX_RESIZE}, got crop={self.crop} resize={self.resize}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != 3 or not all(_finite_number(v) for v in values):
+                raise ModelError(f"preprocessing {name} must be three finite numbers, got {list(values)}")
+        if min(self.std) <= 0:
+            raise ModelError(f"preprocessing std must be positive (it divides), got {list(self.std)}")
+
+
+def _finite_number(value: Any) -> bool:
+    """A real number from a spec's JSON (true and NaN are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -316,7 +336,7 @@ def _fetch_weights(weights: Any, cached: Path) -> dict:
         return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except (OSError, RuntimeError, ValueError) as exc:
         raise ModelError(
-            f"cannot get torchvision's ImageNet weights {type(weights).__name__}.{weights.name}: {exc}.\n"
+            f"cannot get torchvision's ImageNet weights {type(weights).__name__}.{weights.name}: {exc}. "
             f"They are not in the cache at {cached} and could not be downloaded from {weights.url} "
             f"(offline?). Either copy that file to {cached} (TORCH_HOME moves the cache), or use a "
             f"dinobatch model file instead: --model FILE for classify (see 'dinobatch model import'), "
