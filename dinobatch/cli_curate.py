@@ -8,7 +8,7 @@ import sys
 import click
 
 from .cli import _run, _setup_logging, _verbosity, cli
-from .cli_params import FINITE, FRACTION
+from .cli_params import FINITE, FRACTION, SECONDS
 from .config import MODEL_ENV
 from .errors import EXIT_THRESHOLD, ConfigError
 from .terminal import printable
@@ -78,20 +78,28 @@ def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, 
               help="New manifest version [default: MANIFEST.vN.parquet beside it].")
 @click.option("--dry-run", is_flag=True, help="Print the changes; write nothing.")
 @click.option("--user", default=None, help="Name recorded in the audit log [default: the login name].")
+@click.option("--new-label", "new_labels", multiple=True, metavar="LABEL",
+              help="A label the manifest does not have yet, allowed in the decisions; repeatable.")
+@click.option("--wait", type=SECONDS, default=0.0,
+              help="Seconds to wait for another relabel of the same manifest before exiting with code 9.")
 @_verbosity
-def relabel(decisions, manifest_path, out, dry_run, user, quiet, verbose) -> None:
+def relabel(decisions, manifest_path, out, dry_run, user, new_labels, wait, quiet, verbose) -> None:
     """Apply a CSV of path,action[,label][,note] (keep, relabel, remove) to a manifest."""
     _setup_logging(quiet, verbose)
 
     def body():
         from .decisions import relabel as run_relabel
 
-        changes, target = run_relabel(decisions, manifest_path, out=out, dry_run=dry_run, user=user)
+        done = run_relabel(decisions, manifest_path, out=out, dry_run=dry_run, user=user, new_labels=new_labels,
+                           wait=wait)
         if not quiet or dry_run:
-            for c in changes:
+            for c in done.changes:
                 detail = f" -> {c.new_label}" if c.action == "relabel" else ""
                 click.echo(printable(f"{c.action:<8} {c.path}: {c.old_label}{detail}" + (f"  ({c.note})" if c.note else "")))
-            click.echo(f"{len(changes)} decisions; " + ("dry run, nothing written" if dry_run else f"wrote {printable(target)}"))
+            outcome = {"dry run": "dry run, nothing written", "written": f"wrote {printable(done.target)}",
+                       "finished": f"finished the interrupted run that wrote {printable(done.target)}",
+                       "already applied": f"already applied in {printable(done.target)}, nothing written"}
+            click.echo(f"{len(done.changes)} decisions; {outcome[done.outcome]}")
 
     _run(body)
 
@@ -101,15 +109,17 @@ def relabel(decisions, manifest_path, out, dry_run, user, quiet, verbose) -> Non
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to copy into.")
 @click.option("--min-confidence", type=FRACTION, required=True,
               help="Copies at or above this confidence go to TO/<label>/, the rest to TO/_review/.")
+@click.option("--copy-outside-links", is_flag=True,
+              help="Also copy files that links in the classified folder point to outside it.")
 @_verbosity
-def export(predictions, to, min_confidence, quiet, verbose) -> None:
+def export(predictions, to, min_confidence, copy_outside_links, quiet, verbose) -> None:
     """Copy (never move) classified images into TO/<label>/ or TO/_review/."""
     _setup_logging(quiet, verbose)
 
     def body():
         from .decisions import export as run_export
 
-        counts = run_export(predictions, to, min_confidence=min_confidence)
+        counts = run_export(predictions, to, min_confidence=min_confidence, outside_links=copy_outside_links)
         if not quiet:
             click.echo(printable(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "nothing to copy"))
 

@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 import csv
+import difflib
 import getpass
 import io
+import json
 import logging
 import os
+import shlex
 import shutil
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Iterable
 
-from .errors import InputError
+from . import audit
+from .errors import ConfigError, DataError, InputError, OutputError
+from .lock import exclusive
 from .results import atomic_path
 from .scan import sha256_file
 from .schema import Col
 
-__all__ = ["ACTIONS", "Change", "read_decisions", "relabel", "export"]
+__all__ = ["ACTIONS", "COLUMNS", "OUTSIDE", "Change", "Relabelled", "label_problem", "read_decisions", "relabel",
+           "export"]
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("keep", "relabel", "remove")
+COLUMNS = ("path", "action", "label", "note")  # of a decisions CSV; path and action are required
 STATUS_REMOVED = "removed"
-AUDIT_FIELDS = ("time", "user", "manifest", "new_manifest", "path", "action", "old_label", "new_label", "note")
+OUTSIDE = "_outside"  # export's count of links to files outside the classified folder, not copied
+_NAMED = 20  # refused rows named in one message; the rest are counted
+_RECORD_MAX = 64 << 20  # a version's own audit lines: Parquet readers refuse metadata past 100 MB
 
 
 @dataclass(frozen=True)
@@ -35,31 +46,95 @@ class Change:
     note: str
 
 
-def read_decisions(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Parse a decisions CSV (path,action[,label][,note]); any bad line refuses the whole file."""
+@dataclass(frozen=True)
+class Relabelled:
+    """What relabel did: the changes, the version that holds them, and how that version came to be."""
+
+    changes: list[Change]
+    target: Path | None
+    outcome: str  # written, finished (a killed run's version, its audit completed), already applied, dry run
+
+
+def label_problem(label: str) -> str | None:
+    """Why text cannot become a label (a class name, a folder name, a spreadsheet cell), or None."""
+    if not label or label != label.strip():
+        return "it is empty or starts or ends with a space"
+    bad = next((c for c in label if unicodedata.category(c)[0] == "C"), None)
+    if bad is not None:
+        return f"it holds the control character {bad!r}"
+    if "/" in label or "\\" in label or label in (".", ".."):
+        return "labels become folder names, and this one is a path"
+    if label.startswith(audit.FORMULA_START):
+        return f"it starts with {label[0]!r}, which spreadsheets run as a formula"
+    return None
+
+
+def read_decisions(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Parse a decisions CSV (path,action[,label][,note]); any bad row refuses the whole file."""
+    reader = csv.DictReader(io.StringIO(_decisions_text(path)))
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
     try:
-        text = Path(path).read_bytes().decode("utf-8-sig")
+        header = reader.fieldnames or []
+        _check_header(path, header)
+        for line, r in enumerate(reader, 2):
+            problems += _row_problems(line, r, len(header))
+            rows.append({"line": line, "path": (r.get("path") or "").strip(),
+                         "action": (r.get("action") or "").strip().lower(), "label": (r.get("label") or "").strip(),
+                         "note": (r.get("note") or "").strip()})
+    except csv.Error as exc:
+        line = len(rows) + 2 if reader.fieldnames else 1
+        reason = str(exc).replace("field larger than field limit", "a field is longer than the limit")
+        raise DataError(f"{path}, line {line}: {reason}; nothing was written") from exc
+    refuse(path, problems)
+    return rows
+
+
+def _decisions_text(path: str | os.PathLike) -> str:
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); save the decisions file as UTF-8") from exc
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save the decisions file as UTF-8") from exc
     except OSError as exc:
         raise InputError(f"cannot read decisions file {path}: {exc.strerror or exc}") from exc
-    reader = csv.DictReader(io.StringIO(text))
-    missing = {"path", "action"} - set(reader.fieldnames or [])
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(sorted(missing))}; the header must be "
-                         f"path,action[,label][,note]")
-    rows = []
-    for line, r in enumerate(reader, 2):
-        p, action = (r.get("path") or "").strip(), (r.get("action") or "").strip().lower()
-        label = (r.get("label") or "").strip()
-        if action not in ACTIONS:
-            raise InputError(f"{path}, line {line}: unknown action {action!r}; use {', '.join(ACTIONS)}")
-        if action == "relabel" and not label:
-            raise InputError(f"{path}, line {line}: relabel needs a label")
-        if not p:
-            raise InputError(f"{path}, line {line}: empty path")
-        rows.append({"line": line, "path": p, "action": action, "label": label, "note": (r.get("note") or "").strip()})
-    return rows
+
+
+def _check_header(path: str | os.PathLike, header: list[str]) -> None:
+    """path and action present; nothing unknown (a misspelt 'lable' would drop every label silently)."""
+    missing = [c for c in ("path", "action") if c not in header]
+    unknown = [c for c in header if c not in COLUMNS]
+    twice = sorted({c for c in header if header.count(c) > 1})
+    for what, names in (("missing", missing), ("unknown", unknown), ("repeated", twice)):
+        if names:
+            raise DataError(f"{path}, line 1: {what} column(s) {', '.join(names)}; the header must be "
+                            f"path,action[,label][,note]")
+
+
+def _row_problems(line: int, row: dict[str | None, Any], width: int) -> list[str]:
+    """What is wrong with one decision row, each naming the line and column."""
+    out = []
+    if None in row:
+        out.append(f"line {line}: {width + len(row[None])} fields, but the header has {width}")
+    action, label = (row.get("action") or "").strip().lower(), (row.get("label") or "").strip()
+    if not (row.get("path") or "").strip():
+        out.append(f"line {line}, column path: empty")
+    if action not in ACTIONS:
+        out.append(f"line {line}, column action: unknown action {action!r}; use {', '.join(ACTIONS)}")
+    elif action == "relabel" and not label:
+        out.append(f"line {line}, column label: relabel needs a label")
+    if "\0" in (row.get("note") or ""):  # other controls are kept exactly, and escaped wherever shown
+        out.append(f"line {line}, column note: a NUL character, which CSV readers refuse")
+    return out
+
+
+def refuse(path: str | os.PathLike, problems: list[str]) -> None:
+    """DataError naming every problem (the first few, then a count) when there are any."""
+    if len(problems) == 1:
+        raise DataError(f"{path}, {problems[0]}; nothing was written")
+    if problems:
+        more = f"; and {len(problems) - _NAMED} more" if len(problems) > _NAMED else ""
+        raise DataError(f"{path}: {len(problems)} problems, nothing was written: " + "; ".join(problems[:_NAMED])
+                        + more)
 
 
 def _normalise(path: str, root: Path) -> str | None:
@@ -71,117 +146,182 @@ def _normalise(path: str, root: Path) -> str | None:
 
 
 def relabel(decisions_path: str, manifest_path: str, *, out: str | None = None, dry_run: bool = False,
-            user: str | None = None) -> tuple[list[Change], Path | None]:
-    """Check every decision, then write a new manifest version and append the changes to the audit log.
+            user: str | None = None, new_labels: Iterable[str] = (), wait: float = 0.0) -> Relabelled:
+    """Check every decision, then write a new manifest version and add the changes to the audit log.
 
-    Nothing is written when any decision is refused, or with dry_run. Image files are never touched."""
-    from .manifest import load_manifest, write_manifest
+    Nothing is written when any decision is refused, or with dry_run. One relabel at a time per
+    manifest family (the lock classify uses, waiting up to `wait` seconds); a rerun of a killed run
+    finishes it instead of writing a second version. Image files are never touched."""
+    from .manifest import load_manifest
 
+    user = _checked_user(user)  # before anything is written: a failure here writes nothing
+    allowed = _checked_new_labels(new_labels)
     manifest = load_manifest(manifest_path)
-    decisions = read_decisions(decisions_path)
-    user = user or getpass.getuser()  # before anything is written: a failure here writes nothing
+    changes = _changes(read_decisions(decisions_path), manifest, decisions_path, manifest_path, allowed)
+    source, wanted = Path(manifest_path), _wanted(out)
+    family = audit.Family.of(source)
+    if dry_run:
+        if wanted is not None and wanted.exists():
+            raise ConfigError(f"{wanted} exists; a new manifest version never replaces a file")
+        return Relabelled(changes, None, "dry run")
+    origin = {"manifest_sha256": manifest.sha256, "decisions_sha256": sha256_file(str(decisions_path))}
+    with exclusive(family.lock, wait=wait, what=f"the manifest {source}"):
+        family.remove_leftovers(*([wanted] if wanted else []))
+        candidates = [wanted] if wanted is not None else family.versions()
+        completed = audit.complete_log(family, [*family.versions(), *([wanted] if wanted else [])])
+        earlier = [v for v in candidates if v.exists() and (audit.record_of(v) or {}).get("origin") == origin]
+        if earlier:  # a rerun: these decisions, on this very manifest, are in a version already
+            return Relabelled(changes, earlier[-1], "finished" if earlier[-1] in completed else "already applied")
+        target = wanted or family.next_version(source)
+        if target.exists():
+            raise ConfigError(f"{target} exists; a new manifest version never replaces a file")
+        rows = _audit_rows(changes, source, target, user)
+        record = {"origin": origin, "audit_log": os.path.relpath(family.log, target.parent), "rows": rows}
+        if len(json.dumps(record)) > _RECORD_MAX:
+            raise DataError(f"{decisions_path}: its notes add up to more than {_RECORD_MAX >> 20} MiB, more than a "
+                            f"manifest version can carry; split it into several files")
+        audit.publish(_applied(manifest, changes), target, manifest.root, record, family.log)
+    return Relabelled(changes, target, "written")
+
+
+def _wanted(out: str | None) -> Path | None:
+    """The -o target, as Parquet (a manifest read from CSV is written as Parquet)."""
+    if not out:
+        return None
+    target = Path(out)
+    return target.with_suffix(".parquet") if target.suffix.lower() == ".csv" else target
+
+
+def _checked_user(user: str | None) -> str:
+    user = user or getpass.getuser()
+    if not user.strip() or any(unicodedata.category(c)[0] == "C" for c in user):
+        raise ConfigError(f"--user {user!r}: a name for the audit log, without control characters")
+    return user
+
+
+def _checked_new_labels(labels: Iterable[str]) -> set[str]:
+    """--new-label values, each one a label a manifest and a model can safely hold."""
+    for label in labels:
+        why = label_problem(label)
+        if why:
+            raise ConfigError(f"--new-label {label!r} cannot be a label: {why}")
+    return set(labels)
+
+
+def _changes(decisions: list[dict[str, Any]], manifest, decisions_path, manifest_path,
+             allowed: set[str]) -> list[Change]:
+    """Each decision as a change to one manifest row; any that cannot be refuses them all."""
+    by_path = {_normalise(r[Col.PATH], manifest.root): r for r in manifest.table.to_pylist()}
+    known = {r[Col.LABEL] for r in by_path.values()} | allowed
+    changes, decided, problems = [], {}, []
+    for d in decisions:
+        where, rel = f"line {d['line']}, column path", _normalise(d["path"], manifest.root)
+        if rel is None:
+            problems.append(f"{where}: {d['path']} is outside the dataset root {manifest.root}")
+        elif rel not in by_path:
+            problems.append(f"{where}: {d['path']} is not in the manifest {manifest_path}")
+        elif rel in decided:
+            problems.append(f"{where}: {d['path']} was already decided on line {decided[rel]}")
+        elif d["action"] == "relabel" and d["label"] not in known:
+            problems.append(_unknown_label(d["line"], d["label"], manifest_path, known))
+        else:
+            new = d["label"] if d["action"] == "relabel" else None
+            changes.append(Change(rel, d["action"], by_path[rel][Col.LABEL] or "", new, d["note"]))
+        decided.setdefault(rel, d["line"])
+    refuse(decisions_path, problems)
+    return changes
+
+
+def _unknown_label(line: int, label: str, manifest_path: str, known: set[str]) -> str:
+    """The refusal of a label the manifest does not have, with the way to add it when it can be one."""
+    text = f"line {line}, column label: {label!r} is not a label in {manifest_path}"
+    why = label_problem(label)
+    if why:
+        return f"{text}, and cannot be one: {why}"
+    close = difflib.get_close_matches(label, sorted(known), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{text} ({hint}a new label needs --new-label {shlex.quote(label)})"
+
+
+def _audit_rows(changes: list[Change], source: Path, target: Path, user: str) -> list[dict[str, str]]:
+    now = datetime.now(timezone.utc).isoformat()
+    return [{"time": now, "user": user, "manifest": str(source), "new_manifest": str(target), "path": c.path,
+             "action": c.action, "old_label": c.old_label, "new_label": c.new_label or "", "note": c.note}
+            for c in changes]
+
+
+def _applied(manifest, changes: list[Change]):
+    """The manifest's table with the changes made; removed rows stay, as a record, out of every split."""
+    import pyarrow as pa
+
     rows = manifest.table.to_pylist()
     by_path = {_normalise(r[Col.PATH], manifest.root): r for r in rows}
-    changes, decided = [], {}
-    for d in decisions:
-        rel = _normalise(d["path"], manifest.root)
-        where = f"{decisions_path}, line {d['line']}"
-        if rel is None:
-            raise InputError(f"{where}: {d['path']} is outside the dataset root {manifest.root}")
-        if rel not in by_path:
-            raise InputError(f"{where}: {d['path']} is not in the manifest {manifest_path}")
-        if rel in decided:
-            raise InputError(f"{where}: {d['path']} was already decided on line {decided[rel]}")
-        decided[rel] = d["line"]
-        new = d["label"] if d["action"] == "relabel" else None
-        changes.append(Change(rel, d["action"], by_path[rel][Col.LABEL], new, d["note"]))
-    target = Path(out) if out else _next_version(Path(manifest_path))
-    if target.suffix.lower() == ".csv":
-        target = target.with_suffix(".parquet")
-    if target.exists():
-        raise InputError(f"{target} exists; a new manifest version never replaces a file")
-    if dry_run:
-        return changes, None
     for c in changes:
         row = by_path[c.path]
         if c.action == "relabel":
             row[Col.LABEL] = c.new_label
-        elif c.action == "remove":  # kept in the manifest as a record, out of every split
+        elif c.action == "remove":
             row[Col.STATUS], row[Col.SPLIT] = STATUS_REMOVED, None
-    import pyarrow as pa
-
-    table = pa.Table.from_pylist(rows, schema=manifest.table.schema)
-    write_manifest(table, target, manifest.root)
-    try:
-        _append_audit(Path(manifest_path), target, changes, user)
-    except OSError as exc:  # no version without its audit lines
-        target.unlink(missing_ok=True)
-        raise InputError(f"cannot append to the audit log beside {manifest_path}: {exc.strerror or exc}; "
-                         f"nothing was changed") from exc
-    return changes, target
+    return pa.Table.from_pylist(rows, schema=manifest.table.schema)
 
 
-def _next_version(path: Path) -> Path:
-    """manifest.parquet -> manifest.v2.parquet (or the next free number); the original stays."""
-    stem = path.stem
-    base, _, number = stem.rpartition(".v")
-    if base and number.isdigit():
-        stem, n = base, int(number) + 1
-    else:
-        n = 2
-    while (path.parent / f"{stem}.v{n}.parquet").exists():
-        n += 1
-    return path.parent / f"{stem}.v{n}.parquet"
+def export(predictions: str, to: str, *, min_confidence: float, outside_links: bool = False) -> dict[str, int]:
+    """Copy (never move) each classified file to TO/<label>/ when confident, else to TO/_review/.
 
-
-def _append_audit(manifest: Path, new: Path, changes: list[Change], user: str) -> Path:
-    """Append one line per change to <manifest stem>.audit.csv beside the manifest."""
-    base, _, number = manifest.stem.rpartition(".v")
-    stem = base if base and number.isdigit() else manifest.stem
-    log_path = manifest.parent / f"{stem}.audit.csv"
-    now = datetime.now(timezone.utc).isoformat()
-    new_file = not log_path.exists()
-    with open(log_path, "a", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=AUDIT_FIELDS)
-        if new_file:
-            writer.writeheader()
-        for c in changes:
-            writer.writerow({"time": now, "user": user, "manifest": str(manifest), "new_manifest": str(new),
-                             "path": c.path, "action": c.action, "old_label": c.old_label,
-                             "new_label": c.new_label or "", "note": c.note})
-        fh.flush()
-        os.fsync(fh.fileno())
-    return log_path
-
-
-def export(predictions: str, to: str, *, min_confidence: float) -> dict[str, int]:
-    """Copy (never move) each classified file to TO/<label>/ when confident, else to TO/_review/."""
+    TO may not be inside the classified folder (the next classify would take the copies for new
+    images); a link to a file outside that folder is copied only with outside_links."""
     from .results import latest_run
 
     table, summary = latest_run(predictions)
     folder = summary.get("config", {}).get("folder")
     if not folder or not Path(folder).is_dir():
         raise InputError(f"the folder classified in {predictions} ({folder}) is not there any more")
+    inside = os.path.realpath(folder)
+    if _within(os.path.realpath(to), inside):
+        raise ConfigError(f"--to {to} is inside the classified folder {folder}: the next classify would take the "
+                          f"copies for new images and the next export would copy them again; export outside it")
     counts: dict[str, int] = {}
     for r in table.to_pylist():
-        confident = r[Col.STATUS] != "error" and (r[Col.CONFIDENCE] or 0) >= min_confidence
-        bucket = _bucket(r[Col.LABEL]) if confident else "_review"
-        rel = os.fsdecode(r[Col.PATH_BYTES]) if r.get(Col.PATH_BYTES) else r[Col.PATH]  # the exact name
-        source, target = Path(folder) / rel, Path(to) / bucket / rel
-        if not source.is_file():
-            log.warning("not copied, no longer there: %s", source)
-            continue
-        if target.exists():  # never overwrite: the same bytes are already there, or something else is
-            same = target.is_file() and sha256_file(str(target)) == sha256_file(str(source))
-            if not same:
-                log.warning("not copied: %s exists with other content", target)
-                counts["_skipped"] = counts.get("_skipped", 0) + 1
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target, "copy to") as tmp:
-            shutil.copy2(source, tmp)
-        counts[bucket] = counts.get(bucket, 0) + 1
+        bucket = _copy_one(r, folder, inside, Path(to), min_confidence, outside_links)
+        if bucket:
+            counts[bucket] = counts.get(bucket, 0) + 1
     return counts
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _copy_one(row: dict[str, Any], folder: str, inside: str, to: Path, min_confidence: float,
+              outside_links: bool) -> str | None:
+    """Copy one classified file; the count it adds to (its bucket, _skipped, _outside), or None."""
+    confident = row[Col.STATUS] != "error" and (row[Col.CONFIDENCE] or 0) >= min_confidence
+    bucket = _bucket(row[Col.LABEL]) if confident else "_review"
+    rel = os.fsdecode(row[Col.PATH_BYTES]) if row.get(Col.PATH_BYTES) else row[Col.PATH]  # the exact name
+    if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
+        log.warning("not copied: %r is not a path inside %s", rel, folder)
+        return "_skipped"
+    source = os.path.join(folder, rel)
+    real = os.path.realpath(source)  # copied from here, so a link swapped after this check changes nothing
+    if not outside_links and not _within(real, inside):
+        log.warning("not copied: %s is a link to %s, outside %s (--copy-outside-links copies it)", source, real, folder)
+        return OUTSIDE
+    if not os.path.isfile(real):
+        log.warning("not copied, no longer there: %s", source)
+        return None
+    target = to / bucket / rel
+    if target.exists():  # never overwrite: the same bytes are already there, or something else is
+        if target.is_file() and sha256_file(str(target)) == sha256_file(real):
+            return None
+        log.warning("not copied: %s exists with other content", target)
+        return "_skipped"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create folder {target.parent}: {exc.strerror or exc}") from exc
+    with atomic_path(target, "copy to") as tmp:
+        shutil.copy2(real, tmp)
+    return bucket
 
 
 def _bucket(label: str) -> str:

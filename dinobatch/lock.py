@@ -75,8 +75,9 @@ def _try_lock(fd: int, lock_path: Path) -> tuple[int, int] | None:
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[None]:
-    """Hold lock_path exclusively for the block; wait up to `wait` seconds, then LockedError."""
+def exclusive(lock_path: str | os.PathLike, *, wait: float = 0.0, what: str | None = None) -> Iterator[None]:
+    """Hold lock_path exclusively for the block; wait up to `wait` seconds, then LockedError naming
+    `what` is locked (by default the folder the lock file is in)."""
     lock_path = Path(lock_path)
     fd = _open(lock_path)
     key = None
@@ -99,7 +100,7 @@ def exclusive(lock_path: str | os.PathLike, *, wait: float = 0.0) -> Iterator[No
                 continue
             if time.monotonic() >= deadline:
                 holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-                raise LockedError(f"{lock_path.parent} is in use by {_describe(holder)}; "
+                raise LockedError(f"{what or lock_path.parent} is in use by {_describe(holder)}; "
                                   f"try again later, or pass --wait SECONDS")
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
         left = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()

@@ -148,11 +148,13 @@ def _group_and_split(rows: list[dict[str, Any]], fractions, seed, phash_max, dha
             r[Col.SPLIT] = r.get(Col.SPLIT) or (splits[gid] if gid in splits else sorted(given)[0])
 
 
-def write_manifest(table: pa.Table, out: str | os.PathLike, root: str | os.PathLike) -> Path:
+def write_manifest(table: pa.Table, out: str | os.PathLike, root: str | os.PathLike,
+                   extra: dict[bytes, bytes] | None = None) -> Path:
     """Write a manifest Parquet file that remembers the folder its paths are relative to, both
-    absolutely and relative to the manifest itself (so data and manifest can move together)."""
+    absolutely and relative to the manifest itself (so data and manifest can move together);
+    `extra` metadata (relabel's audit lines) travels inside the same file."""
     out_dir = Path(out).resolve().parent
-    meta = {_ROOT_KEY: os.path.abspath(root).encode(),
+    meta = {**(extra or {}), _ROOT_KEY: os.path.abspath(root).encode(),
             _ROOT_REL_KEY: os.path.relpath(os.path.abspath(root), out_dir).encode()}
     return write_table(table.replace_schema_metadata(meta), out)
 

@@ -20,7 +20,7 @@ from dinobatch.cli import cli
 from dinobatch.config import ClassifyConfig
 from dinobatch.curate import CurateConfig, confident_learning, curate
 from dinobatch.decisions import relabel
-from dinobatch.errors import EXIT_THRESHOLD, InputError
+from dinobatch.errors import EXIT_THRESHOLD, DataError
 from dinobatch.manifest import build_manifest, load_manifest, write_manifest
 from dinobatch.results import ResultsDir
 from dinobatch.review import write_outputs
@@ -188,7 +188,7 @@ def test_relabel_writes_a_new_version_and_an_audit_log_and_never_touches_images(
     decisions = tmp_path / "d.csv"
     decisions.write_text("path,action,label,note\nstegosaurus/a.png,relabel,triceratops,horns visible\n"
                          "triceratops/b.png,remove,,blurry\nvelociraptor/a.png,keep,,\n")
-    changes, new = relabel(str(decisions), str(tmp_path / "m.parquet"), user="tester")
+    new = relabel(str(decisions), str(tmp_path / "m.parquet"), user="tester").target
     assert new == tmp_path / "m.v2.parquet" and (tmp_path / "m.parquet").exists()
     rows = {r["path"]: r for r in load_manifest(new).table.to_pylist()}
     assert rows["stegosaurus/a.png"]["label"] == "triceratops"
@@ -205,12 +205,12 @@ def test_relabel_writes_a_new_version_and_an_audit_log_and_never_touches_images(
 
 
 @pytest.mark.parametrize("content, message", [
-    ("path,action\nstegosaurus/a.png,keep\n../outside.png,remove\n", "line 3: ../outside.png is outside the dataset root"),
-    ("path,action\nstegosaurus/a.png,keep\n/etc/passwd,remove\n", "line 3: /etc/passwd is outside the dataset root"),
-    ("path,action\nstegosaurus/a.png,keep\nstegosaurus/zzz.png,remove\n", "line 3: stegosaurus/zzz.png is not in the manifest"),
-    ("path,action\nstegosaurus/a.png,remove\nstegosaurus/a.png,keep\n", "line 3: stegosaurus/a.png was already decided on line 2"),
-    ("path,action\nstegosaurus/a.png,keep\ntriceratops/a.png,delete\n", "line 3: unknown action 'delete'"),
-    ("path,action,label\nstegosaurus/a.png,relabel,\n", "line 2: relabel needs a label"),
+    ("path,action\nstegosaurus/a.png,keep\n../outside.png,remove\n", "line 3, column path: ../outside.png is outside the dataset root"),
+    ("path,action\nstegosaurus/a.png,keep\n/etc/passwd,remove\n", "line 3, column path: /etc/passwd is outside the dataset root"),
+    ("path,action\nstegosaurus/a.png,keep\nstegosaurus/zzz.png,remove\n", "line 3, column path: stegosaurus/zzz.png is not in the manifest"),
+    ("path,action\nstegosaurus/a.png,remove\nstegosaurus/a.png,keep\n", "line 3, column path: stegosaurus/a.png was already decided on line 2"),
+    ("path,action\nstegosaurus/a.png,keep\ntriceratops/a.png,delete\n", "line 3, column action: unknown action 'delete'"),
+    ("path,action,label\nstegosaurus/a.png,relabel,\n", "line 2, column label: relabel needs a label"),
     ("path,label\nstegosaurus/a.png,x\n", "missing column(s) action"),
     (b"path,action,note\nstegosaurus/a.png,keep,caf\xe9\n", "not UTF-8"),
 ])
@@ -221,7 +221,7 @@ def test_bad_decisions_are_refused_whole_and_nothing_is_written(tmp_path, conten
     write_manifest(build_manifest(root, seed=0), tmp_path / "m.parquet", root)
     decisions = tmp_path / "d.csv"
     decisions.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
         relabel(str(decisions), str(tmp_path / "m.parquet"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "data", "m.parquet"]
 
@@ -339,11 +339,11 @@ def test_relabel_takes_rows_not_link_targets_and_normalises_spellings(tmp_path):
     os.symlink(root / "triceratops" / "a.png", root / "stegosaurus" / "alias.png")
     write_manifest(build_manifest(root, seed=0), tmp_path / "m.parquet", root)
     (tmp_path / "d.csv").write_text("path,action,label\nstegosaurus/alias.png,relabel,velociraptor\n")
-    _, new = relabel(str(tmp_path / "d.csv"), str(tmp_path / "m.parquet"), user="t")
+    new = relabel(str(tmp_path / "d.csv"), str(tmp_path / "m.parquet"), user="t", new_labels=["velociraptor"]).target
     rows = {r["path"]: r["label"] for r in load_manifest(new).table.to_pylist()}
     assert rows["stegosaurus/alias.png"] == "velociraptor" and rows["triceratops/a.png"] == "triceratops"
     (tmp_path / "d2.csv").write_text("path,action\nstegosaurus/b.png,keep\n./stegosaurus/b.png,remove\n")
-    with pytest.raises(InputError, match="already decided on line 2"):
+    with pytest.raises(DataError, match="already decided on line 2"):
         relabel(str(tmp_path / "d2.csv"), str(tmp_path / "m.parquet"), user="t")
 
 

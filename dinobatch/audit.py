@@ -1,0 +1,234 @@
+"""A manifest's versions and their audit log: published both or neither, finished after a kill.
+
+relabel writes a new version (NAME.vN.parquet) and adds its decisions to NAME.audit.csv: two files,
+which no single rename can publish together. So the version carries its own audit lines inside it
+(Parquet metadata, written before the rename that publishes it) and the log is then rewritten
+whole (temporary file, rename), never appended to in place. A run killed between the two leaves a
+version whose lines the log lacks; the next relabel of the family, under the family's lock, copies
+them in first. A run killed earlier leaves only hidden .tmp files, which that run deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from . import faults
+from .errors import ConfigError, OutputError
+from .results import atomic_path, table_metadata
+
+__all__ = ["AUDIT_FIELDS", "Family", "spreadsheet_safe", "record_of", "complete_log", "publish"]
+
+log = logging.getLogger(__name__)
+
+AUDIT_FIELDS = ("time", "user", "manifest", "new_manifest", "path", "action", "old_label", "new_label", "note")
+RECORD_KEY = b"dinobatch.relabel"  # a version's own audit lines and origin, as JSON
+# A spreadsheet runs a cell starting with one of these as a formula (=cmd|' /C calc'!A0): OWASP's list
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def spreadsheet_safe(value: str) -> str:
+    """A CSV cell a spreadsheet shows as text: a leading formula character gets a ' before it."""
+    return "'" + value if value.startswith(FORMULA_START) else value
+
+
+@dataclass(frozen=True)
+class Family:
+    """A manifest and its versions (m.parquet, m.v2.parquet, ...), which share a lock and a log."""
+
+    folder: Path
+    stem: str
+
+    @classmethod
+    def of(cls, manifest: Path) -> "Family":
+        base, _, number = manifest.stem.rpartition(".v")
+        return cls(manifest.parent, base if base and number.isdigit() else manifest.stem)
+
+    @property
+    def lock(self) -> Path:
+        return self.folder / f".{self.stem}.lock"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / f"{self.stem}.audit.csv"
+
+    def versions(self) -> list[Path]:
+        """NAME.vN.parquet files here, by number."""
+        pattern = re.compile(rf"{re.escape(self.stem)}\.v(\d+)\.parquet")
+        found = [(int(m[1]), p) for p in self.folder.glob(f"{glob_escape(self.stem)}.v*.parquet")
+                 if (m := pattern.fullmatch(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def next_version(self, after: Path) -> Path:
+        """manifest.parquet -> manifest.v2.parquet, m.v2 -> m.v3 (or the next free number)."""
+        base, _, number = after.stem.rpartition(".v")
+        n = int(number) + 1 if base and number.isdigit() else 2
+        while (self.folder / f"{self.stem}.v{n}.parquet").exists():
+            n += 1
+        return self.folder / f"{self.stem}.v{n}.parquet"
+
+    def remove_leftovers(self, *others: Path) -> None:
+        """Delete the hidden .tmp files of killed relabels of this family (only under its lock)."""
+        names = [rf"{re.escape(self.stem)}\.v\d+\.parquet", re.escape(self.log.name)]
+        places = {self.folder: names}
+        for other in others:
+            places.setdefault(other.parent, []).append(re.escape(other.name))
+        for folder, patterns in places.items():
+            # .NAME.<random>.tmp, and ..NAME.<random>.tmp.<random>.tmp of the staged version's own write
+            leftover = re.compile(rf"\.\.?(?:{'|'.join(patterns)})\.[\w.]+\.tmp")
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                if leftover.fullmatch(tmp.name):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                        log.info("removed %s, left by a relabel that was killed", tmp)
+
+
+def glob_escape(text: str) -> str:
+    """text as a glob pattern that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def record_of(version: Path) -> dict[str, Any] | None:
+    """The audit lines and origin a version carries, or None (written by hand or by an older dinobatch)."""
+    try:
+        raw = table_metadata(version).get(RECORD_KEY)
+        return json.loads(raw) if raw else None
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        log.debug("no relabel record in %s: %s", version, exc)
+        return None
+
+
+def _line(row: dict[str, str]) -> tuple[str, ...]:
+    return tuple(spreadsheet_safe(row[f] or "") for f in AUDIT_FIELDS)
+
+
+def _logged(path: Path) -> set[tuple[str, ...]]:
+    """Every line of an audit log, as written (a damaged tail ends the reading, with a warning)."""
+    if not path.exists():
+        return set()
+    lines: set[tuple[str, ...]] = set()
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.DictReader(fh)
+        try:
+            for row in reader:
+                lines.add(tuple(row.get(f) or "" for f in AUDIT_FIELDS))
+        except csv.Error as exc:
+            log.warning("%s is damaged after line %d (%s); its later lines are not checked", path,
+                        reader.line_num, exc)
+    return lines
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b)):
+        return True
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)
+    return False
+
+
+def complete_log(family: Family, versions: list[Path]) -> list[Path]:
+    """Copy into the family's log the lines of versions that carry lines it lacks (a killed run's)."""
+    logged = _logged(family.log)
+    missing: list[dict[str, str]] = []
+    completed = []
+    for version in versions:
+        record = record_of(version)
+        if record is None or not _same_file(version.parent / record["audit_log"], family.log):
+            continue
+        rows = [r for r in record["rows"] if _line(r) not in logged]
+        if rows:
+            missing += rows
+            completed.append(version)
+    if missing:
+        append_lines(family.log, missing)
+        for version in completed:
+            log.warning("added the audit lines of %s to %s: the relabel that wrote it was killed before it "
+                        "could", version, family.log)
+    return completed
+
+
+def append_lines(path: Path, rows: list[dict[str, str]]) -> None:
+    """Add rows to the audit log by writing the whole log anew, so a kill leaves the old one whole."""
+    old = path.read_bytes() if path.exists() else b""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    if not old:
+        writer.writerow(AUDIT_FIELDS)
+    writer.writerows(_line(r) for r in rows)
+    with atomic_path(path, "write the audit log") as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(old)
+            if old and not old.endswith(b"\n"):  # a line torn by an older dinobatch: keep it, on its own
+                fh.write(b"\r\n")
+            fh.write(text.getvalue().encode("utf-8"))
+        if old:
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))  # a log someone made private stays private
+
+
+def publish(table: pa.Table, target: Path, root: Path, record: dict[str, Any], log_path: Path) -> None:
+    """Write target carrying its audit lines, never over an existing file, then add them to the log.
+
+    On any failure before the log has them, target is removed again: both or neither."""
+    from .manifest import write_manifest
+
+    staging = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    published = logged = False
+    try:
+        write_manifest(table, staging, root, extra={RECORD_KEY: json.dumps(record).encode()})
+        _link_new(staging, target)
+        published = True
+        staging.unlink()
+        _fsync_dir(target.parent)
+        faults.point("relabel", "published")
+        try:
+            append_lines(log_path, record["rows"])
+        except OutputError as exc:
+            raise OutputError(f"{exc}; {target} was removed again, so nothing was changed") from exc
+        logged = True
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            staging.unlink(missing_ok=True)
+        if published and not logged:
+            with contextlib.suppress(OSError):
+                target.unlink()
+
+
+def _link_new(staging: Path, target: Path) -> None:
+    """Give staging the name target, failing if target exists: a version never replaces a file."""
+    try:
+        os.link(staging, target)
+    except FileExistsError:
+        raise ConfigError(f"{target} exists; a new manifest version never replaces a file") from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        # no hard links on this file system: the family's lock keeps other relabels out of the gap
+        if target.exists():
+            raise ConfigError(f"{target} exists; a new manifest version never replaces a file") from None
+        os.replace(staging, target)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a new name in folder durable (a power cut must not lose a version its log names)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,162 @@
+"""relabel under cron: one writer per manifest (the classify lock), a version and its audit lines
+both or neither across SIGKILL, a rerun that finishes a killed run, and a decisions CSV whose bad
+values are refused (exit 10) instead of written into the manifest and audit log."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from dinobatch.cli import cli
+from dinobatch.errors import EXIT_CONFIG, EXIT_DATA, EXIT_LOCKED
+from dinobatch.lock import exclusive
+from dinobatch.manifest import build_manifest, load_manifest, write_manifest
+from tests.conftest import REPO, picture, save
+
+LABELS = ("stegosaurus", "triceratops", "velociraptor")
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """m.parquet over data/<label>/{a,b,c}.png: nine rows, three labels."""
+    root = tmp_path / "data"
+    for i, label in enumerate(LABELS):
+        for j, name in enumerate("abc"):
+            save(picture(10 * i + j), root / label / f"{name}.png")
+    write_manifest(build_manifest(root, seed=0), tmp_path / "m.parquet", root)
+    return tmp_path
+
+
+def _audit(folder):
+    path = folder / "m.audit.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _labels(path):
+    return {r["path"]: r["label"] for r in load_manifest(path).table.to_pylist()}
+
+
+def _relabel_cli(*args):
+    return CliRunner().invoke(cli, ["relabel", *map(str, args)])
+
+
+def test_a_held_manifest_makes_relabel_exit_9_or_wait(dataset):
+    (dataset / "d.csv").write_text("path,action,label\nstegosaurus/a.png,relabel,triceratops\n")
+    with exclusive(dataset / ".m.lock"):
+        held = _relabel_cli(dataset / "d.csv", "--manifest", dataset / "m.parquet")
+    assert held.exit_code == EXIT_LOCKED and "in use by" in held.output
+    assert not (dataset / "m.v2.parquet").exists() and _audit(dataset) == []
+
+    holding = threading.Event()
+
+    def hold_briefly():
+        with exclusive(dataset / ".m.lock"):
+            holding.set()
+            time.sleep(1.0)
+
+    holder = threading.Thread(target=hold_briefly)
+    holder.start()
+    holding.wait(5)
+    waited = _relabel_cli(dataset / "d.csv", "--manifest", dataset / "m.parquet", "--wait", 20)
+    holder.join()
+    assert waited.exit_code == 0, waited.output
+    assert _labels(dataset / "m.v2.parquet")["stegosaurus/a.png"] == "triceratops"
+
+
+def _command(folder, decisions, *extra):
+    return [sys.executable, "-m", "dinobatch", "relabel", str(folder / decisions), "--manifest",
+            str(folder / "m.parquet"), "--user", "t", *map(str, extra)]
+
+
+def test_two_relabels_started_together_both_land_in_their_own_version(dataset):
+    (dataset / "d1.csv").write_text("path,action,label\nstegosaurus/a.png,relabel,triceratops\n")
+    (dataset / "d2.csv").write_text("path,action,label\nvelociraptor/b.png,relabel,stegosaurus\n")
+    procs = [subprocess.Popen(_command(dataset, name, "--wait", 60), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for name in ("d1.csv", "d2.csv")]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    versions = sorted(dataset.glob("m.v*.parquet"))
+    assert [v.name for v in versions] == ["m.v2.parquet", "m.v3.parquet"]
+    audit = _audit(dataset)
+    assert len(audit) == 2 and {a["new_manifest"] for a in audit} == {str(v) for v in versions}
+    for line in audit:  # each version holds exactly the decision its audit line says it holds
+        labels = _labels(line["new_manifest"])
+        assert labels[line["path"]] == line["new_label"]
+        other = ({"stegosaurus/a.png", "velociraptor/b.png"} - {line["path"]}).pop()
+        assert labels[other] == other.split("/")[0]
+
+
+def _tmp_leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("crash_at", [
+    "write:1",  # the version's file complete, not yet renamed
+    "relabel:1:published",  # the version published, its audit lines not yet in the log
+    "write:2",  # the new audit log complete, not yet renamed over the old one
+])
+def test_a_killed_relabel_is_finished_by_its_rerun(dataset, crash_at):
+    decisions = "".join(f"{label}/{n}.png,relabel,{LABELS[(i + 1) % 3]},moved\n"
+                        for i, label in enumerate(LABELS) for n in "ab")
+    (dataset / "d.csv").write_text("path,action,label,note\n" + decisions)
+    killed = subprocess.run(_command(dataset, "d.csv"), cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "DINOBATCH_CRASH_AT": crash_at})
+    assert killed.returncode == -9, killed.stderr
+    if (dataset / "m.v2.parquet").exists():  # published: the version carries its own decisions
+        assert len(_audit(dataset)) in (0, 6)
+    rerun = subprocess.run(_command(dataset, "d.csv"), cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.name for p in dataset.glob("m.v*.parquet")) == ["m.v2.parquet"]
+    audit = _audit(dataset)
+    assert sorted(a["path"] for a in audit) == sorted(line.split(",")[0] for line in decisions.splitlines())
+    labels = _labels(dataset / "m.v2.parquet")
+    assert all(labels[a["path"]] == a["new_label"] and a["new_manifest"] == str(dataset / "m.v2.parquet")
+               for a in audit)
+    assert _tmp_leftovers(dataset) == []
+
+
+@pytest.mark.parametrize("row, message", [
+    ("stegosaurus/a.png,relabel,tyranosaurus_rexx,", "line 2, column label: 'tyranosaurus_rexx' is not a label"),
+    ("stegosaurus/a.png,relabel,\"=cmd|' /C calc'!A0\",", "line 2, column label: \"=cmd|' /C calc'!A0\" is not a label"),
+    ("stegosaurus/a.png,relabel,..,", "line 2, column label: '..' is not a label"),
+    ("stegosaurus/a.png,relabel,a/b,", "line 2, column label: 'a/b' is not a label"),
+    ("stegosaurus/a.png,relabel,\"tri\nceratops\",", "line 2, column label: 'tri\\nceratops' is not a label"),
+    ("stegosaurus/a.png,relabel,tri\0ceratops,", "line 2, column label: 'tri\\x00ceratops' is not a label"),
+    ("stegosaurus/a.png,keep,,note,extra", "line 2: 5 fields, but the header has 4"),
+    ("stegosaurus/a.png,keep,," + "x" * 140_000, "line 2: a field is longer than"),
+    ("stegosaurus/a.png,keep,,nul\0", "line 2, column note: a NUL character"),
+])
+def test_bad_values_in_a_decisions_file_exit_10_naming_row_and_column(dataset, row, message):
+    (dataset / "d.csv").write_text("path,action,label,note\n" + row + "\n")
+    result = _relabel_cli(dataset / "d.csv", "--manifest", dataset / "m.parquet")
+    assert result.exit_code == EXIT_DATA, result.output
+    assert message in result.output
+    assert sorted(p.name for p in dataset.iterdir()) == ["d.csv", "data", "m.parquet"]
+
+
+def test_a_new_label_is_accepted_only_when_named_and_safe(dataset):
+    (dataset / "d.csv").write_text("path,action,label\nstegosaurus/a.png,relabel,tyrannosaurus_rex\n")
+    named = _relabel_cli(dataset / "d.csv", "--manifest", dataset / "m.parquet", "--new-label", "tyrannosaurus_rex")
+    assert named.exit_code == 0, named.output
+    assert _labels(dataset / "m.v2.parquet")["stegosaurus/a.png"] == "tyrannosaurus_rex"
+    unsafe = _relabel_cli(dataset / "d.csv", "--manifest", dataset / "m.parquet", "--new-label", "=1+1")
+    assert unsafe.exit_code == EXIT_CONFIG and "--new-label '=1+1'" in unsafe.output
+
+
+def test_formula_cells_are_neutralised_in_the_audit_log(dataset):
+    (dataset / "d.csv").write_text("path,action,label,note\n"
+                                   "stegosaurus/a.png,keep,,\"=HYPERLINK(\"\"http://x\"\")\"\n"
+                                   "stegosaurus/b.png,keep,,@SUM(A1)\n")
+    assert _relabel_cli(dataset / "d.csv", "--manifest", dataset / "m.parquet").exit_code == 0
+    notes = [a["note"] for a in _audit(dataset)]
+    assert notes == ["'=HYPERLINK(\"http://x\")", "'@SUM(A1)"]
