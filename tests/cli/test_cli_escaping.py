@@ -134,3 +134,11 @@ def test_relabel_dry_run_prints_one_escaped_line_per_decision(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(result.stdout.splitlines()) == 3  # two decisions and the count, none split
     assert_escaped(result.output)
+
+
+def test_json_log_lines_keep_the_exact_names(tmp_path, nasty_model):
+    gone = tmp_path / "gone\x1b[2J\nhere"
+    result = invoke("classify", gone, "-m", nasty_model, "-o", tmp_path / "o", "--log-format", "json")
+    assert result.exit_code == EXIT_INPUT
+    record = json.loads(result.stderr.strip().splitlines()[-1])
+    assert str(gone) in record["message"]
