@@ -58,12 +58,18 @@ class Decoded(Hashes):
     orientation: int = 1  # the EXIF orientation that was applied to image (1: none)
 
 
-def decode(data: bytes, *, min_side: int = HASH_MIN_SIDE) -> Decoded:
-    """Decode bytes once: refuse bombs, take frame 0, orient, convert to RGB, hash."""
+def decode(data: bytes, *, min_side: int = HASH_MIN_SIDE,
+           heavy: Callable[[int], ContextManager[Any]] | None = None) -> Decoded:
+    """Decode bytes once: refuse bombs, take frame 0, orient, reduce, convert to RGB, hash.
+
+    The picture is exactly what orienting, converting to RGB (transparency on white) and then
+    reducing would give, but it is reduced before any conversion, so memory is about one copy of the
+    decoded image whatever its mode. heavy(n), when given, is entered around the decode with the
+    bytes it allocates, as in decode_hashes()."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     with _decode_errors():
-        return _decode(data, min_side)
+        return _decode(data, min_side, heavy or _no_gate)
 
 
 @functools.cache
@@ -106,25 +112,33 @@ def _open_checked(data: bytes) -> Image.Image:
     return img
 
 
-def _decode(data: bytes, min_side: int) -> Decoded:
+def _decode(data: bytes, min_side: int, heavy: Callable[[int], ContextManager[Any]]) -> Decoded:
+    side = max(min_side, HASH_MIN_SIDE)
+    facts, orientation, small = _oriented_small(data, grey_jpeg=False, draft_side=side, min_side=side, heavy=heavy)
+    grey = small if small.mode == "L" else small.convert("L")  # what both hash functions start with
+    rgb = small if small.mode == "RGB" else small.convert("RGB")
+    return Decoded(*facts, _phash(grey), _dhash(grey), rgb, orientation)
+
+
+def _oriented_small(data: bytes, *, grey_jpeg: bool, draft_side: int, min_side: int,
+                    heavy: Callable[[int], ContextManager[Any]]) -> tuple[tuple[str, int, int, str], int, Image.Image]:
+    """(format, width, height, mode) as displayed, the EXIF orientation, and the picture oriented and
+    reduced to a shorter side >= min_side, in L or RGB; JPEG decoded at the smallest DCT scale
+    keeping draft_side (in greyscale where grey_jpeg and the hashes are all that is wanted)."""
     img = _open_checked(data)
     fmt, mode = img.format or "unknown", img.mode
     width, height = img.size
-    side = max(min_side, HASH_MIN_SIDE)
     if fmt in ("JPEG", "MPO"):
-        img.draft("RGB" if img.mode in ("RGB", "YCbCr") else img.mode, (side, side))
-    img.load()  # before any EXIF read: PNG's getexif() would load (and swallow a truncation) itself
-    orientation = _orientation(img)
+        colour = img.mode in ("RGB", "YCbCr")
+        target = "L" if grey_jpeg and (colour or img.mode == "L") else "RGB" if colour else img.mode
+        img.draft(target, (draft_side, draft_side))
+    with heavy(img.width * img.height * _bytes_per_pixel(img.mode)):
+        img.load()  # before any EXIF read: PNG's getexif() would load (and swallow a truncation) itself
+        orientation = _orientation(img)
+        small = _small_picture(img, min_side, orientation)
     if orientation in _ROTATING_ORIENTATIONS:
         width, height = height, width
-    if orientation in _TRANSPOSE:  # exif_transpose's transforms, without its copy of upright pictures
-        img = img.transpose(_TRANSPOSE[orientation])
-    rgb = to_rgb(img)
-    factor = min(rgb.size) // side
-    if factor >= 2:  # what JPEG's draft does while decoding, done after decoding for other formats
-        rgb = rgb.reduce(factor)
-    grey = rgb.convert("L")  # what both hash functions start with: convert once (same hashes)
-    return Decoded(fmt, width, height, mode, _phash(grey), _dhash(grey), rgb, orientation)
+    return (fmt, width, height, mode), orientation, small
 
 
 def _reason(exc: BaseException) -> str:
@@ -141,10 +155,13 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB, compositing transparency on white."""
+def to_rgb(img: Image.Image, depth_range: tuple[float, float] | None = None) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB, compositing transparency on white.
+
+    16/32-bit and float images are scaled to 8 bits from depth_range (values that become 0 and
+    255), by default their own (_depth_range); a band of a larger image passes the whole image's."""
     if img.mode in _HIGH_DEPTH_MODES:
-        img = _high_depth_to_8bit(img)
+        img = _high_depth_to_8bit(img, depth_range or _depth_range(img))
     if img.mode == "P" or "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in _ALPHA_MODES:
@@ -159,25 +176,109 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
+def _depth_range(img: Image.Image) -> tuple[float, float]:
+    """The values of a 16/32-bit or float image that become 0 and 255 in 8 bits: [0, 1] for floats
+    within it, else the image's range, or for non-negative integers the bit depth actually used
+    (8, 12, 16, ...: 12-bit data in 16-bit files is common). Read a band of rows at a time."""
+    rows = max(1, _BAND_PIXELS // img.width)
+    lo, hi, floating = np.inf, -np.inf, False
+    for top in range(0, img.height, rows):
+        band = img if rows >= img.height else img.crop((0, top, img.width, min(top + rows, img.height)))
+        arr = np.asarray(band)
+        floating = arr.dtype.kind == "f"
+        arr = np.nan_to_num(arr.astype(np.float32)) if floating else arr.astype(np.float32)
+        lo, hi = min(lo, float(arr.min())), max(hi, float(arr.max()))
+    if floating:
+        return (0.0, 1.0) if lo >= 0 and hi <= 1 else (lo, hi)
+    if lo >= 0:
+        return 0.0, float(2 ** max(8, int(np.ceil(np.log2(hi + 1)))) - 1)
+    return lo, hi
+
+
+def _high_depth_to_8bit(img: Image.Image, depth_range: tuple[float, float]) -> Image.Image:
     """16/32-bit and float greyscale to 8-bit L (or LA where a tRNS value marks transparency)."""
     arr = np.asarray(img)
     trns = img.info.get("transparency")
     mask = (arr == trns) if isinstance(trns, int) else None
-    if arr.dtype.kind == "f":
-        arr = np.nan_to_num(arr.astype(np.float32))
-        lo, hi = (0.0, 1.0) if arr.min() >= 0 and arr.max() <= 1 else (float(arr.min()), float(arr.max()))
-    else:
-        arr = arr.astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo >= 0:  # the bit depth actually used (8, 12, 16, ...): 12-bit data in 16-bit files is common
-            lo, hi = 0.0, float(2 ** max(8, int(np.ceil(np.log2(hi + 1)))) - 1)
+    arr = np.nan_to_num(arr.astype(np.float32)) if arr.dtype.kind == "f" else arr.astype(np.float32)
+    lo, hi = depth_range
     scaled = np.clip((arr - lo) * np.float32(255.0 / max(hi - lo, 1e-12)), 0, 255).round().astype(np.uint8)
     grey = Image.fromarray(scaled, "L")
     if mask is None:
         return grey
     alpha = Image.fromarray(np.where(mask, 0, 255).astype(np.uint8), "L")
     return Image.merge("LA", (grey, alpha))
+
+
+# ---- reducing before converting (decode and decode_hashes) -------------------------------------
+
+# Modes reduce() averages as they are, where reduce-then-to_rgb is exactly to_rgb-then-reduce.
+# Other modes (palette, alpha, CMYK, 16-bit, float, a tRNS colour) are converted a band of rows at
+# a time, so that no full-size converted copy is ever made.
+_REDUCE_AS_IS = ("L", "RGB")
+# Pixels converted at once: a palette band's RGBA, white, composite and RGB copies (16 B a pixel).
+_BAND_PIXELS = 1 << 20
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+# (right, bottom): the corner of the stored image that each orientation displays top left. Reducing
+# the stored image with its whole blocks aligned there is reducing the displayed picture.
+_TOP_LEFT_CORNER = {2: (True, False), 3: (True, True), 4: (False, True), 6: (False, True),
+                    7: (True, True), 8: (True, False)}
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """Bytes Pillow allocates per pixel of an image in this mode."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def _small_picture(img: Image.Image, min_side: int, orientation: int = 1) -> Image.Image:
+    """img oriented and reduced by an integer factor to a shorter side >= min_side, in L or RGB:
+    exactly what orienting, to_rgb and reduce at full size give, without their full-size copies."""
+    factor = max(1, min(img.size) // min_side)
+    right, bottom = _TOP_LEFT_CORNER.get(orientation, (False, False))
+    skip = (img.width % factor if right else 0, img.height % factor if bottom else 0)
+    if img.mode in _REDUCE_AS_IS and "transparency" not in img.info:
+        small = _reduce(img, factor, skip)
+    else:
+        small = _converted_in_bands(img, factor, skip)
+    if orientation in _TRANSPOSE:  # on the small picture: no second full-size copy
+        small = small.transpose(_TRANSPOSE[orientation])
+    return small
+
+
+def _reduce(img: Image.Image, factor: int, skip: tuple[int, int] = (0, 0)) -> Image.Image:
+    """img.reduce(factor) with its blocks starting skip (x, y) pixels in: the partial blocks on the
+    left and top edges instead of the right and bottom ones, as reducing the flipped image has them."""
+    if factor == 1:
+        return img
+    if skip == (0, 0):
+        return img.reduce(factor)
+    (sx, sy), (w, h) = skip, img.size
+    out = Image.new(img.mode, (-(-w // factor), -(-h // factor)))
+    for x0, x1 in ((0, sx), (sx, w)):
+        for y0, y1 in ((0, sy), (sy, h)):
+            if x1 > x0 and y1 > y0:
+                out.paste(img.reduce(factor, (x0, y0, x1, y1)), (-(-x0 // factor), -(-y0 // factor)))
+    return out
+
+
+def _converted_in_bands(img: Image.Image, factor: int, skip: tuple[int, int]) -> Image.Image:
+    """_reduce(to_rgb(img), factor, skip), converting a band of rows at a time (bands that hold whole
+    blocks); 16-bit and float bands are scaled to 8 bits by the whole image's range."""
+    depth = _depth_range(img) if img.mode in _HIGH_DEPTH_MODES else None
+    rows = max(1, _BAND_PIXELS // (img.width * factor)) * factor
+    if rows >= img.height:
+        return _reduce(to_rgb(img, depth), factor, skip)
+    sx, sy = skip
+    tops = ([0] if sy else []) + list(range(sy, img.height, rows))
+    out = Image.new("RGB", (-(-img.width // factor), -(-img.height // factor)))
+    for top, end in zip(tops, tops[1:] + [img.height]):
+        band = to_rgb(img.crop((0, top, img.width, end)), depth)
+        out.paste(_reduce(band, factor, (sx, 0)), (0, -(-top // factor)))
+    return out
 
 
 # ---- hash-only decoding, for `dinobatch scan` -------------------------------------------------
@@ -187,15 +288,6 @@ def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
 # are then reduced, like decode()'s, only to a shorter side >= HASH_MIN_SIDE, so that scan hashes
 # the picture classify hashes, but for JPEGs that classify decodes at 1/2 or 1/4 scale and scan at 1/8.
 SCAN_MIN_SIDE = 64
-# Modes reduce() takes as they are: for L and RGB, reduce-then-to_rgb is exactly to_rgb-then-reduce
-# (decode()'s order); 32-bit I and F get their 8-bit scaling from the reduced copy. Other modes are
-# converted then reduced a band of rows at a time.
-_REDUCE_AS_IS = ("L", "RGB", "I", "F")
-_BAND_PIXELS = 1 << 22  # pixels converted at once in _reduce_in_bands: ~16 MB of extra memory
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
-
 
 
 def decode_hashes(data: bytes, *, heavy: Callable[[int], ContextManager[Any]] | None = None) -> Hashes:
@@ -264,60 +356,10 @@ def _no_gate(nbytes: int) -> ContextManager[None]:
 
 
 def _decode_hashes(data: bytes, heavy: Callable[[int], ContextManager[Any]]) -> Hashes:
-    img = _open_checked(data)
-    fmt, mode = img.format or "unknown", img.mode
-    width, height = img.size
-    if fmt in ("JPEG", "MPO"):  # greyscale straight from the decoder: the hashes are grey anyway
-        img.draft("L" if img.mode in ("RGB", "YCbCr", "L") else img.mode, (SCAN_MIN_SIDE, SCAN_MIN_SIDE))
-    with heavy(img.width * img.height * _bytes_per_pixel(img.mode)):
-        img.load()  # before any EXIF read, as in decode()
-        orientation = _orientation(img)
-        small = _small_picture(img, HASH_MIN_SIDE)
-    if orientation in _ROTATING_ORIENTATIONS:
-        width, height = height, width
-    if orientation in _TRANSPOSE:  # on the small picture: no second full-size copy
-        small = small.transpose(_TRANSPOSE[orientation])
+    facts, _, small = _oriented_small(data, grey_jpeg=True, draft_side=SCAN_MIN_SIDE, min_side=HASH_MIN_SIDE,
+                                      heavy=heavy)
     grey = small if small.mode == "L" else small.convert("L")
-    return Hashes(fmt, width, height, mode, _phash(grey), _dhash(grey))
-
-
-def _bytes_per_pixel(mode: str) -> int:
-    """Bytes Pillow allocates per pixel of an image in this mode."""
-    if mode in ("1", "L", "P"):
-        return 1
-    return 2 if mode.startswith("I;16") else 4
-
-
-def _small_picture(img: Image.Image, min_side: int) -> Image.Image:
-    """img reduced by an integer factor to a shorter side >= min_side, in L or RGB (to_rgb's rules)."""
-    factor = min(img.size) // min_side
-    if factor >= 2 and img.mode in _REDUCE_AS_IS and "transparency" not in img.info:
-        img = img.reduce(factor)
-    elif factor >= 2:
-        img = _reduce_in_bands(img, factor)
-    if img.mode == "L" and "transparency" not in img.info:
-        return img  # the hashes work in L: no round trip through RGB
-    return to_rgb(img)
-
-
-def _reduce_in_bands(img: Image.Image, factor: int) -> Image.Image:
-    """Convert (to_rgb, or 16-bit to 32-bit) then reduce, a band of rows at a time, so that modes
-    reduce() cannot average (palette, alpha, CMYK, 16-bit) never need a second full-size copy."""
-    high_depth = img.mode in _HIGH_DEPTH_MODES
-    rows = max(1, _BAND_PIXELS // (img.width * factor)) * factor  # a multiple of factor: blocks align
-    out = None
-    for top in range(0, img.height, rows):
-        band = img.crop((0, top, img.width, min(top + rows, img.height)))
-        if high_depth:
-            part = (band if band.mode in ("I", "F") else band.convert("I")).reduce(factor)
-        else:
-            part = to_rgb(band).reduce(factor)
-        if out is None:
-            out = Image.new(part.mode, (-(-img.width // factor), -(-img.height // factor)))
-        out.paste(part, (0, top // factor))
-    if high_depth and "transparency" in img.info:  # 8-bit scaling and the tRNS mask, on the small copy
-        out.info["transparency"] = img.info["transparency"]
-    return out
+    return Hashes(*facts, _phash(grey), _dhash(grey))
 
 
 # Rows 0-7 of scipy.fftpack's unnormalised DCT-II of length 32 (what imagehash.phash applies).

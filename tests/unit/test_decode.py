@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
+import imagehash
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -154,3 +157,111 @@ def test_formats_outside_the_allowlist_are_refused():
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     with pytest.raises(DecodeError, match="not an image"):
         decode(eps)
+
+
+# ---- memory and exactness of reduce-before-convert ----------------------------------------------
+
+_PEAK_OF_DECODE = """
+import resource, sys
+from dinobatch.decode import decode
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+dec = decode(data)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, dec.image.size[0], dec.image.size[1], dec.phash, dec.dhash)
+"""
+
+
+@pytest.mark.parametrize("mode, fmt", [("P", "GIF"), ("RGBA", "PNG")])
+def test_big_palette_and_alpha_images_decode_without_full_size_rgb_copies(tmp_path, mode, fmt):
+    # 6000x6000 solid: a few KB on disk. Converting and compositing at full size, as decode did,
+    # cost four to five full-size RGB(A) copies (~700 MB here); reduced first, the decoded image and
+    # a band of rows at a time.
+    import subprocess
+    import sys
+
+    side = 6000
+    img = Image.new(mode, (side, side), 3 if mode == "P" else (200, 30, 60, 128))
+    if mode == "P":
+        img.putpalette([(i * 7) % 256 for i in range(768)])
+    path = tmp_path / f"big.{fmt.lower()}"
+    img.save(path, fmt)
+    done = subprocess.run([sys.executable, "-c", _PEAK_OF_DECODE, str(path)], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[2])
+    grew, width, height, phash, dhash = done.stdout.split()
+    decoded = side * side * (1 if mode == "P" else 4)  # what Pillow allocates for the stored image
+    rgb_copy = side * side * 4  # one full-size RGB or RGBA picture
+    assert int(grew) < decoded + rgb_copy
+    assert (int(width), int(height)) == (261, 261)  # reduced by 6000 // 256 = 23
+    flat = Image.new("L", (261, 261), 128)  # any flat grey but black hashes alike
+    assert (phash, dhash) == (str(imagehash.phash(flat)), str(imagehash.dhash(flat)))
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def full_size_picture(data: bytes, min_side: int = 256) -> Image.Image:
+    """What decode() gave before it reduced first: orient, convert at full size, then reduce."""
+    from dinobatch.decode import to_rgb
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation in _TRANSPOSE:
+        img = img.transpose(_TRANSPOSE[orientation])
+    rgb = to_rgb(img)
+    factor = min(rgb.size) // min_side
+    return rgb.reduce(factor) if factor >= 2 else rgb
+
+
+def odd_picture(mode: str, size=(2601, 1553)) -> tuple[Image.Image, dict]:
+    """A picture in mode and how to save it; by default reduced by 6, leaving partial blocks on two
+    edges, and converted in four bands of rows (1 MP each)."""
+    img = picture(11, size)
+    if mode in ("P", "P+t"):
+        return img.convert("P", palette=Image.ADAPTIVE), {"transparency": 0} if mode == "P+t" else {}
+    if mode in ("L+t", "RGB+t"):
+        return img.convert(mode[:-2]), {"transparency": 77 if mode == "L+t" else (12, 34, 56)}
+    if mode.startswith("I;16"):
+        arr = np.asarray(img.convert("L"), dtype=np.uint16) * 40 + 300  # 12 bits used of 16
+        return Image.fromarray(arr), {"transparency": int(arr[0, 0])} if mode == "I;16+t" else {}
+    if mode in ("I", "F"):
+        arr = (np.asarray(img.convert("L"), dtype=np.float64) - 100) * (7.5 if mode == "F" else 1000)
+        return Image.fromarray(arr.astype(np.int32 if mode == "I" else np.float32), mode), {}
+    if mode in ("RGBA", "LA"):
+        alpha = Image.linear_gradient("L").resize(size)
+        return Image.merge(mode, (*img.convert(mode[0] if mode == "LA" else "RGB").split(), alpha)), {}
+    return img.convert(mode), {}
+
+
+def encode(img: Image.Image, orientation: int = 1, **kwargs) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "TIFF" if img.mode in ("CMYK", "I", "F") else "PNG", exif=exif.tobytes(), **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["P", "P+t", "RGBA", "LA", "L", "L+t", "RGB", "RGB+t", "1", "CMYK",
+                                  "I;16", "I;16+t", "I", "F"])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_reduced_first_picture_is_exactly_the_full_size_conversion(mode, orientation):
+    img, options = odd_picture(mode)
+    data = encode(img, orientation, **options)
+    dec = decode(data)
+    expect = full_size_picture(data)
+    assert dec.image.mode == "RGB" and dec.image.size == expect.size
+    assert dec.image.tobytes() == expect.tobytes()
+    grey = expect.convert("L")
+    assert (dec.phash, dec.dhash) == (str(imagehash.phash(grey)), str(imagehash.dhash(grey)))
+    assert (dec.width, dec.height) == ((1553, 2601) if orientation == 6 else (2601, 1553))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["P", "RGB"])
+def test_every_orientation_reduces_as_the_displayed_picture_would(mode, orientation):
+    img, options = odd_picture(mode, (2601, 1031))  # reduced by 4 with partial blocks, in three bands
+    data = encode(img, orientation, **options)
+    assert decode(data).image.tobytes() == full_size_picture(data).tobytes()

@@ -146,3 +146,17 @@ def test_decode_hashes_its_picture_exactly_as_imagehash(seed):
         got = decode(data)
         grey = got.image.convert("L")
         assert (got.phash, got.dhash) == (str(imagehash.phash(grey)), str(imagehash.dhash(grey)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["P+t", "RGB", "I;16", "F"])
+def test_scan_hashes_the_picture_classify_hashes_whatever_the_mode_and_orientation(mode, orientation):
+    # reduced by 3 with partial blocks on two edges: scan and classify now reduce the same blocks of
+    # the displayed picture, and scale 16-bit and float images from the whole image's range
+    from tests.unit.test_decode import encode, odd_picture
+
+    img, options = odd_picture(mode)
+    data = encode(img, orientation, **options)
+    full, small = decode(data), decode_hashes(data)
+    assert facts(small) == facts(full)
+    assert (small.phash, small.dhash) == (full.phash, full.dhash)
