@@ -18,8 +18,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from . import decode_budget
 from .decode import quiet_decoding
-from .workers import run_isolated
+from .workers import fork_pool, run_isolated
 
 __all__ = ["burst_batches", "balanced_shares"]
 
@@ -71,14 +72,13 @@ def burst_batches(dataset, batch_size: int, processes: int) -> Iterator[tuple[li
 
 
 def _pool(processes: int):
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=_init)
+    return fork_pool(processes, _init, (decode_budget.from_env(),))  # a fresh budget: see _init
 
 
-def _init() -> None:
-    """A burst worker: one torch thread, and signals left to the parent (it decides how to stop).
+def _init(budget: decode_budget.DecodeBudget | None = None) -> None:
+    """A burst worker: one torch thread, signals left to the parent (it decides how to stop), and
+    the pool's decode budget (none for a file decoded alone; each pool its own, so that a worker
+    that crashed holding a share leaks nothing into the next).
 
     gc.freeze(): the objects inherited from the parent (torch's, the model's) are never garbage
     here; not traversing them spares each collection, and the copy-on-write of every page it
@@ -92,6 +92,7 @@ def _init() -> None:
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    decode_budget.install(budget)
 
 
 def _items(indices: Sequence[int], burst: int) -> list[dict[str, Any]]:

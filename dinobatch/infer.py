@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -10,12 +11,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from . import faults
+from . import decode_budget, faults
 from .burst import BURST_IMAGES, burst_batches
 from .decode import DecodeError, decode
 from .model import LoadedModel, Preprocessing
 from .scan import read_bytes
 from .schema import Col
+from .workers import loader_worker_init, this_process
 
 __all__ = ["WorkItem", "ContentResult", "ImageDataset", "predict", "model_input", "forward_with_features",
            "orient_tensor", "device_model_input", "fit_batch_size", "model_input_hwc"]
@@ -137,7 +139,7 @@ class ImageDataset:
             return record
         try:
             faults.point("decode", path)
-            dec = decode(data, min_side=self.prep.resize)
+            dec = decode(data, min_side=self.prep.resize, heavy=decode_budget.hold)
             if (self.jpeg_to_device and dec.format == "JPEG" and dec.mode in _DEVICE_JPEG_MODES
                     and dec.width * dec.height <= _DEVICE_JPEG_MAX_PIXELS):
                 import torch
@@ -294,7 +296,7 @@ def _loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_
         while done < total:
             loader = DataLoader(dataset.window(done, total), batch_size=batch_size, shuffle=False,
                                 num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-                                prefetch_factor=_PREFETCH)
+                                prefetch_factor=_PREFETCH, worker_init_fn=_loader_worker_init())
             batches = None
             try:
                 while True:
@@ -323,6 +325,17 @@ def _loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_
                                                 workers):
                 done += len(records)
                 yield records, batch
+
+
+def _loader_worker_init() -> Callable[[int], None]:
+    """A loader's worker_init_fn: die with this process, then hold this loader's decode budget (a
+    fresh one per loader: a worker killed holding a share must not leak it into the next loader)."""
+    return functools.partial(_start_loader_worker, loader_worker_init(this_process()), decode_budget.from_env())
+
+
+def _start_loader_worker(start: Callable[[int], None], budget: decode_budget.DecodeBudget, worker_id: int) -> None:
+    start(worker_id)
+    decode_budget.install(budget)
 
 
 class _WorkerDied(Exception):

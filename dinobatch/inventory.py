@@ -37,7 +37,7 @@ from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Groups, group_among
 from .device import release_memory, usable_cores
 from .results import table_from_columns, write_table
 from .scan import check_folder, display_path, read_bytes, walk_table
-from .workers import run_isolated
+from .workers import fork_pool, run_isolated
 from .schema import (DUPLICATE_EXACT, DUPLICATE_NEAR, STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK, Col, scan_metadata,
                      scan_schema)
 
@@ -248,6 +248,7 @@ def _hash_all(files: pa.Table, abspaths: _Paths, workers: int, progress: Progres
     chunks = _chunks(todo, abspaths, sizes, size)
     for done, (index, record) in enumerate(_run_chunks(chunks, count, workers), start=1):
         hashed.add(index, record)
+        faults.point("fingerprint")  # scan killed here, its workers running: none may outlive it
         if progress and (done % _MAX_CHUNK == 0 or done == len(todo)):
             progress("hash", done, len(todo))
     hashed.flush()
@@ -273,10 +274,9 @@ def _run_chunks(chunks: Iterator[list], count: int, workers: int) -> Iterator[tu
         for chunk in chunks:
             yield from _hash_chunk(chunk)
         return
-    ctx = multiprocessing.get_context("fork")  # workers inherit the loaded modules; torch is not one
-    lock = ctx.RLock()
+    lock = multiprocessing.get_context("fork").RLock()  # fork_pool forks: torch is not among the modules inherited
     todo = iter(chunks)
-    pool = _pool(ctx, lock, min(workers, count))
+    pool = _pool(lock, min(workers, count))
     pending: dict[Future, list] = {}
     try:
         while True:
@@ -295,13 +295,13 @@ def _run_chunks(chunks: Iterator[list], count: int, workers: int) -> Iterator[tu
                 for chunk in list(pending.values()):
                     yield from (_isolated(item, lock) for item in chunk)
                 pending.clear()
-                pool = _pool(ctx, lock, min(workers, count))
+                pool = _pool(lock, min(workers, count))
     finally:  # on Ctrl-C or an error, drop the queued chunks instead of hashing the rest of the folder
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pool(ctx, lock, workers: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(lock,))
+def _pool(lock, workers: int) -> ProcessPoolExecutor:
+    return fork_pool(workers, _init_worker, (lock,))
 
 
 def _top_up(pool: ProcessPoolExecutor, pending: dict[Future, list], todo: Iterator[list], limit: int) -> None:

@@ -1,20 +1,35 @@
-"""Forked decoding processes that outlive a crashing C decoder: the crash becomes that file's row.
+"""Forked worker processes: a crashing C decoder costs its file, and no worker outlives its run.
 
 A hostile file can make libjpeg, libtiff or libwebp crash the process decoding it (a segfault, an
 abort, the kernel's OOM killer). A pool of workers then breaks and every file still in flight is
 lost with it; a nightly job would fail on the same file every night. Callers catch the broken
 pool, decode the suspects one by one with run_isolated(), and carry on with a fresh pool.
+
+Whatever kills the run (SIGKILL, the OOM killer), its workers die with it: every process forked
+here (fork_pool, run_isolated) and every DataLoader worker given loader_worker_init() calls
+die_with_parent() first. Left alive, an idle pool worker would wait for work for ever, holding
+its memory and the caller's stdout and stderr, so that cron, waiting for them to close, hangs.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
-from typing import Any, Callable
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
-__all__ = ["run_isolated", "died_reason"]
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
+__all__ = ["run_isolated", "died_reason", "fork_pool", "Parent", "this_process", "die_with_parent",
+           "loader_worker_init"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +51,7 @@ def run_isolated(fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], N
     """fn(arg) in a forked process of its own: (True, its result) or (False, why the process died)."""
     ctx = multiprocessing.get_context("fork")
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(sender, fn, arg, initializer), daemon=True)
+    proc = ctx.Process(target=_child, args=(sender, fn, arg, initializer, this_process()), daemon=True)
     proc.start()
     sender.close()  # the child holds the only write end now: its death ends recv() with EOFError
     try:
@@ -52,10 +67,100 @@ def run_isolated(fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], N
     return True, result
 
 
-def _child(sender, fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], None] | None) -> None:
+def _child(sender, fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], None] | None,
+           parent: Parent) -> None:
+    die_with_parent(parent)
     if initializer is not None:
         initializer()
     # Plain pickle, not the connection's own: that one hands a torch tensor over as a file
     # descriptor to shared memory, which the parent can no longer fetch once this process has exited.
     sender.send_bytes(pickle.dumps(fn(arg)))
     sender.close()
+
+
+def fork_pool(processes: int, initializer: Callable[..., None] | None = None,
+              initargs: tuple = ()) -> "ProcessPoolExecutor":
+    """A pool of forked workers that die with this process whatever kills it; each runs
+    initializer(*initargs) once it has asked to."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_worker, initargs=(this_process(), initializer, initargs))
+
+
+def _start_worker(parent: Parent, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    die_with_parent(parent)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def loader_worker_init(parent: Parent) -> Callable[[int], None]:
+    """A DataLoader worker_init_fn that makes each worker die with parent at once (torch's own
+    watchdog notices a dead parent only every 5 seconds, and a busy worker later still)."""
+    return functools.partial(_start_loader_worker, parent)
+
+
+def _start_loader_worker(parent: Parent, worker_id: int) -> None:
+    die_with_parent(parent)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_WATCH_S = 0.1  # how often a worker that cannot ask the kernel looks whether its parent is still there
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The process that forks workers, as they must know it to die with it."""
+
+    pid: int
+    main_thread: int  # ident of its main thread, the one thread that ends only with the process
+
+
+def this_process() -> Parent:
+    """This process, as the parent of the workers it is about to fork (prctl is looked up here,
+    before the fork, so no worker loads anything)."""
+    _prctl()
+    return Parent(os.getpid(), threading.main_thread().ident or 0)
+
+
+def die_with_parent(parent: Parent) -> None:
+    """First thing in a forked worker: be killed (SIGKILL) as soon as parent dies, whatever kills it.
+
+    Linux sends the death signal when the *thread* that forked exits, not the process, so it is
+    asked for only by a worker that the parent's main thread forked (the forked thread keeps the
+    forking thread's ident); any other, and any worker where the kernel cannot be asked, watches
+    its parent from a thread instead. A parent already gone by then has re-parented the worker."""
+    if not (threading.get_ident() == parent.main_thread and _ask_death_signal()):
+        _watch(parent.pid)
+    if os.getppid() != parent.pid:
+        os._exit(1)
+
+
+def _ask_death_signal() -> bool:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL): whether the kernel agreed (never off Linux)."""
+    prctl = _prctl()
+    return prctl is not None and prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _prctl():
+    """The C library's prctl (ctypes), or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _watch(parent_pid: int) -> None:
+    """A thread that kills this process once parent_pid is no longer its parent."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_WATCH_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="dinobatch-parent-watch", daemon=True).start()
