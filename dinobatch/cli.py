@@ -323,7 +323,8 @@ def model_info(model_ref: str, as_json: bool) -> None:
                    f"preprocessing:  resize {p.resize} ({p.interpolation}), crop {p.crop}, "
                    f"mean {list(p.mean)}, std {list(p.std)}\ntemperature:    {spec.temperature}\n"
                    f"source:         {json.dumps(spec.source)}")
-        click.echo("labels:         " + ", ".join(printable(x) for x in spec.labels[:20]) + (" ..." if len(spec.labels) > 20 else ""))
+        more = " ..." if len(spec.labels) > 20 else ""
+        click.echo("labels:         " + ", ".join(printable(x) for x in spec.labels[:20]) + more)
 
     _run(body)
 

@@ -166,7 +166,8 @@ def test_model_import_refuses_resize_and_crop_past_the_limits(tmp_path):
 
 def _model_file(path, **preprocessing):
     """A model file whose stored spec says what a hand-edited or foreign file might say."""
-    spec = json.loads(ModelSpec(arch="resnet18", labels=LABELS, preprocessing=Preprocessing(resize=36, crop=32)).to_json())
+    prep = Preprocessing(resize=36, crop=32)
+    spec = json.loads(ModelSpec(arch="resnet18", labels=LABELS, preprocessing=prep).to_json())
     spec["preprocessing"].update(preprocessing)
     torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "spec": json.dumps(spec),
                 "state_dict": build_module("resnet18", 3).state_dict()}, path)
