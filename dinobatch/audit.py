@@ -21,6 +21,7 @@ import re
 import secrets
 import stat
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,14 @@ from . import faults
 from .errors import ConfigError, OutputError
 from .results import atomic_path, table_metadata
 
-__all__ = ["AUDIT_FIELDS", "Family", "spreadsheet_safe", "record_of", "complete_log", "publish"]
+__all__ = ["AUDIT_FIELDS", "Family", "spreadsheet_safe", "new_record", "record_of", "complete_log", "publish"]
 
 log = logging.getLogger(__name__)
 
 AUDIT_FIELDS = ("time", "user", "manifest", "new_manifest", "path", "action", "old_label", "new_label", "note")
 RECORD_KEY = b"dinobatch.relabel"  # a version's own audit lines and origin, as JSON
+_PER_RUN = AUDIT_FIELDS[:4]  # the same on every line of one run: stored once in a version
+_FORMAT = 1  # of that record; a record of another format is not read (its version is left as it is)
 # A spreadsheet runs a cell starting with one of these as a formula (=cmd|' /C calc'!A0): OWASP's list
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
@@ -102,13 +105,38 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
+def new_record(changes: list[tuple[str, ...]], *, origin: dict[str, str], source: Path, target: Path, user: str,
+               log_path: Path) -> dict[str, Any]:
+    """What a version carries: its audit lines (changes as path, action, old_label, new_label, note)
+    and its origin (the sha256 of the manifest and decisions it came from), as JSON-ready values."""
+    return {"format": _FORMAT, "origin": origin, "audit_log": os.path.relpath(log_path, target.parent),
+            "time": datetime.now(timezone.utc).isoformat(), "user": user, "manifest": str(source),
+            "new_manifest": str(target), "changes": [list(c) for c in changes]}
+
+
+def lines_of(record: dict[str, Any]) -> list[dict[str, str]]:
+    """A record's audit lines, one per change, as the log holds them (before spreadsheet_safe)."""
+    run = {f: str(record[f]) for f in _PER_RUN}
+    lines = []
+    for change in record["changes"]:
+        if len(change) != len(AUDIT_FIELDS) - len(_PER_RUN) or not all(isinstance(v, str) for v in change):
+            raise ValueError(f"a change that is not {len(AUDIT_FIELDS) - len(_PER_RUN)} strings: {change!r:.80}")
+        lines.append({**run, **dict(zip(AUDIT_FIELDS[len(_PER_RUN):], change))})
+    return lines
+
+
 def record_of(version: Path) -> dict[str, Any] | None:
     """The audit lines and origin a version carries, or None (written by hand or by an older dinobatch)."""
     try:
         raw = table_metadata(version).get(RECORD_KEY)
-        return json.loads(raw) if raw else None
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        log.debug("no relabel record in %s: %s", version, exc)
+        record = json.loads(raw) if raw else None
+        if record is None or record.get("format") != _FORMAT:
+            return None
+        lines_of(record)  # every field there, every change complete
+        str(record["origin"]["manifest_sha256"]), str(record["audit_log"])
+        return record
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as exc:
+        log.warning("ignoring the relabel record of %s, which cannot be read: %s", version, exc)
         return None
 
 
@@ -149,7 +177,7 @@ def complete_log(family: Family, versions: list[Path]) -> list[Path]:
         record = record_of(version)
         if record is None or not _same_file(version.parent / record["audit_log"], family.log):
             continue
-        rows = [r for r in record["rows"] if _line(r) not in logged]
+        rows = [r for r in lines_of(record) if _line(r) not in logged]
         if rows:
             missing += rows
             completed.append(version)
@@ -195,7 +223,7 @@ def publish(table: pa.Table, target: Path, root: Path, record: dict[str, Any], l
         _fsync_dir(target.parent)
         faults.point("relabel", "published")
         try:
-            append_lines(log_path, record["rows"])
+            append_lines(log_path, lines_of(record))
         except OutputError as exc:
             raise OutputError(f"{exc}; {target} was removed again, so nothing was changed") from exc
         logged = True

@@ -13,7 +13,6 @@ import shlex
 import shutil
 import unicodedata
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -175,8 +174,8 @@ def relabel(decisions_path: str, manifest_path: str, *, out: str | None = None, 
         target = wanted or family.next_version(source)
         if target.exists():
             raise ConfigError(f"{target} exists; a new manifest version never replaces a file")
-        rows = _audit_rows(changes, source, target, user)
-        record = {"origin": origin, "audit_log": os.path.relpath(family.log, target.parent), "rows": rows}
+        record = audit.new_record([(c.path, c.action, c.old_label, c.new_label or "", c.note) for c in changes],
+                                  origin=origin, source=source, target=target, user=user, log_path=family.log)
         if len(json.dumps(record)) > _RECORD_MAX:
             raise DataError(f"{decisions_path}: its notes add up to more than {_RECORD_MAX >> 20} MiB, more than a "
                             f"manifest version can carry; split it into several files")
@@ -241,13 +240,6 @@ def _unknown_label(line: int, label: str, manifest_path: str, known: set[str]) -
     close = difflib.get_close_matches(label, sorted(known), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"{text} ({hint}a new label needs --new-label {shlex.quote(label)})"
-
-
-def _audit_rows(changes: list[Change], source: Path, target: Path, user: str) -> list[dict[str, str]]:
-    now = datetime.now(timezone.utc).isoformat()
-    return [{"time": now, "user": user, "manifest": str(source), "new_manifest": str(target), "path": c.path,
-             "action": c.action, "old_label": c.old_label, "new_label": c.new_label or "", "note": c.note}
-            for c in changes]
 
 
 def _applied(manifest, changes: list[Change]):
