@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 from .errors import ConfigError
 
-__all__ = ["LEVELS", "multiplier", "variant_of", "augment_image", "materialize"]
+__all__ = ["LEVELS", "multiplier", "variant_of", "augment_image", "materialize", "augment", "Augmented"]
 
 log = logging.getLogger(__name__)
 
@@ -93,48 +94,97 @@ def augment_image(img: Image.Image, level: int, v: int, key: Sequence[Any]) -> I
     return img
 
 
-def materialize(manifest, level: int, out: str | Path, *, splits: Sequence[str] = ("train",),
-                seed: int = 0, progress=None):
-    """Write every variant of the manifest's images in splits under out/<label>/, and return the new
-    manifest table: the variants (named by their original's sha256, so no two originals collide)
-    plus the other splits' rows unchanged (pointing at the original files), so the result trains
-    with its validation split. Variants keep their original's label, split and kind, carry one
-    group per original and name it in 'source': augmented copies can never cross splits."""
-    import os
+@dataclass
+class Augmented:
+    """materialize's result: the new manifest table, and the originals that could not be read."""
 
+    table: Any  # pyarrow.Table in schema.manifest_schema
+    unreadable: dict[str, str]  # original's path -> why; each is a row with status error in the table
+
+
+def augment(manifest_path: str | Path, level: int, out: str | Path, *, splits: Sequence[str] = ("train",),
+            seed: int = 0, wait: float = 0.0, progress=None) -> tuple[Augmented, Path]:
+    """Write the variants and OUT/manifest.parquet, one run at a time per OUT (LockedError after `wait`)."""
+    from .lock import exclusive
+    from .manifest import load_manifest, write_manifest
+
+    with exclusive(Path(out) / ".lock", wait=wait):
+        result = materialize(load_manifest(manifest_path), level, out, splits=splits, seed=seed, progress=progress)
+        return result, write_manifest(result.table, Path(out) / "manifest.parquet", out)
+
+
+def materialize(manifest, level: int, out: str | Path, *, splits: Sequence[str] = ("train",),
+                seed: int = 0, progress=None) -> Augmented:
+    """Write every variant of the manifest's images in splits under out/<label>/, and return the new
+    manifest table (in an Augmented): the variants (named by their original's sha256, so no two originals collide)
+    plus the other rows (other splits, files that are not images) unchanged but pointing at the
+    original files, so the result trains with its validation split. Variants keep their original's
+    label, split and kind, carry one group per original and name it in 'source': augmented copies
+    can never cross splits. An original that cannot be read stays as a row with status error."""
     import pyarrow as pa
 
     from .decode import DecodeError, decode
-    from .results import atomic_path
-    from .scan import read_bytes, sha256_file
-    from .schema import STATUS_OK, Col, manifest_schema
+    from .manifest import describe_unreadable
+    from .scan import read_bytes
+    from .schema import STATUS_ERROR, STATUS_OK, Col, manifest_schema
 
     out = Path(out)
-    rows = manifest.rows()
-    next_group = 1 + max((r[Col.GROUP] for r in manifest.table.to_pylist() if r[Col.GROUP] is not None), default=-1)
-    new_rows = []
-    for done, row in enumerate(rows, 1):
-        if row[Col.SPLIT] not in splits:  # passed through: paths re-rooted at out
-            new_rows.append({**row, Col.PATH: os.path.relpath(manifest.abspath(row), out)})
+    rows = manifest.table.to_pylist()
+    next_group = 1 + max((r[Col.GROUP] for r in rows if r[Col.GROUP] is not None), default=-1)
+    new_rows, unreadable, done = [], {}, 0
+    todo = sum(1 for r in rows if r[Col.STATUS] == STATUS_OK and r[Col.SPLIT] in splits)
+    for row in rows:
+        if row[Col.STATUS] != STATUS_OK or row[Col.SPLIT] not in splits:
+            new_rows.append(_passed_through(row, manifest.abspath(row), out))
             continue
         try:
             rgb = decode(read_bytes(manifest.abspath(row))).image
-        except (OSError, DecodeError) as exc:
-            log.warning("skipping %s: %s", row[Col.PATH], exc)
-            continue
-        group = row[Col.GROUP]
-        if group is None:
-            group, next_group = next_group, next_group + 1
-        for v in range(multiplier(level)):
-            img = augment_image(rgb, level, v, (seed, row[Col.PATH]))
-            rel = f"{row[Col.LABEL]}/{row[Col.SHA256][:16]}__v{v:02d}.jpg"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(out / rel) as tmp:
-                img.save(tmp, "JPEG", quality=92)
-            new_rows.append({Col.PATH: rel, Col.LABEL: row[Col.LABEL], Col.SPLIT: row[Col.SPLIT],
-                             Col.STATUS: STATUS_OK, Col.WIDTH: img.width, Col.HEIGHT: img.height,
-                             Col.SHA256: sha256_file(str(out / rel)), Col.GROUP: group, Col.KIND: row.get(Col.KIND),
-                             Col.SOURCE: row[Col.PATH], Col.VARIANT: v})
+        except OSError as exc:
+            unreadable[row[Col.PATH]] = f"cannot read file: {exc.strerror or exc}"
+        except DecodeError as exc:
+            unreadable[row[Col.PATH]] = str(exc)
+        if row[Col.PATH] in unreadable:
+            new_rows.append({**_passed_through(row, manifest.abspath(row), out), Col.STATUS: STATUS_ERROR,
+                             Col.ERROR: unreadable[row[Col.PATH]], Col.SPLIT: None})
+        else:
+            group = row[Col.GROUP]
+            if group is None:
+                group, next_group = next_group, next_group + 1
+            new_rows.extend(_variants(rgb, row, level, seed, group, out))
+        done += 1
         if progress:
-            progress("augment", done, len(rows))
-    return pa.Table.from_pylist(new_rows, schema=manifest_schema())
+            progress("augment", done, todo)
+    if unreadable:
+        log.warning("%s; each is a row with status error in the new manifest", describe_unreadable(unreadable,
+                                                                                                  "original"))
+    return Augmented(pa.Table.from_pylist(new_rows, schema=manifest_schema()), unreadable)
+
+
+def _passed_through(row: dict[str, Any], abspath: str, out: Path) -> dict[str, Any]:
+    """A row as it is, its path made relative to out (where the new manifest's root is)."""
+    import os
+
+    from .manifest import name_columns
+
+    return {**row, **name_columns(os.path.relpath(abspath, out))}
+
+
+def _variants(rgb: Image.Image, row: dict[str, Any], level: int, seed: int, group: int, out: Path) -> list[dict]:
+    """Write every variant of one decoded original; their manifest rows."""
+    from .manifest import name_columns
+    from .results import atomic_path
+    from .scan import sha256_file
+    from .schema import STATUS_OK, Col
+
+    rows = []
+    for v in range(multiplier(level)):
+        img = augment_image(rgb, level, v, (seed, row[Col.PATH]))
+        rel = f"{row[Col.LABEL]}/{row[Col.SHA256][:16]}__v{v:02d}.jpg"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / rel) as tmp:
+            img.save(tmp, "JPEG", quality=92)
+        rows.append({**name_columns(rel), Col.LABEL: row[Col.LABEL], Col.SPLIT: row[Col.SPLIT],
+                     Col.STATUS: STATUS_OK, Col.WIDTH: img.width, Col.HEIGHT: img.height,
+                     Col.SHA256: sha256_file(str(out / rel)), Col.GROUP: group, Col.KIND: row.get(Col.KIND),
+                     Col.SOURCE: row[Col.PATH], Col.VARIANT: v})
+    return rows

@@ -7,11 +7,16 @@ import json
 import click
 
 from .cli import _Progress, _run, _setup_logging, _verbosity, cli
-from .cli_params import FINITE, finite_float
+from .cli_params import FINITE, SECONDS, finite_float
 from .config import MODEL_ENV
 from .device import PRECISIONS
 from .errors import ConfigError
 from .terminal import printable
+
+
+def _wait_option(f):
+    return click.option("--wait", type=SECONDS, default=0.0,
+                        help="Seconds to wait for another run on the same --out before exiting with code 9.")(f)
 
 
 def _floats(text: str) -> list[float]:
@@ -65,22 +70,29 @@ def manifest(folder, out, fractions, seed, kind, phash_max, dhash_max, quiet, ve
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for images and manifest.")
 @click.option("--splits", default="train", help="Comma-separated splits to augment.")
 @click.option("--seed", type=int, default=0)
+@_wait_option
 @_verbosity
-def augment(manifest_path, level, out, splits, seed, quiet, verbose) -> None:
+def augment(manifest_path, level, out, splits, seed, wait, quiet, verbose) -> None:
     """Write every augmented variant of MANIFEST's images, and a manifest naming each one's source."""
     _setup_logging(quiet, verbose)
 
     def body():
-        from .augment import materialize, multiplier
-        from .manifest import load_manifest, write_manifest
+        from .augment import augment as run_augment, multiplier
+        from .manifest import describe_unreadable
+        from .schema import Col
 
         progress = _Progress(enabled=not quiet)
-        table = materialize(load_manifest(manifest_path), level, out, splits=tuple(splits.split(",")),
-                            seed=seed, progress=progress)
-        progress.close()
-        path = write_manifest(table, f"{out}/manifest.parquet", out)
+        try:
+            result, path = run_augment(manifest_path, level, out, splits=tuple(splits.split(",")), seed=seed,
+                                       wait=wait, progress=progress)
+        finally:
+            progress.close()
         if not quiet:
-            click.echo(f"wrote {table.num_rows} images (x{multiplier(level)} per original) and {printable(path)}")
+            variants = result.table.num_rows - result.table.column(Col.VARIANT).null_count
+            click.echo(f"wrote {variants} images (x{multiplier(level)} per original) and {printable(path)}")
+            if result.unreadable:
+                click.echo(printable(f"{describe_unreadable(result.unreadable, 'original')}; each is a row with "
+                                     f"status error in the new manifest"))
 
     _run(body)
 
@@ -115,8 +127,9 @@ def _train_options(f):
 @_train_options
 @click.option("--resume", is_flag=True, help="Continue from OUT.ckpt, the checkpoint of an interrupted run.")
 @click.option("--print-config", is_flag=True, help="Print the resolved configuration as JSON and exit.")
+@_wait_option
 @_verbosity
-def train(manifest_path, out, resume, print_config, quiet, verbose, **options) -> None:
+def train(manifest_path, out, resume, print_config, wait, quiet, verbose, **options) -> None:
     """Fine-tune a ResNet on MANIFEST's train split; keep the best epoch; calibrate on val."""
     _setup_logging(quiet, verbose)
 
@@ -129,7 +142,7 @@ def train(manifest_path, out, resume, print_config, quiet, verbose, **options) -
             return
         progress = _Progress(enabled=not quiet)
         try:
-            result = run_train(cfg, resume=resume, progress=progress)
+            result = run_train(cfg, resume=resume, progress=progress, wait=wait)
         finally:
             progress.close()
         if not quiet:
@@ -141,6 +154,11 @@ def train(manifest_path, out, resume, print_config, quiet, verbose, **options) -
             if "ece_before" in cal:
                 click.echo(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal['ece_before']:.4f} -> "
                            f"{cal['ece_after']:.4f}")
+            if result.unreadable:
+                from .manifest import describe_unreadable
+
+                click.echo(printable(f"{describe_unreadable(result.unreadable)}; left out of training "
+                                     f"(counted per epoch in the metrics, named in the model's source)"))
             click.echo(f"best epoch {result.best_epoch}; wrote {printable(result.model)}")
 
     _run(body)
@@ -159,8 +177,9 @@ def _num(x) -> str:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("-j", "--workers", type=click.IntRange(min=0), default=None)
+@_wait_option
 @_verbosity
-def evaluate(manifest_path, model, split, out, device, precision, batch_size, workers, quiet, verbose) -> None:
+def evaluate(manifest_path, model, split, out, device, precision, batch_size, workers, wait, quiet, verbose) -> None:
     """Loss, top-1/top-3, F1, per-class figures and confusion matrix of MODEL on a split."""
     _setup_logging(quiet, verbose)
 
@@ -169,7 +188,8 @@ def evaluate(manifest_path, model, split, out, device, precision, batch_size, wo
 
         progress = _Progress(enabled=not quiet)
         result = run_evaluate(manifest_path, model, out, split=None if split == "all" else split, device=device,
-                              precision=precision, batch_size=batch_size, workers=workers, progress=progress)
+                              precision=precision, batch_size=batch_size, workers=workers, wait=wait,
+                              progress=progress)
         progress.close()
         if not quiet:
             click.echo(printable(format_table(result.metrics), keep_newlines=True))
@@ -194,8 +214,9 @@ def evaluate(manifest_path, model, split, out, device, precision, batch_size, wo
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto")
 @click.option("-j", "--workers", type=click.IntRange(min=0), default=None)
 @click.option("--seed", type=int, default=0)
+@_wait_option
 @_verbosity
-def sweep(manifest_path, out, batch_sizes, lrs, levels, epoch_list, quiet, verbose, **options) -> None:
+def sweep(manifest_path, out, batch_sizes, lrs, levels, epoch_list, wait, quiet, verbose, **options) -> None:
     """Train every combination of the comma-separated values; one row per trial in OUT/trials.parquet."""
     _setup_logging(quiet, verbose)
 
@@ -210,12 +231,14 @@ def sweep(manifest_path, out, batch_sizes, lrs, levels, epoch_list, quiet, verbo
             raise ConfigError(f"grid values must be comma-separated numbers: {exc}") from exc
         base = TrainConfig(manifest=manifest_path, out=str(out), **options)
         progress = _Progress(enabled=not quiet)
-        rows = run_sweep(base, grid, out, progress=progress)
+        rows = run_sweep(base, grid, out, progress=progress, wait=wait)
         progress.close()
         if not quiet:
             for r in rows:
                 detail = (f"val loss {_num(r['val_loss'])} top-1 {_num(r['val_top1'])} macro F1 {_num(r['val_macro_f1'])}"
                           if r["status"] == "ok" else f"error: {r['error']}")
+                if r.get("unreadable"):
+                    detail += f"; {r['unreadable']} image(s) could not be read (named in the trial's model)"
                 click.echo(printable(f"{r['trial']}: {detail} ({r['seconds']} s)"))
             best = best_trial(rows)
             click.echo(printable(f"best: {best['trial']} {best['model']}") if best else "no trial finished")

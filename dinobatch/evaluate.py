@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ import numpy as np
 from .device import default_workers, resolve_runtime
 from .errors import InputError
 from .infer import WorkItem, predict
-from .manifest import load_manifest
+from .lock import exclusive
+from .manifest import describe_unreadable, load_manifest
 from .metrics import report
 from .model import resolve_model
 from .results import atomic_path, write_table
@@ -29,12 +31,22 @@ _PNG_MAX_CLASSES = 100
 class Evaluation:
     metrics: dict[str, Any]  # overall report, plus "by_kind" when the manifest says photo/drawing
     out: Path
+    unreadable: dict[str, str]  # path -> why, for the rows that could not be read (left out of the metrics)
 
 
 def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None = "test", device: str = "auto",
-             precision: str = "auto", batch_size: int = 32, workers: int | None = None,
+             precision: str = "auto", batch_size: int = 32, workers: int | None = None, wait: float = 0.0,
              progress: Callable[[str, int, int], None] | None = None) -> Evaluation:
-    """Predict every usable row of the split; write metrics.json, predictions.parquet and .json, confusion.png."""
+    """Predict every usable row of the split; write metrics.json, predictions.parquet and .json, confusion.png.
+
+    One run at a time writes OUT (a second exits with LockedError, after `wait` seconds)."""
+    out_dir = Path(out)
+    with exclusive(out_dir / ".lock", wait=wait):
+        return _evaluate(manifest_path, model_ref, out_dir, split, device, precision, batch_size, workers, progress)
+
+
+def _evaluate(manifest_path, model_ref, out_dir: Path, split, device, precision, batch_size, workers,
+              progress) -> Evaluation:
     manifest = load_manifest(manifest_path)
     rows = manifest.rows(split)
     if not rows:
@@ -46,18 +58,11 @@ def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None 
     if len(known) < len(rows):
         log.warning("%d image(s) have labels the model does not know; they are left out of the metrics",
                     len(rows) - len(known))
-    paths: dict[str, list[str]] = {}
-    for r in known:  # any copy of the same bytes will do
-        paths.setdefault(r[Col.SHA256], []).append(manifest.abspath(r))
-    items = {sha: WorkItem(tuple(p), sha) for sha, p in paths.items()}
-    results, done = {}, 0
-    for batch in predict(model, runtime, list(items.values()), batch_size=batch_size,
-                         workers=default_workers(runtime.device.type, workers), embeddings=False):
-        results.update({r.sha256: r for r in batch})
-        done += len(batch)
-        if progress:
-            progress("evaluate", done, len(items))
+    results = _predict(manifest, known, model, runtime, batch_size, workers, progress)
     scored = [r for r in known if results[r[Col.SHA256]].error is None]
+    unreadable = {r[Col.PATH]: results[r[Col.SHA256]].error for r in known if results[r[Col.SHA256]].error}
+    if unreadable:
+        log.warning("%s; left out of the metrics", describe_unreadable(unreadable))
     if not scored:
         raise InputError(f"none of the {len(rows)} image(s) of split {split!r} could be evaluated "
                          f"({len(rows) - len(known)} with labels unknown to the model, the rest unreadable)")
@@ -65,16 +70,36 @@ def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None 
     y = [labels.index(r[Col.LABEL]) for r in scored]
     metrics = {**report(y, probs, labels), "split": split, "model": model.name,
                "model_fingerprint": model.fingerprint, "manifest_sha256": manifest.sha256,
-               "unknown_label": len(rows) - len(known), "failed": len(known) - len(scored)}
+               "unknown_label": len(rows) - len(known), "failed": len(unreadable)}
     kinds = sorted({r.get(Col.KIND) for r in scored if r.get(Col.KIND)})
     if len(kinds) > 1:
         metrics["by_kind"] = {k: _subset_report(scored, y, probs, labels, k) for k in kinds}
-    out_dir = Path(out)
+    _write_report(out_dir, metrics, _predictions_table(known, results, labels), labels)
+    return Evaluation(metrics, out_dir, unreadable)
+
+
+def _predict(manifest, rows, model, runtime, batch_size, workers, progress) -> dict[str, Any]:
+    """sha256 -> the model's result for each content among the rows (read from any of its files)."""
+    paths: dict[str, list[str]] = {}
+    for r in rows:  # any copy of the same bytes will do
+        paths.setdefault(r[Col.SHA256], []).append(manifest.abspath(r))
+    items = [WorkItem(tuple(p), sha) for sha, p in paths.items()]
+    results: dict[str, Any] = {}
+    for batch in predict(model, runtime, items, batch_size=batch_size,
+                         workers=default_workers(runtime.device.type, workers), embeddings=False):
+        results.update({r.sha256: r for r in batch})
+        if progress:
+            progress("evaluate", len(results), len(items))
+    return results
+
+
+def _write_report(out_dir: Path, metrics: dict[str, Any], table, labels: list[str]) -> None:
+    """predictions.parquet and .json, metrics.json and confusion.png, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = _predictions_table(scored, y, probs, labels)
     write_table(table, out_dir / "predictions.parquet")
     with atomic_path(out_dir / "predictions.json") as tmp:
-        tmp.write_text(json.dumps(table.drop_columns([Col.PROBS]).to_pylist(), indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(table.drop_columns([Col.PROBS]).to_pylist(), indent=1, default=_plain) + "\n",
+                       encoding="utf-8")
     with atomic_path(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     if len(labels) <= _PNG_MAX_CLASSES:
@@ -83,7 +108,11 @@ def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None 
     else:
         log.info("confusion.png skipped: %d classes is more than a picture can show (%d at most)",
                  len(labels), _PNG_MAX_CLASSES)
-    return Evaluation(metrics, out_dir)
+
+
+def _plain(value: Any) -> str:
+    """path_bytes in JSON: base64, as `dinobatch results --out x.jsonl` writes it."""
+    return base64.b64encode(value).decode() if isinstance(value, bytes) else str(value)
 
 
 def _subset_report(rows, y, probs, labels, kind) -> dict[str, Any]:
@@ -92,26 +121,47 @@ def _subset_report(rows, y, probs, labels, kind) -> dict[str, Any]:
     return {k: sub[k] for k in ("count", "loss", "top1", "top3", "macro_f1", "micro_f1")}
 
 
-def _predictions_table(rows, y, probs, labels):
-    """One row per evaluated image: its label, the prediction, whether it was right, its loss."""
+def _predictions_table(rows, results, labels):
+    """One row per image of the split the model knows, in manifest order: its label, the prediction,
+    whether it was right and its loss, or why it could not be read."""
     import pyarrow as pa
 
-    pred = probs.argmax(axis=1)
-    return pa.table({
-        Col.PATH: [r[Col.PATH] for r in rows], Col.LABEL: [r[Col.LABEL] for r in rows],
-        Col.KIND: [r.get(Col.KIND) for r in rows], Col.SPLIT: [r[Col.SPLIT] for r in rows],
-        "predicted": [labels[i] for i in pred],
-        Col.CONFIDENCE: pa.array(probs.max(axis=1).tolist(), pa.float32()),
-        "correct": [labels[p] == r[Col.LABEL] for p, r in zip(pred, rows)],
-        "loss": pa.array((-np.log(np.clip(probs[np.arange(len(rows)), y], 1e-12, None))).tolist(), pa.float32()),
-        Col.PROBS: pa.array([p.tolist() for p in probs], pa.list_(pa.float32())),
-    })
+    out = []
+    for r in rows:
+        res = results[r[Col.SHA256]]
+        row = {Col.PATH: r[Col.PATH], Col.PATH_BYTES: r.get(Col.PATH_BYTES), Col.LABEL: r[Col.LABEL],
+               Col.KIND: r.get(Col.KIND), Col.SPLIT: r[Col.SPLIT], Col.ERROR: res.error}
+        if res.error is None:
+            probs = np.asarray(res.prediction[Col.PROBS], dtype=np.float64)
+            k, t = int(probs.argmax()), labels.index(r[Col.LABEL])
+            row.update({"predicted": labels[k], Col.CONFIDENCE: float(probs[k]), "correct": k == t,
+                        "loss": float(-np.log(max(probs[t], 1e-12))), Col.PROBS: probs.tolist()})
+        out.append(row)
+    return pa.Table.from_pylist(out, schema=_predictions_schema())
+
+
+def _predictions_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field(Col.PATH, pa.string()), pa.field(Col.PATH_BYTES, pa.binary()), pa.field(Col.LABEL, pa.string()),
+        pa.field(Col.KIND, pa.string()), pa.field(Col.SPLIT, pa.string()), pa.field("predicted", pa.string()),
+        pa.field(Col.CONFIDENCE, pa.float32()), pa.field("correct", pa.bool_()), pa.field("loss", pa.float32()),
+        pa.field(Col.PROBS, pa.list_(pa.float32())), pa.field(Col.ERROR, pa.string()),
+    ])
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """The printed report: overall figures, per kind, then per class."""
-    lines = [f"{metrics['count']} images ({metrics['split']}): loss {metrics['loss']:.4f}  top-1 {metrics['top1']:.3f}  "
-             f"top-3 {metrics['top3']:.3f}  macro F1 {metrics['macro_f1']:.3f}  micro F1 {metrics['micro_f1']:.3f}"]
+    """The printed report: overall figures, what was left out, per kind, then per class."""
+    lines = [f"{metrics['count']} images ({metrics['split'] or 'all'}): loss {metrics['loss']:.4f}  "
+             f"top-1 {metrics['top1']:.3f}  top-3 {metrics['top3']:.3f}  macro F1 {metrics['macro_f1']:.3f}  "
+             f"micro F1 {metrics['micro_f1']:.3f}"]
+    if metrics.get("failed"):
+        n = metrics["failed"]
+        lines.append(f"{n} image{'' if n == 1 else 's'} could not be read and {'is' if n == 1 else 'are'} left out "
+                     f"(named in predictions.parquet, with the reason)")
+    if metrics.get("unknown_label"):
+        lines.append(f"{metrics['unknown_label']} image(s) with labels the model does not know left out")
     for kind, m in metrics.get("by_kind", {}).items():
         lines.append(f"  {kind:<10} {m['count']:>5} images: top-1 {m['top1']:.3f}  top-3 {m['top3']:.3f}  "
                      f"macro F1 {m['macro_f1']:.3f}")

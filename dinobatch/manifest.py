@@ -2,7 +2,9 @@
 
 A manifest is a Parquet file (schema.manifest_schema) whose paths are relative to a root folder
 stored in its metadata; a CSV with ``path,label[,split][,kind]`` (paths relative to the CSV's
-folder) is accepted wherever a manifest is.
+folder) is accepted wherever a manifest is. As in classify's rows, `path` is printable and
+`path_bytes` holds the exact bytes of a name that `path` had to escape; readers open
+Manifest.abspath, never `path`.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import hashlib
 import logging
 import os
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -23,10 +26,11 @@ from .decode import DecodeError, decode
 from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, DedupeItem, linked_components
 from .errors import ConfigError, InputError
 from .results import read_table, table_metadata, write_table
-from .scan import read_bytes, sha256_file, walk
+from .scan import display_path, read_bytes, sha256_file, walk
 from .schema import SPLITS, STATUS_ERROR, STATUS_OK, Col, manifest_schema
 
-__all__ = ["Manifest", "build_manifest", "write_manifest", "load_manifest", "assign_splits"]
+__all__ = ["Manifest", "build_manifest", "write_manifest", "load_manifest", "assign_splits", "name_columns",
+           "exact_name", "describe_unreadable"]
 
 log = logging.getLogger(__name__)
 _ROOT_KEY = b"dinobatch.root"
@@ -52,7 +56,27 @@ class Manifest:
         return tuple(sorted({r[Col.LABEL] for r in self.rows()}))
 
     def abspath(self, row: dict[str, Any]) -> str:
-        return str(self.root / row[Col.PATH])
+        """The file a row names, exactly (undecodable bytes as surrogates, which os functions take)."""
+        return os.path.join(self.root, exact_name(row))
+
+
+def exact_name(row: dict[str, Any]) -> str:
+    """A row's relative name as the file system spells it: path_bytes when `path` is escaped."""
+    raw = row.get(Col.PATH_BYTES)
+    return os.fsdecode(raw) if raw else row[Col.PATH]
+
+
+def name_columns(raw: str) -> dict[str, Any]:
+    """path and path_bytes of a relative name as the file system spells it (the rule of scan's walk)."""
+    shown = display_path(raw).replace(os.sep, "/")
+    return {Col.PATH: shown, Col.PATH_BYTES: os.fsencode(raw) if shown != raw.replace(os.sep, "/") else None}
+
+
+def describe_unreadable(failed: Mapping[str, str], noun: str = "image", limit: int = 3) -> str:
+    """'2 images could not be read: a (why); b (why)', naming the first few: for logs and summaries."""
+    named = "; ".join(f"{path} ({why})" for path, why in sorted(failed.items())[:limit])
+    more = f"; and {len(failed) - limit} more" if len(failed) > limit else ""
+    return f"{len(failed)} {noun}{'' if len(failed) == 1 else 's'} could not be read: {named}{more}"
 
 
 def _inspect(abspath: str) -> dict[str, Any]:
@@ -109,7 +133,8 @@ def build_manifest(folder: str | os.PathLike, *, fractions: Sequence[float] = (0
         facts = pool.map(lambda e: {Col.STATUS: STATUS_ERROR, Col.ERROR: e.error} if e.error else _inspect(e.abspath),
                          entries)
         for done, (entry, fact) in enumerate(zip(entries, facts), 1):
-            rows.append({Col.PATH: entry.path, Col.LABEL: entry.path.split("/", 1)[0], Col.KIND: kind, **fact})
+            rows.append({Col.PATH: entry.path, Col.PATH_BYTES: entry.raw, Col.LABEL: entry.path.split("/", 1)[0],
+                         Col.KIND: kind, **fact})
             if progress:
                 progress("manifest", done, len(entries))
     _group_and_split(rows, fractions, seed, phash_max, dhash_max)
@@ -154,16 +179,16 @@ def write_manifest(table: pa.Table, out: str | os.PathLike, root: str | os.PathL
     absolutely and relative to the manifest itself (so data and manifest can move together);
     `extra` metadata (relabel's audit lines) travels inside the same file."""
     out_dir = Path(out).resolve().parent
-    meta = {**(extra or {}), _ROOT_KEY: os.path.abspath(root).encode(),
-            _ROOT_REL_KEY: os.path.relpath(os.path.abspath(root), out_dir).encode()}
+    meta = {**(extra or {}), _ROOT_KEY: os.fsencode(os.path.abspath(root)),
+            _ROOT_REL_KEY: os.fsencode(os.path.relpath(os.path.abspath(root), out_dir))}
     return write_table(table.replace_schema_metadata(meta), out)
 
 
 def _root_of(path: Path) -> Path:
     meta = table_metadata(path)
-    candidates = [Path(meta[_ROOT_KEY].decode())] if _ROOT_KEY in meta else []
+    candidates = [Path(os.fsdecode(meta[_ROOT_KEY]))] if _ROOT_KEY in meta else []
     if _ROOT_REL_KEY in meta:
-        candidates.append(path.resolve().parent / meta[_ROOT_REL_KEY].decode())
+        candidates.append(path.resolve().parent / os.fsdecode(meta[_ROOT_REL_KEY]))
     for root in candidates:
         if root.is_dir():
             return root
@@ -187,7 +212,28 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             raise InputError(f"{path} is not a dinobatch manifest (missing {', '.join(sorted(missing))})")
         root = _root_of(path)
         table = table.select([n for n in manifest_schema().names if n in table.column_names])
+        if Col.PATH_BYTES not in table.column_names:
+            table = table.add_column(1, manifest_schema().field(Col.PATH_BYTES), _legacy_names(table, root))
     return Manifest(table, root, path, sha256_file(str(path)))
+
+
+_ESCAPE = re.compile(rb"\\(\\|x[0-9a-f]{2})")
+
+
+def _unescape(shown: str) -> bytes:
+    """The bytes of a name scan.display_path showed: a doubled backslash is one, \\xNN is byte NN."""
+    return _ESCAPE.sub(lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1][1:], 16)]), shown.encode())
+
+
+def _legacy_names(table: pa.Table, root: Path) -> pa.Array:
+    """path_bytes for a manifest written before the column: its paths were shown escaped (the first
+    ones kept a backslash as it was), so a row whose unescaped name is a file there gets it."""
+    out: list[bytes | None] = []
+    for shown in table.column(Col.PATH).to_pylist():
+        raw = _unescape(shown) if "\\" in shown else None
+        keep = raw is not None and raw != shown.encode() and os.path.isfile(os.path.join(os.fsencode(root), raw))
+        out.append(raw if keep else None)
+    return pa.array(out, pa.binary())
 
 
 def _load_csv(path: Path) -> pa.Table:
@@ -210,9 +256,9 @@ def _load_csv(path: Path) -> pa.Table:
         split = (r.get("split") or "").strip() or None
         if split is not None and split not in SPLITS:
             raise InputError(f"{path}, line {line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-        fact = _inspect(str(path.parent / rel))
-        rows.append({Col.PATH: rel, Col.LABEL: label, Col.SPLIT: split, Col.KIND: (r.get("kind") or "").strip() or None,
-                     **fact})
+        fact = _inspect(os.path.join(path.parent, rel))
+        rows.append({**name_columns(rel), Col.LABEL: label, Col.SPLIT: split,
+                     Col.KIND: (r.get("kind") or "").strip() or None, **fact})
     _group_and_split(rows, (0.8, 0.1, 0.1), 0, DEFAULT_PHASH_MAX, DEFAULT_DHASH_MAX)
     for r in rows:
         if r[Col.STATUS] != STATUS_OK:

@@ -159,7 +159,8 @@ SPLITS = ("train", "val", "test")
 def manifest_schema(metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
     """A labelled dataset: one row per file, with its split; augmented copies name their source."""
     return pa.schema([
-        pa.field(Col.PATH, pa.string(), nullable=False),  # relative to the manifest's root
+        pa.field(Col.PATH, pa.string(), nullable=False),  # relative to the manifest's root, printable
+        pa.field(Col.PATH_BYTES, pa.binary()),  # the name's exact bytes, when `path` had to escape them
         pa.field(Col.LABEL, pa.string(), nullable=False),
         pa.field(Col.SPLIT, pa.string()),  # train | val | test; null for files that are not images
         pa.field(Col.SHA256, pa.string()),

@@ -36,10 +36,10 @@ def _embed(model, runtime, paths_by_sha: dict[str, list[str]], batch_size: int, 
 def reference_embeddings(manifest_path: str, model, runtime, *, cache_dir: Path, batch_size: int = 32,
                          workers: int = 0):
     """(labels, L2-normalised embeddings, paths) of the manifest's usable images, cached on disk
-    under the manifest's and the model's fingerprints."""
+    under the manifest's and the model's fingerprints once every image was read."""
     import pyarrow as pa
 
-    from .manifest import load_manifest
+    from .manifest import describe_unreadable, load_manifest
 
     import hashlib
     import json
@@ -59,8 +59,12 @@ def reference_embeddings(manifest_path: str, model, runtime, *, cache_dir: Path,
         results = _embed(model, runtime, paths, batch_size, workers)
         table = [{Col.PATH: r[Col.PATH], Col.LABEL: r[Col.LABEL], Col.EMBEDDING: results[r[Col.SHA256]].prediction[Col.EMBEDDING]}
                  for r in rows if results[r[Col.SHA256]].error is None]
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_table(pa.Table.from_pylist(table), cache)
+        unreadable = {r[Col.PATH]: results[r[Col.SHA256]].error for r in rows if results[r[Col.SHA256]].error}
+        if unreadable:  # not cached: the next run tries them again
+            log.warning("%s; left out of the reference set", describe_unreadable(unreadable, "reference image"))
+        elif table:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_table(pa.Table.from_pylist(table), cache)
     if not table:
         raise InputError(f"{manifest_path} has no readable reference image")
     emb = np.array([t[Col.EMBEDDING] for t in table], dtype=np.float32)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import DinobatchError
+from .lock import exclusive
 from .results import read_table, write_table
 from .scan import sha256_file
 from .train import TrainConfig, train
@@ -28,28 +29,37 @@ def trials(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 _COLUMNS = ("trial", "status", "error", "config", "model", "best_epoch", "val_loss", "val_top1", "val_top3",
-            "val_macro_f1", "seconds")
+            "val_macro_f1", "unreadable", "seconds")
 
 
-def _trial_id(base: TrainConfig, overrides: dict[str, Any], manifest_sha: str) -> str:
-    """Names the whole configuration and the data, not a position: reruns find exactly their trials."""
+def _trial_ids(base: TrainConfig, overrides: dict[str, Any], manifest_sha: str) -> tuple[str, str]:
+    """Names the whole configuration and the data, not a position: reruns find exactly their trials.
+    The data is the manifest's sha256, whatever the spelling of its path; the second id is the one
+    sweeps gave before (the path as typed), so their finished trials are found too."""
     config = {**base.to_dict(), **overrides, "out": None, "manifest_sha256": manifest_sha}
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return (hashlib.sha256(json.dumps({**config, "manifest": None}, sort_keys=True).encode()).hexdigest()[:12],
+            hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12])
 
 
 def sweep(base: TrainConfig, grid: dict[str, Sequence[Any]], out: str | Path,
-          progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
+          progress: Callable[[str, int, int], None] | None = None, wait: float = 0.0) -> list[dict[str, Any]]:
     """Run every trial of the grid not finished before; a failed trial is a row with its error (and is
-    tried again by the next run). Returns this grid's rows; trials.parquet also keeps other grids'."""
+    tried again by the next run). Returns this grid's rows; trials.parquet also keeps other grids'.
+    One sweep at a time per OUT: a second gets LockedError after `wait` seconds."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / ".lock", wait=wait):
+        return _sweep(base, grid, out, progress)
+
+
+def _sweep(base: TrainConfig, grid: dict[str, Sequence[Any]], out: Path, progress) -> list[dict[str, Any]]:
     table_path = out / "trials.parquet"
     earlier = read_table(table_path).to_pylist() if table_path.exists() else []
     manifest_sha = sha256_file(base.manifest)
-    rows = []
+    rows, seen = [], set()
     for overrides in trials(grid):
-        trial = _trial_id(base, overrides, manifest_sha)
-        finished = [r for r in earlier if r["trial"] == trial and r["status"] == "ok"]
+        trial, legacy = _trial_ids(base, overrides, manifest_sha)
+        seen.update((trial, legacy))
+        finished = [r for r in earlier if r["trial"] in (trial, legacy) and r["status"] == "ok"]
         if finished:  # failed trials are tried again
             rows.append(finished[-1])
             continue
@@ -64,7 +74,7 @@ def sweep(base: TrainConfig, grid: dict[str, Sequence[Any]], out: str | Path,
             best = result.metrics[result.best_epoch - 1]
             row.update(status="ok", error=None, model=result.model, best_epoch=result.best_epoch,
                        val_loss=best["val_loss"], val_top1=best["val_top1"], val_top3=best["val_top3"],
-                       val_macro_f1=best["val_macro_f1"])
+                       val_macro_f1=best["val_macro_f1"], unreadable=len(result.unreadable))
         except DinobatchError as exc:
             row.update(status="error", error=str(exc))
         except Exception as exc:  # a trial that crashes is recorded; the sweep goes on
@@ -72,7 +82,7 @@ def sweep(base: TrainConfig, grid: dict[str, Sequence[Any]], out: str | Path,
             row.update(status="error", error=f"{type(exc).__name__}: {exc}")
         row["seconds"] = round(time.monotonic() - t0, 2)
         rows.append({**dict.fromkeys(_COLUMNS), **row})
-        kept = [r for r in earlier if r["trial"] not in {x["trial"] for x in rows}]
+        kept = [r for r in earlier if r["trial"] not in seen]
         write_table(_table(kept + rows), table_path)  # after every trial: a kill loses one at most
     return rows
 

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import __version__, faults
 from .augment import augment_image, multiplier
@@ -21,15 +21,17 @@ from .decode import DecodeError, decode
 from .device import default_workers, resolve_runtime
 from .errors import ConfigError, InputError
 from .infer import forward_with_features, model_input
-from .manifest import Manifest, load_manifest
+from .lock import exclusive
+from .manifest import Manifest, describe_unreadable, load_manifest
 from .metrics import expected_calibration_error, fit_temperature, report, softmax
 from .model import ARCHS, ModelSpec, Preprocessing, initial_module, save_model, torch_save_atomic
 from .scan import read_bytes
 from .schema import Col
 
-__all__ = ["TrainConfig", "TrainResult", "train", "checkpoint_path", "metrics_path"]
+__all__ = ["TrainConfig", "TrainResult", "train", "checkpoint_path", "metrics_path", "lock_path"]
 
 log = logging.getLogger(__name__)
+_NAMED = 20  # unreadable images named in a model's source (all are counted)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class TrainResult:
     best_epoch: int
     calibration: dict[str, Any]
     splits: dict[str, int]
+    unreadable: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why, left out of training
 
 
 def checkpoint_path(out: str | Path) -> Path:
@@ -93,6 +96,18 @@ def checkpoint_path(out: str | Path) -> Path:
 
 def metrics_path(out: str | Path) -> Path:
     return Path(str(out) + ".metrics.jsonl")
+
+
+def lock_path(out: str | Path) -> Path:
+    """Held while a run writes OUT, its checkpoint and metrics: one run at a time per model file."""
+    return Path(str(out) + ".lock")
+
+
+class _Unreadable(NamedTuple):
+    """A sample whose file could not be read or decoded: counted and reported, never silently dropped."""
+
+    path: str
+    reason: str
 
 
 class _Samples:
@@ -112,21 +127,24 @@ class _Samples:
         row = self.rows[i // self.per_row]
         try:
             rgb = decode(read_bytes(self.manifest.abspath(row)), min_side=self.prep.resize).image
-        except (OSError, DecodeError) as exc:
-            log.warning("skipping %s: %s", row[Col.PATH], exc)
-            return None
+        except OSError as exc:
+            return _Unreadable(row[Col.PATH], f"cannot read file: {exc.strerror or exc}")
+        except DecodeError as exc:
+            return _Unreadable(row[Col.PATH], str(exc))
         if self.level:
             rgb = augment_image(rgb, self.level, i % self.per_row, (self.seed, self.epoch, row[Col.PATH]))
         return model_input(rgb, self.prep), self.index[row[Col.LABEL]]
 
 
 def _collate(samples):
+    """(inputs, targets, {path: why} of the unreadable samples); inputs and targets None when none was read."""
     import torch
 
-    samples = [s for s in samples if s is not None]
-    if not samples:
-        return None
-    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])
+    bad = {s.path: s.reason for s in samples if isinstance(s, _Unreadable)}
+    good = [s for s in samples if not isinstance(s, _Unreadable)]
+    if not good:
+        return None, None, bad
+    return torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good]), bad
 
 
 def _loader(samples: _Samples, cfg: TrainConfig, runtime, order, training: bool = False):
@@ -147,17 +165,29 @@ def _normalise(runtime, x, prep: Preprocessing):
     return (runtime.to_device(x).float() - mean) / std
 
 
-def _run_epoch(module, loader, runtime, prep, optimizer=None, scaler=None, progress=None, stage=""):
-    """One pass: returns (mean loss, accuracy, logits, targets). Trains when an optimizer is given."""
+class _Pass(NamedTuple):
+    """What one pass over a loader gives: mean loss, accuracy, logits and targets (evaluation only),
+    how many images it used, and the ones it could not read."""
+
+    loss: float
+    accuracy: float
+    logits: Any
+    targets: Any
+    images: int
+    unreadable: dict[str, str]
+
+
+def _run_epoch(module, loader, runtime, prep, optimizer=None, scaler=None, progress=None, stage="") -> _Pass:
+    """One pass over the loader; trains when an optimizer is given."""
     import torch
 
-    total, correct, loss_sum, all_logits, all_y = 0, 0, 0.0, [], []
+    total, correct, loss_sum, all_logits, all_y, unreadable = 0, 0, 0.0, [], [], {}
     grad = torch.enable_grad() if optimizer else torch.inference_mode()
     with grad:
-        for step, batch in enumerate(loader, 1):
-            if batch is None:
+        for step, (x, y, bad) in enumerate(loader, 1):
+            unreadable.update(bad)
+            if x is None:
                 continue
-            x, y = batch
             y = y.to(runtime.device)
             with runtime.train_autocast():
                 logits, _ = forward_with_features(module, _normalise(runtime, x, prep))
@@ -176,10 +206,18 @@ def _run_epoch(module, loader, runtime, prep, optimizer=None, scaler=None, progr
             if progress:
                 progress(stage, step, len(loader))
     if optimizer is not None and total == 0:
-        raise InputError("no training image could be read: check that the manifest's files are where it says")
+        why = f" ({describe_unreadable(unreadable)})" if unreadable else ""
+        raise InputError(f"no training image could be read{why}: check that the manifest's files are where it says")
     logits = torch.cat(all_logits).numpy() if all_logits else None
     targets = torch.cat(all_y).numpy() if all_y else None
-    return (loss_sum / total if total else float("nan")), (correct / total if total else 0.0), logits, targets
+    return _Pass(loss_sum / total if total else float("nan"), correct / total if total else 0.0, logits, targets,
+                 total, unreadable)
+
+
+def _same_run(config: dict[str, Any]) -> dict[str, Any]:
+    """The options that make two runs the same: all but how the manifest and OUT are spelt (the
+    manifest is compared by its sha256; the checkpoint was found beside OUT)."""
+    return {k: v for k, v in config.items() if k not in ("manifest", "out")}
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig, manifest_sha: str) -> dict[str, Any] | None:
@@ -188,9 +226,11 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, manifest_sha: str) -> dict[st
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = json.loads(state["config"])
-    if saved != cfg.to_dict() or state["manifest_sha256"] != manifest_sha:
-        raise ConfigError(f"{path} was written by a different configuration or manifest; "
+    saved, now = _same_run(json.loads(state["config"])), _same_run(cfg.to_dict())
+    if saved != now or state["manifest_sha256"] != manifest_sha:
+        changed = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                   if saved.get(k) != now.get(k)] or ["the manifest's contents"]
+        raise ConfigError(f"{path} was written by a different configuration or manifest ({', '.join(changed)}); "
                           f"remove it, or rerun with the same options to resume")
     return state
 
@@ -214,24 +254,27 @@ def _setup(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, int, int], None] | None = None,
-          stop_after_epoch: int | None = None) -> TrainResult | None:
+          stop_after_epoch: int | None = None, wait: float = 0.0) -> TrainResult | None:
     """Train, keep the best epoch by validation loss, calibrate, and write a dinobatch model file.
 
-    stop_after_epoch ends the run after that many epochs with only the checkpoint written (as a
-    kill would), which is how resume is tested."""
+    One run at a time writes OUT (and its checkpoint and metrics): a second gets LockedError after
+    `wait` seconds. stop_after_epoch ends the run after that many epochs with only the checkpoint
+    written (as a kill would), which is how resume is tested."""
+    lock = lock_path(cfg.out)
+    with exclusive(lock, wait=wait, what=f"the model file {cfg.out}"):
+        try:
+            return _train(cfg, resume, progress, stop_after_epoch)
+        finally:  # removed while still held: a run waiting on it locks the next file instead
+            lock.unlink(missing_ok=True)
+
+
+def _train(cfg: TrainConfig, resume: bool, progress, stop_after_epoch: int | None) -> TrainResult | None:
     import torch
 
     manifest, labels, train_rows, val_rows = _setup(cfg)
     runtime = resolve_runtime(cfg.device, cfg.precision)
     prep = cfg.preprocessing()
-    torch.manual_seed(cfg.seed)
-    module, start = initial_module(cfg.arch, labels, cfg.pretrained)
-    module = runtime.prepare(module)
-    if cfg.freeze_backbone:
-        for name, p in module.named_parameters():
-            p.requires_grad = name.startswith("fc.")
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    module, optimizer, start = _module_and_optimizer(cfg, labels, runtime)
     scaler = runtime.grad_scaler()
     index = {label: i for i, label in enumerate(labels)}
     train_set = _Samples(manifest, train_rows, index, prep, cfg.augment_level, cfg.seed)
@@ -241,7 +284,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, in
     state = _load_checkpoint(ckpt, cfg, manifest.sha256) if resume else None
     metrics: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": 0, "val_loss": float("inf"), "state_dict": None}
-    first = 0
+    first, unreadable = 0, {}
     if state:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -250,9 +293,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, in
         log.info("resuming %s after epoch %d", cfg.out, first)
     total_epochs = cfg.epochs + cfg.final_epochs
     for epoch in range(first, total_epochs):
-        row = _train_one_epoch(cfg, epoch, module, optimizer, scaler, train_set, val_set, runtime, prep, labels,
-                               progress)
+        row, bad = _train_one_epoch(cfg, epoch, module, optimizer, scaler, train_set, val_set, runtime, prep, labels,
+                                    progress)
         metrics.append(row)
+        unreadable.update(bad)
         score = row["val_loss"] if row["val_loss"] is not None else row["train_loss"]
         if score < best["val_loss"]:
             best = {"epoch": epoch + 1, "val_loss": score,
@@ -266,12 +310,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: Callable[[str, in
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < total_epochs:
             return None
     return _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep, start,
-                   {"train": len(train_rows), "val": len(val_rows)})
+                   {"train": len(train_rows), "val": len(val_rows)}, unreadable)
+
+
+def _module_and_optimizer(cfg: TrainConfig, labels, runtime):
+    """The seeded initial network on its device, its SGD optimizer, and where its weights came from."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    module, start = initial_module(cfg.arch, labels, cfg.pretrained)
+    module = runtime.prepare(module)
+    if cfg.freeze_backbone:
+        for name, p in module.named_parameters():
+            p.requires_grad = name.startswith("fc.")
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return module, optimizer, start
 
 
 def _train_one_epoch(cfg, epoch, module, optimizer, scaler, train_set, val_set, runtime, prep, labels,
-                     progress) -> dict[str, Any]:
-    """One epoch of training at its learning rate, then validation; returns the epoch's metrics row."""
+                     progress) -> tuple[dict[str, Any], dict[str, str]]:
+    """One epoch of training at its learning rate, then validation: the epoch's metrics row, and the
+    images it could not read (path -> why)."""
     import torch
 
     t0 = time.monotonic()
@@ -286,15 +346,19 @@ def _train_one_epoch(cfg, epoch, module, optimizer, scaler, train_set, val_set, 
                 m.eval()
     stage = f"epoch {epoch + 1}/{cfg.epochs + cfg.final_epochs}"
     loader = _loader(train_set, cfg, runtime, order.tolist(), True)
-    tr_loss, tr_acc, _, _ = _run_epoch(module, loader, runtime, prep, optimizer, scaler, progress, stage)
+    tr = _run_epoch(module, loader, runtime, prep, optimizer, scaler, progress, stage)
     module.eval()
     val = _evaluate(module, val_set, cfg, runtime, prep, labels)
-    row = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "train_loss": tr_loss, "train_acc": tr_acc,
+    bad = {**tr.unreadable, **val["_unreadable"]}
+    row = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "train_loss": tr.loss, "train_acc": tr.accuracy,
            "val_loss": val.get("loss"), "val_top1": val.get("top1"), "val_top3": val.get("top3"),
-           "val_macro_f1": val.get("macro_f1"), "seconds": round(time.monotonic() - t0, 2)}
-    log.info("%s: train loss %.4f acc %.3f | val loss %s top-1 %s top-3 %s", stage, tr_loss, tr_acc,
+           "val_macro_f1": val.get("macro_f1"), "train_samples": tr.images, "val_images": val["_images"],
+           "unreadable": len(bad), "seconds": round(time.monotonic() - t0, 2)}
+    log.info("%s: train loss %.4f acc %.3f | val loss %s top-1 %s top-3 %s", stage, tr.loss, tr.accuracy,
              _fmt(row["val_loss"]), _fmt(row["val_top1"]), _fmt(row["val_top3"]))
-    return row
+    if bad:
+        log.warning("%s: %s; left out of this epoch", stage, describe_unreadable(bad))
+    return row, bad
 
 
 def _fmt(x: float | None) -> str:
@@ -302,25 +366,28 @@ def _fmt(x: float | None) -> str:
 
 
 def _evaluate(module, samples: _Samples, cfg, runtime, prep, labels) -> dict[str, Any]:
-    """Metrics of the module on level-0 samples (an empty dict when there are none)."""
+    """Metrics of the module on level-0 samples (none when no sample was read), with the logits and
+    targets they came from, how many images were read and which could not be."""
     if len(samples) == 0:
-        return {}
-    _, _, logits, y = _run_epoch(module, _loader(samples, cfg, runtime, list(range(len(samples)))), runtime, prep)
-    if logits is None:
-        return {}
-    out = report(y, softmax(logits), labels)
-    out["_logits"], out["_y"] = logits, y
+        return {"_images": 0, "_unreadable": {}}
+    done = _run_epoch(module, _loader(samples, cfg, runtime, list(range(len(samples)))), runtime, prep)
+    out: dict[str, Any] = {"_images": done.images, "_unreadable": done.unreadable}
+    if done.logits is not None:
+        out.update(report(done.targets, softmax(done.logits), labels), _logits=done.logits, _y=done.targets)
     return out
 
 
-def _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep, start, splits) -> TrainResult:
-    """Restore the best epoch, fit the temperature on validation, write the model file."""
+def _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep, start, splits,
+            unreadable: dict[str, str]) -> TrainResult:
+    """Restore the best epoch, fit the temperature on validation, write the model file (its source
+    names the images that could not be read)."""
     if best["state_dict"] is not None:  # None only if every epoch's loss was NaN: keep the last weights
         module.load_state_dict(best["state_dict"])
     module.eval()
     val = _evaluate(module, val_set, cfg, runtime, prep, labels)
+    unreadable = {**unreadable, **val["_unreadable"]}
     calibration: dict[str, Any] = {"temperature": 1.0}
-    if val:
+    if "_logits" in val:
         t = fit_temperature(val["_logits"], val["_y"])
         calibration = {"temperature": t, "ece_before": expected_calibration_error(softmax(val["_logits"]), val["_y"]),
                        "ece_after": expected_calibration_error(softmax(val["_logits"], t), val["_y"]),
@@ -331,8 +398,9 @@ def _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep
         log.warning("no validation split: confidence is left uncalibrated (temperature 1.0)")
     source = {"kind": "train", "manifest": str(Path(cfg.manifest).resolve()), "manifest_sha256": manifest.sha256,
               "config": cfg.to_dict(), "metrics": metrics, "best_epoch": best["epoch"], "calibration": calibration,
-              "splits": splits, "dinobatch": __version__, **start}
+              "splits": splits, "unreadable": {"count": len(unreadable), "first": sorted(unreadable)[:_NAMED]},
+              "dinobatch": __version__, **start}
     spec = ModelSpec(cfg.arch, labels, prep, source, temperature=calibration["temperature"])
     fingerprint = save_model(cfg.out, spec, module.state_dict())
     checkpoint_path(cfg.out).unlink(missing_ok=True)
-    return TrainResult(cfg.out, fingerprint, metrics, best["epoch"], calibration, splits)
+    return TrainResult(cfg.out, fingerprint, metrics, best["epoch"], calibration, splits, unreadable)

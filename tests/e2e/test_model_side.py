@@ -97,7 +97,7 @@ def test_augmentation_levels_give_the_promised_counts(level):
 def test_augment_writes_variants_that_stay_in_their_originals_split(tmp_path, manifest, dataset):
     before = tree_digest(dataset)
     m = load_manifest(manifest)
-    table = materialize(m, 2, tmp_path / "aug", splits=("train",), seed=0)
+    table = materialize(m, 2, tmp_path / "aug", splits=("train",), seed=0).table
     write_manifest(table, tmp_path / "aug" / "manifest.parquet", tmp_path / "aug")
     variants = [r for r in table.to_pylist() if r["source"]]
     assert len(variants) == 4 * len(m.rows("train"))
@@ -113,7 +113,7 @@ def test_augment_writes_variants_that_stay_in_their_originals_split(tmp_path, ma
     augmented = load_manifest(tmp_path / "aug" / "manifest.parquet")
     assert len(augmented.rows("val")) == len(m.rows("val")) > 0  # val passes through, pointing at originals
     assert all(Path(augmented.abspath(r)).is_file() for r in augmented.rows("val"))
-    again = materialize(m, 2, tmp_path / "aug2", splits=("train",), seed=0).to_pylist()
+    again = materialize(m, 2, tmp_path / "aug2", splits=("train",), seed=0).table.to_pylist()
     assert [r["sha256"] for r in again] == [r["sha256"] for r in table.to_pylist()]  # seeded: the same pixels
     assert tree_digest(dataset) == before
 
@@ -123,7 +123,7 @@ def test_same_named_originals_of_two_formats_do_not_overwrite_each_other(tmp_pat
     save(picture(1), root / "a" / "x.png")
     save(picture(2), root / "a" / "x.jpg")
     (root / "list.csv").write_text("path,label,split\na/x.png,a,train\na/x.jpg,a,train\n")
-    table = materialize(load_manifest(root / "list.csv"), 1, tmp_path / "out", splits=("train",))
+    table = materialize(load_manifest(root / "list.csv"), 1, tmp_path / "out", splits=("train",)).table
     assert len({r["path"] for r in table.to_pylist()}) == 4
 
 
