@@ -161,8 +161,10 @@ def _given(row: dict[str, Any], index, folder: str | None) -> tuple[str | None, 
     the very same file (manifest root/path == classified folder/path)."""
     if index is None or not row[Col.SHA256] or row[Col.SHA256] not in index:
         return None, None
+    from .manifest import exact_name
+
     entries = index[row[Col.SHA256]]
-    here = os.path.normpath(os.path.join(folder, row[Col.PATH])) if folder else None
+    here = os.path.normpath(os.path.join(folder, exact_name(row))) if folder else None  # as the manifest's
     same = [e for e in entries if e[0] == here]
     _, label, split = (same or entries)[0]
     return label, split
