@@ -19,6 +19,7 @@ from . import __version__, faults
 from .config import ClassifyConfig
 from .dedupe import Groups, group_among
 from .device import release_memory, resolve_runtime, tune_process
+from .errors import OutputError
 from .infer import WorkItem, predict
 from .lock import exclusive
 from .model import resolve_model
@@ -59,6 +60,7 @@ class RunSummary:
     finished: str
     version: str = __version__
     errors: list[dict[str, str]] = field(default_factory=list)  # the first few, for a quick look
+    warnings: list[str] = field(default_factory=list)  # optional steps after the commit that failed
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -185,9 +187,6 @@ def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, pro
     rows = _row_batches(files, shas, errors, decode_errors, content, species, cfg, model, run_id, stats)
     rows_file = out.write_rows(run_id, rows, row_schema(metadata))
     release_memory()
-    seen = files.select([Col.ABSPATH, Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE]).append_column(Col.SHA256, shas)
-    out.write_file_index(seen.filter(shas.is_valid()), hashed_at)
-    out.compact_cache(model.fingerprint, run_id, metadata)
     inferred = len(todo) - len(decode_errors)
     summary = RunSummary(
         run_id=run_id, rows_file=str(rows_file), files=files.num_rows, counts=stats["counts"],
@@ -198,8 +197,52 @@ def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, pro
                "classes": len(model.spec.labels)},
         runtime=runtime.describe(), config=cfg.to_dict(), process=process, started=started.isoformat(),
         finished=datetime.now(timezone.utc).isoformat(), errors=stats["errors"])
-    out.write_summary(run_id, summary.to_dict())
+    seen = files.select([Col.ABSPATH, Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE]).append_column(Col.SHA256, shas)
+    return _record(out, summary, seen.filter(shas.is_valid()), hashed_at, metadata)
+
+
+def _record(out: ResultsDir, summary: RunSummary, seen: pa.Table, hashed_at: int,
+            metadata: dict[bytes, bytes]) -> RunSummary:
+    """After the rows file: the run's summary first, then the optional work (file index, cache
+    compaction), whose failures are added to the summary as warnings."""
+    _write_summary(out, summary)
+    summary.warnings = _after_commit(out, seen, hashed_at, summary.model["fingerprint"], summary.run_id, metadata)
+    if summary.warnings:  # best effort: the summary written above stands if this cannot be written
+        try:
+            out.write_summary(summary.run_id, summary.to_dict())
+        except OutputError as exc:
+            log.warning("_summary.json does not list these warnings: %s", exc)
     return summary
+
+
+def _write_summary(out: ResultsDir, summary: RunSummary) -> None:
+    """Record a run whose rows file is committed, before any optional work can use up the space;
+    when it cannot be written, say exactly what was committed."""
+    try:
+        out.write_summary(summary.run_id, summary.to_dict())
+    except OutputError as exc:
+        raise OutputError(f"{exc}. This run's rows were committed ({summary.rows_file}) and are the current "
+                          f"rows; _summary.json was removed rather than left describing an earlier run. Free "
+                          f"space and rerun to write a summary") from exc
+
+
+def _after_commit(out: ResultsDir, seen: pa.Table, hashed_at: int, fingerprint: str, run_id: str,
+                  metadata: dict[bytes, bytes]) -> list[str]:
+    """Save the file index and compact the cache, once the run is committed and recorded. Both only
+    save later runs work, so a failure (a full disk) is a warning, not a failed run: the old index
+    and every cache part are left as they were, and the next run tries again."""
+    steps = [("the file index was not updated", "the next run hashes again the files it does not list",
+              lambda: out.write_file_index(seen, hashed_at)),
+             ("the cache was not compacted", "its parts are intact and the next run tries again",
+              lambda: out.compact_cache(fingerprint, run_id, metadata))]
+    warnings = []
+    for what, consequence, step in steps:
+        try:
+            step()
+        except OutputError as exc:
+            warnings.append(f"{what} ({exc}); {consequence}")
+            log.warning("%s", warnings[-1])
+    return warnings
 
 
 def _infer(cfg, out, model, runtime, items: Sequence[WorkItem], run_id, metadata,

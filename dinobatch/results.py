@@ -72,7 +72,7 @@ class _Atomic:
     def commit(self) -> Path:
         with open(self.tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        faults.point("write")
+        faults.point("write", self.target.name)
         os.replace(self.tmp, self.target)
         _fsync_dir(self.target.parent)
         return self.target
@@ -294,12 +294,47 @@ class ResultsDir:
         return target
 
     def write_summary(self, run_id: str, summary: dict[str, Any]) -> Path:
-        """DIR/_runs/<run_id>.json for the record, and DIR/_summary.json for monitoring."""
+        """DIR/_runs/<run_id>.json for the record, and DIR/_summary.json for monitoring.
+
+        A _summary.json that describes an earlier run is never left claiming to be the latest when
+        this one's cannot be written: it is removed (that run's copy stays in _runs/) and, as that
+        frees about the space a summary needs on a full disk, the write is tried once more."""
         text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
-        for target in (self.path / "_runs" / f"{run_id}.json", self.path / "_summary.json"):
-            with atomic_path(target, "write summary") as tmp:
-                tmp.write_text(text, encoding="utf-8")
-        return self.path / "_summary.json"
+        latest = self.path / "_summary.json"
+        try:
+            _write_text(self.path / "_runs" / f"{run_id}.json", text)
+        except OutputError:
+            if _summary_run_id(latest) != run_id:
+                _remove(latest)
+            raise
+        try:
+            _write_text(latest, text)
+        except OutputError:
+            if _summary_run_id(latest) == run_id:  # this run's summary, written before, stands
+                raise
+            _remove(latest)
+            _write_text(latest, text)
+        return latest
+
+
+def _write_text(target: Path, text: str) -> None:
+    """Write text to target atomically (an OutputError naming it when that fails)."""
+    with atomic_path(target, "write summary") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _remove(path: Path) -> None:
+    """Delete path if it is there; a file that cannot be deleted is left as it is."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def _summary_run_id(path: Path) -> str | None:
+    """The run id a summary file describes (None when it is absent or unreadable)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _write_row_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> None:
