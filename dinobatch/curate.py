@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, InputError
+from .predictions import check_predictions
 from .schema import STATUS_ERROR, STATUS_OK, Col, read_metadata
 
 __all__ = ["REASONS", "CurateConfig", "CurateResult", "curate", "confident_learning", "near_embedding_pairs"]
@@ -176,6 +177,7 @@ def curate(cfg: CurateConfig) -> CurateResult:
 
     table, summary = latest_run(cfg.predictions)
     labels = read_metadata(table.schema).get("labels") or []
+    table = check_predictions(table, labels, f"{cfg.predictions} (run {summary.get('run_id')})")
     rows = table.to_pylist()
     if not rows:
         raise InputError(f"{cfg.predictions}: the latest classify run has no rows")
