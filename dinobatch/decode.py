@@ -136,6 +136,8 @@ def _oriented_small(data: bytes, *, grey_jpeg: bool, draft_side: int, min_side: 
         img.load()  # before any EXIF read: PNG's getexif() would load (and swallow a truncation) itself
         orientation = _orientation(img)
         small = _small_picture(img, min_side, orientation)
+        if small is not img:
+            img.close()  # the full-size pixels go while heavy() still counts them
     if orientation in _ROTATING_ORIENTATIONS:
         width, height = height, width
     return (fmt, width, height, mode), orientation, small

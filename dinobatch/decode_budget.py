@@ -25,6 +25,10 @@ __all__ = ["DecodeBudget", "ENV", "DEFAULT_MIB", "from_env", "install", "hold"]
 ENV = "DINOBATCH_DECODE_MEMORY"
 # Three of the largest images decode allows (89.5 MP RGBA: 341 MiB) at once; a 12 MP PNG is 46 MiB.
 DEFAULT_MIB = 1024
+# A share at least this large is handed back to the system as it is released: classify keeps freed
+# memory in glibc's heap (device.tune_process, inherited by forked workers), so without this every
+# worker would go on holding the largest image it ever decoded, and the pool workers x that.
+_HAND_BACK_BYTES = 64 << 20
 
 
 class DecodeBudget:
@@ -54,6 +58,10 @@ class DecodeBudget:
         try:
             yield
         finally:
+            if n >= _HAND_BACK_BYTES:
+                from .device import release_memory
+
+                release_memory()
             with self._cond:
                 self._used.value -= n
                 self._cond.notify_all()
