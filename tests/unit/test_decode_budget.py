@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,34 @@ def test_budget_is_read_from_the_environment_in_mib(monkeypatch):
         monkeypatch.setenv(decode_budget.ENV, bad)
         with pytest.raises(ConfigError, match=decode_budget.ENV):
             decode_budget.from_env()
+
+
+_RESIDENT_AFTER_A_BIG_DECODE = """
+import sys
+import pyarrow  # classify's workers have it already (release_memory uses it)
+from dinobatch.decode import decode
+from dinobatch.decode_budget import DecodeBudget
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+data = open(sys.argv[1], "rb").read()
+before = resident()
+decode(data, heavy=DecodeBudget(1 << 30).hold)
+print(resident() - before)
+"""
+
+
+def test_a_worker_hands_a_big_decode_back_even_where_freed_memory_stays_in_the_heap(tmp_path):
+    # classify keeps freed memory in glibc's heap (tune_process; the same as these tunables) and its
+    # decode workers inherit that: each would go on holding the largest image it had decoded.
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.new("RGBA", (6000, 6000), (200, 30, 60, 128)).save(path)  # 144 MB decoded
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"}
+    done = subprocess.run([sys.executable, "-c", _RESIDENT_AFTER_A_BIG_DECODE, str(path)], env=env, check=True,
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert int(done.stdout) < 48 << 20
