@@ -25,6 +25,10 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return super().convert(number, param, ctx)
 
+    def _describe_range(self) -> str:
+        """The range shown in --help; none for an unbounded number (Click would show 'x<=None')."""
+        return super()._describe_range() if self.min is not None or self.max is not None else ""
+
 
 FINITE = FiniteFloat()
 FRACTION = FiniteFloat(0, 1)  # a probability, confidence or share

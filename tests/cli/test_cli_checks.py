@@ -111,6 +111,13 @@ def test_every_command_has_its_float_options_checked():
         "export min_confidence", "train lr", "train final_lr", "train momentum", "train weight_decay"}
 
 
+@pytest.mark.parametrize("name, param", FLOAT_OPTIONS, ids=[f"{n}-{p.name}" for n, p in FLOAT_OPTIONS])
+def test_float_options_show_a_readable_range_in_help(name, param):
+    """An unbounded number shows no range; Click's own text for it was 'x<=None'."""
+    shown = param.get_help_record(click.Context(dict(_commands(cli))[name]))[1]
+    assert "None" not in shown
+
+
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999"])
 @pytest.mark.parametrize("name, param", FLOAT_OPTIONS, ids=[f"{n}-{p.name}" for n, p in FLOAT_OPTIONS])
 def test_float_options_refuse_nan_and_infinity(name, param, value):
