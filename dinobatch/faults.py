@@ -5,7 +5,8 @@ POINT:N:TEXT counts only the calls whose key (a file path, for decode) contains 
 Points: fingerprint (after each file is hashed), batch (after each batch is committed), write
 (inside every atomic write, after the temporary file is complete and before it is renamed),
 rows (while the rows file is being written, after each record batch), epoch (after each training
-checkpoint), decode (before a file's pixels are decoded: a decoder crashing on that file).
+checkpoint), decode (before a file's pixels are decoded: a decoder crashing on that file),
+relabel (key "published": a new manifest version in place, its lines not yet in the audit log).
 DINOBATCH_FAIL_AT=POINT:N[:TEXT] instead makes that call, and every later matching one, raise
 OSError(ENOSPC), as a full disk would: tests prove that a write failing there is handled (for
 write, the key is the target's file name, so write:1:zcompact fails the cache compaction).

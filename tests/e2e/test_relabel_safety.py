@@ -125,6 +125,14 @@ def test_a_killed_relabel_is_finished_by_its_rerun(dataset, crash_at):
     assert _tmp_leftovers(dataset) == []
 
 
+def test_a_full_disk_while_writing_the_audit_log_leaves_neither(dataset):
+    (dataset / "d.csv").write_text("path,action,label\nstegosaurus/a.png,relabel,triceratops\n")
+    failed = subprocess.run(_command(dataset, "d.csv"), cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "DINOBATCH_FAIL_AT": "write:1:audit.csv"})
+    assert failed.returncode == 7 and "m.v2.parquet was removed again" in failed.stderr
+    assert list(dataset.glob("m.v*.parquet")) == [] and _audit(dataset) == [] and _tmp_leftovers(dataset) == []
+
+
 @pytest.mark.parametrize("row, message", [
     ("stegosaurus/a.png,relabel,tyranosaurus_rexx,", "line 2, column label: 'tyranosaurus_rexx' is not a label"),
     ("stegosaurus/a.png,relabel,\"=cmd|' /C calc'!A0\",", "line 2, column label: \"=cmd|' /C calc'!A0\" is not a label"),
