@@ -293,8 +293,9 @@ def _run_chunks(chunks: Iterator[list], count: int, workers: int) -> Iterator[tu
                 pool.shutdown(wait=False, cancel_futures=True)
                 log.warning("a hashing process died; hashing the files it held one at a time")
                 for chunk in list(pending.values()):
-                    yield from (_isolated(item, lock) for item in chunk)
+                    yield from (_isolated(item) for item in chunk)
                 pending.clear()
+                lock = multiprocessing.get_context("fork").RLock()  # the dead worker may have held the old one
                 pool = _pool(lock, min(workers, count))
     finally:  # on Ctrl-C or an error, drop the queued chunks instead of hashing the rest of the folder
         pool.shutdown(wait=True, cancel_futures=True)
@@ -313,9 +314,10 @@ def _top_up(pool: ProcessPoolExecutor, pending: dict[Future, list], todo: Iterat
         pending[pool.submit(_hash_chunk, chunk)] = chunk
 
 
-def _isolated(item: tuple[int, str, int | None], lock: Any) -> tuple[int, Record]:
-    """One file hashed in a process of its own; if that process dies too, the file's error."""
-    ok, result = run_isolated(_hash_chunk, [item], initializer=lambda: _init_worker(lock))
+def _isolated(item: tuple[int, str, int | None]) -> tuple[int, Record]:
+    """One file hashed in a process of its own, alone (no gate to share, none to leak if it dies
+    too); if it does, the file's error."""
+    ok, result = run_isolated(_hash_chunk, [item], initializer=lambda: _init_worker(None))
     index, _, size = item
     return result[0] if ok else (index, (None, size, None, result))
 
