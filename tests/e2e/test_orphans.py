@@ -181,3 +181,24 @@ def test_a_pool_forked_from_a_thread_outlives_the_thread_but_not_the_process(kil
     """))
     assert proc.stdout.readline() == b"pool alive after its thread ended\n"
     assert_nothing_left(proc)
+
+
+def test_train_killed_while_its_loader_runs_leaves_no_worker(tmp_path, killed_run):
+    """train's DataLoader workers went only when torch's watchdog noticed, 5 s or more later."""
+    for label in ("a", "b"):
+        for i in range(16):
+            save(picture(i + (100 if label == "b" else 0)), tmp_path / "data" / label / f"{i:02d}.png")
+    manifest = tmp_path / "m.parquet"
+    made = subprocess.run(dinobatch("manifest", tmp_path / "data", "-o", manifest, "-q"), capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert made.returncode == 0, made.stderr.decode(errors="replace")
+    proc = killed_run(dinobatch("train", manifest, "-o", tmp_path / "m.pt", "--arch", "resnet18", "--pretrained",
+                                "none", "--epochs", "500", "--image-size", "32", "-b", "4", "-j", "2", "-q"))
+    deadline = time.monotonic() + 90
+    while len(session_members(proc.pid)) < 3:  # the run and its two loader workers
+        assert proc.poll() is None and time.monotonic() < deadline, "train never started its loader workers"
+        time.sleep(0.05)
+    time.sleep(1.5)  # past the workers' start-up: waiting on their index queues, as for most of a run
+    assert len(session_members(proc.pid)) >= 3 and proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    assert_nothing_left(proc)
