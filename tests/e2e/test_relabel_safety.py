@@ -135,7 +135,8 @@ def test_a_full_disk_while_writing_the_audit_log_leaves_neither(dataset):
 
 @pytest.mark.parametrize("row, message", [
     ("stegosaurus/a.png,relabel,tyranosaurus_rexx,", "line 2, column label: 'tyranosaurus_rexx' is not a label"),
-    ("stegosaurus/a.png,relabel,\"=cmd|' /C calc'!A0\",", "line 2, column label: \"=cmd|' /C calc'!A0\" is not a label"),
+    ("stegosaurus/a.png,relabel,\"=cmd|' /C calc'!A0\",",
+     "line 2, column label: \"=cmd|' /C calc'!A0\" is not a label"),
     ("stegosaurus/a.png,relabel,..,", "line 2, column label: '..' is not a label"),
     ("stegosaurus/a.png,relabel,a/b,", "line 2, column label: 'a/b' is not a label"),
     ("stegosaurus/a.png,relabel,\"tri\nceratops\",", "line 2, column label: 'tri\\nceratops' is not a label"),
