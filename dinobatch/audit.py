@@ -30,8 +30,9 @@ import pyarrow as pa
 from . import faults
 from .errors import ConfigError, OutputError
 from .results import atomic_path, table_metadata
+from .terminal import spreadsheet_safe
 
-__all__ = ["AUDIT_FIELDS", "Family", "spreadsheet_safe", "new_record", "record_of", "complete_log", "publish"]
+__all__ = ["AUDIT_FIELDS", "Family", "new_record", "record_of", "complete_log", "publish"]
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,7 @@ AUDIT_FIELDS = ("time", "user", "manifest", "new_manifest", "path", "action", "o
 RECORD_KEY = b"dinobatch.relabel"  # a version's own audit lines and origin, as JSON
 _PER_RUN = AUDIT_FIELDS[:4]  # the same on every line of one run: stored once in a version
 _FORMAT = 1  # of that record; a record of another format is not read (its version is left as it is)
-# A spreadsheet runs a cell starting with one of these as a formula (=cmd|' /C calc'!A0): OWASP's list
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
-
-
-def spreadsheet_safe(value: str) -> str:
-    """A CSV cell a spreadsheet shows as text: a leading formula character gets a ' before it."""
-    return "'" + value if value.startswith(FORMULA_START) else value
 
 
 @dataclass(frozen=True)

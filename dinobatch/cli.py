@@ -354,8 +354,14 @@ def results(folder, model, out, quiet, verbose) -> None:
 
             with atomic_path(out, "write") as tmp:
                 if suffix == "csv":
+                    import pyarrow as pa
+
+                    from .terminal import spreadsheet_safe_column
+
                     flat = table.drop_columns([c for c in table.column_names
                                                if str(table.schema.field(c).type).startswith(("list", "binary"))])
+                    flat = pa.table({c: spreadsheet_safe_column(flat[c]) if pa.types.is_string(flat.schema.field(c).type)
+                                     else flat[c] for c in flat.column_names})
                     pacsv.write_csv(flat, tmp)
                 else:
                     def plain(value):  # path_bytes as base64, so names that are not UTF-8 survive

@@ -22,6 +22,7 @@ from .lock import exclusive
 from .results import atomic_path
 from .scan import sha256_file
 from .schema import Col
+from .terminal import FORMULA_START
 
 __all__ = ["ACTIONS", "COLUMNS", "OUTSIDE", "Change", "Relabelled", "label_problem", "read_decisions", "relabel",
            "export"]
@@ -63,7 +64,7 @@ def label_problem(label: str) -> str | None:
         return f"it holds the control character {bad!r}"
     if "/" in label or "\\" in label or label in (".", ".."):
         return "labels become folder names, and this one is a path"
-    if label.startswith(audit.FORMULA_START):
+    if label.startswith(FORMULA_START):
         return f"it starts with {label[0]!r}, which spreadsheets run as a formula"
     return None
 
@@ -215,6 +216,8 @@ def _changes(decisions: list[dict[str, Any]], manifest, decisions_path, manifest
     changes, decided, problems = [], {}, []
     for d in decisions:
         where, rel = f"line {d['line']}, column path", _normalise(d["path"], manifest.root)
+        if rel not in by_path and _guarded(d["path"]):  # copied from queue.csv, where '=x.png is =x.png
+            rel = _normalise(d["path"][1:], manifest.root)
         if rel is None:
             problems.append(f"{where}: {d['path']} is outside the dataset root {manifest.root}")
         elif rel not in by_path:
@@ -229,6 +232,11 @@ def _changes(decisions: list[dict[str, Any]], manifest, decisions_path, manifest
         decided.setdefault(rel, d["line"])
     refuse(decisions_path, problems)
     return changes
+
+
+def _guarded(path: str) -> bool:
+    """Whether a path is a CSV cell that spreadsheet_safe guarded with a leading ' (queue.csv)."""
+    return path.startswith("'") and path[1:].startswith(FORMULA_START)
 
 
 def _unknown_label(line: int, label: str, manifest_path: str, known: set[str]) -> str:
@@ -318,5 +326,6 @@ def _copy_one(row: dict[str, Any], folder: str, inside: str, to: Path, min_confi
 
 def _bucket(label: str) -> str:
     """A label as a folder name that stays inside TO and never merges with _review."""
-    name = label.replace("/", "_").replace(os.sep, "_")
-    return f"label_{name}" if name in ("", ".", "..", "_review") else name
+    from .manifest import label_folder
+
+    return label_folder(label, reserved=("_review",))

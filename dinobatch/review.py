@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .results import atomic_path, write_table
+from .terminal import spreadsheet_safe
 
 __all__ = ["write_outputs", "QUEUE_COLUMNS"]
 
@@ -36,7 +37,8 @@ def write_outputs(result, out: str | Path, *, html_page: bool) -> dict[str, Path
             writer = csv.DictWriter(fh, fieldnames=QUEUE_COLUMNS)
             writer.writeheader()
             for q in result.queue:
-                writer.writerow({**q, "reasons": ";".join(q["reasons"])})
+                row = {**q, "reasons": ";".join(q["reasons"])}
+                writer.writerow({k: spreadsheet_safe(v) if isinstance(v, str) else v for k, v in row.items()})
     paths["queue.csv"] = out / "queue.csv"
     summary = {"images": result.images, "flagged": len(result.queue), "counts": result.counts,
                "breaches": result.breaches, "duplicate_groups": len(result.groups)}

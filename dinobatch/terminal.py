@@ -1,14 +1,20 @@
-"""Text for people: the one escaping of control characters before anything reaches a terminal.
+"""Text for people: the one escaping of control characters before anything reaches a terminal, and
+the one neutralising of formula cells before anything reaches a spreadsheet.
 
 File names, labels and notes are arbitrary text: a newline in a name splits a line of output, a tab
 shifts a column, and ESC sequences clear the screen, recolour it or retitle the window. Every
 human-facing output passes its text through `printable`; machine outputs (Parquet, --json, JSON
-log lines) keep the exact text.
+log lines) keep the exact text. A CSV is opened in a spreadsheet, which runs a cell starting with
+`=`, `+`, `-` or `@` as a formula (`=cmd|' /C calc'!A0`): every CSV dinobatch writes passes its text
+cells through `spreadsheet_safe` (or `spreadsheet_safe_column`), which puts a `'` before them.
 """
 
 from __future__ import annotations
 
-__all__ = ["printable"]
+__all__ = ["printable", "FORMULA_START", "spreadsheet_safe", "spreadsheet_safe_column"]
+
+# A spreadsheet runs a cell starting with one of these as a formula: OWASP's list (CSV injection)
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -38,3 +44,16 @@ def printable(text: object, *, keep_newlines: bool = False) -> str:
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def spreadsheet_safe(value: str) -> str:
+    """A CSV cell a spreadsheet shows as text: a leading formula character gets a ' before it
+    (spreadsheets hide that ' and save the cell without it)."""
+    return "'" + value if value.startswith(FORMULA_START) else value
+
+
+def spreadsheet_safe_column(column):
+    """spreadsheet_safe over an Arrow string column, vectorised (results -o FILE.csv)."""
+    import pyarrow.compute as pc
+
+    return pc.replace_substring_regex(column, pattern=r"^([=+\-@\t\r])", replacement=r"'\1")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dinobatch.audit import RECORD_KEY, Family, record_of, spreadsheet_safe
+from dinobatch.audit import RECORD_KEY, Family, record_of
+from dinobatch.terminal import spreadsheet_safe
 
 
 def test_leftovers_of_one_family_only_are_removed(tmp_path):
