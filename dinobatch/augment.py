@@ -171,7 +171,7 @@ def _passed_through(row: dict[str, Any], abspath: str, out: Path) -> dict[str, A
 
 def _variants(rgb: Image.Image, row: dict[str, Any], level: int, seed: int, group: int, out: Path) -> list[dict]:
     """Write every variant of one decoded original; their manifest rows."""
-    from .manifest import name_columns
+    from .manifest import label_folder, name_columns
     from .results import atomic_path
     from .scan import sha256_file
     from .schema import STATUS_OK, Col
@@ -179,7 +179,7 @@ def _variants(rgb: Image.Image, row: dict[str, Any], level: int, seed: int, grou
     rows = []
     for v in range(multiplier(level)):
         img = augment_image(rgb, level, v, (seed, row[Col.PATH]))
-        rel = f"{row[Col.LABEL]}/{row[Col.SHA256][:16]}__v{v:02d}.jpg"
+        rel = f"{label_folder(row[Col.LABEL])}/{row[Col.SHA256][:16]}__v{v:02d}.jpg"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / rel) as tmp:
             img.save(tmp, "JPEG", quality=92)

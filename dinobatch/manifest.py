@@ -30,7 +30,7 @@ from .scan import display_path, read_bytes, sha256_file, walk
 from .schema import SPLITS, STATUS_ERROR, STATUS_OK, Col, manifest_schema
 
 __all__ = ["Manifest", "build_manifest", "write_manifest", "load_manifest", "assign_splits", "name_columns",
-           "exact_name", "describe_unreadable"]
+           "exact_name", "describe_unreadable", "label_folder"]
 
 log = logging.getLogger(__name__)
 _ROOT_KEY = b"dinobatch.root"
@@ -64,6 +64,13 @@ def exact_name(row: dict[str, Any]) -> str:
     """A row's relative name as the file system spells it: path_bytes when `path` is escaped."""
     raw = row.get(Col.PATH_BYTES)
     return os.fsdecode(raw) if raw else row[Col.PATH]
+
+
+def label_folder(label: str, reserved: tuple[str, ...] = ()) -> str:
+    """A label as one folder name that stays inside the folder it is made in (augment's OUT, export's
+    TO): a manifest can hold any label, and '..' or 'a/b' must not write outside or nest."""
+    name = label.replace("/", "_").replace(os.sep, "_")
+    return f"label_{name}" if name in ("", ".", "..", *reserved) else name
 
 
 def name_columns(raw: str) -> dict[str, Any]:

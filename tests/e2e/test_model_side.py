@@ -94,6 +94,17 @@ def test_augmentation_levels_give_the_promised_counts(level):
     assert multiplier(level) == {0: 1, 1: 2, 2: 4, 3: 8, 4: 12, 5: 16, 6: 20}[level]
 
 
+def test_augment_keeps_a_hostile_label_inside_its_output_folder(tmp_path):
+    """A CSV manifest can carry any label: '..' or 'a/b' must not write variants outside OUT or nest them."""
+    for i in range(2):
+        save(picture(i), tmp_path / "data" / f"{i}.png")
+    (tmp_path / "data" / "m.csv").write_text("path,label,split\n0.png,..,train\n1.png,a/b,train\n")
+    table = materialize(load_manifest(tmp_path / "data" / "m.csv"), 0, tmp_path / "out" / "aug").table
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.jpg"))
+    assert [p.parts[:3] for p in written] == [("out", "aug", "a_b"), ("out", "aug", "label_..")]
+    assert sorted(table.column("label").to_pylist()) == ["..", "a/b"]  # the labels themselves are kept
+
+
 def test_augment_writes_variants_that_stay_in_their_originals_split(tmp_path, manifest, dataset):
     before = tree_digest(dataset)
     m = load_manifest(manifest)
