@@ -109,13 +109,19 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     return Runtime(dev, precision)
 
 
+# On a GPU, classify is bound by decoding on the CPU. Measured on an H200 with 16 cores (2026-12-04,
+# benchmarks/gpu.py, one run): 8 workers 607 img/s, 15 workers 926, 16 workers 928, the model alone
+# 15,745. Past 16 each worker's memory (a few hundred MB) is spent for a gain nobody has measured.
+CUDA_MAX_WORKERS = 16
+
+
 def default_workers(device_type: str, requested: int | None) -> int:
     """Decode workers: as asked, else one per spare core (on CPU the model's threads need the rest)."""
     if requested is not None:
         return requested
     cores = usable_cores()
     if device_type == "cuda":
-        return max(1, min(8, cores - 1))
+        return max(1, min(CUDA_MAX_WORKERS, cores - 1))
     return max(1, min(4, cores // 2))
 
 
