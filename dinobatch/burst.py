@@ -20,7 +20,7 @@ import numpy as np
 
 from . import decode_budget
 from .decode import quiet_decoding
-from .workers import fork_pool, run_isolated
+from .workers import fork_pool, kill_broken_pool, run_isolated
 
 __all__ = ["burst_batches", "balanced_shares"]
 
@@ -56,7 +56,7 @@ def burst_batches(dataset, batch_size: int, processes: int) -> Iterator[tuple[li
             try:
                 records = _decode_burst(pool, dataset, lo, hi, processes)
             except BrokenProcessPool:  # a decoder crashed: find the file, make it a row, go on
-                pool.shutdown(wait=False, cancel_futures=True)
+                kill_broken_pool(pool)
                 log.warning("a decoding process died; decoding these %d files one at a time", hi - lo)
                 records = [_isolated(dataset, i, burst) for i in range(lo, hi)]
                 pool = _pool(processes)

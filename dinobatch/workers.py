@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
 
-__all__ = ["run_isolated", "died_reason", "fork_pool", "Parent", "this_process", "die_with_parent",
-           "loader_worker_init"]
+__all__ = ["run_isolated", "died_reason", "fork_pool", "kill_broken_pool", "Parent", "this_process",
+           "die_with_parent", "loader_worker_init"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,20 @@ def fork_pool(processes: int, initializer: Callable[..., None] | None = None,
 
     return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
                                initializer=_start_worker, initargs=(this_process(), initializer, initargs))
+
+
+def kill_broken_pool(pool: "ProcessPoolExecutor") -> None:
+    """SIGKILL the workers left in a pool that one's death has broken, then shut it down.
+
+    The dead one may have held something the others wait on for ever (a share of the decode
+    budget, a lock), and a worker that ignores SIGTERM (burst's) outlives the pool's own
+    terminate(): Python's exit, which joins the pool's manager thread, would then never return."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):  # the executor keeps them there
+        try:
+            proc.kill()
+        except (OSError, ValueError):  # already gone, or already closed
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _start_worker(parent: Parent, initializer: Callable[..., None] | None, initargs: tuple) -> None:
