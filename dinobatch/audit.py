@@ -226,9 +226,18 @@ def publish(table: pa.Table, target: Path, root: Path, record: dict[str, Any], l
     finally:
         with contextlib.suppress(OSError):
             staging.unlink(missing_ok=True)
-        if published and not logged:
+        if published and not logged and not _holds(log_path, record):  # an interrupt after the log's rename
             with contextlib.suppress(OSError):
                 target.unlink()
+
+
+def _holds(log_path: Path, record: dict[str, Any]) -> bool:
+    """Whether the log has every line of record, so that the version it names must stay."""
+    try:
+        logged = _logged(log_path)
+    except (OSError, ValueError):  # unreadable: not the log this run wrote
+        return False
+    return all(_line(r) in logged for r in lines_of(record))
 
 
 def _link_new(staging: Path, target: Path) -> None:

@@ -169,3 +169,23 @@ def test_formula_cells_are_neutralised_in_the_audit_log(dataset):
     assert _relabel_cli(dataset / "d.csv", "--manifest", dataset / "m.parquet").exit_code == 0
     notes = [a["note"] for a in _audit(dataset)]
     assert notes == ["'=HYPERLINK(\"http://x\")", "'@SUM(A1)"]
+
+
+def test_an_interrupt_just_after_the_audit_log_is_written_keeps_the_version_it_names(dataset, monkeypatch):
+    # cron's timeout sends SIGTERM, which the CLI raises as KeyboardInterrupt wherever the run is: here
+    # as the new log's rename returns (in its fsync of the folder). The log names v2: v2 must stay.
+    from dinobatch import audit
+    from dinobatch.decisions import relabel
+
+    written = audit.append_lines
+
+    def then_interrupted(*args, **kwargs):
+        written(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audit, "append_lines", then_interrupted)
+    (dataset / "d.csv").write_text("path,action,label\nstegosaurus/a.png,relabel,triceratops\n")
+    with pytest.raises(KeyboardInterrupt):
+        relabel(str(dataset / "d.csv"), str(dataset / "m.parquet"))
+    assert [a["new_manifest"] for a in _audit(dataset)] == [str(dataset / "m.v2.parquet")]
+    assert _labels(dataset / "m.v2.parquet")["stegosaurus/a.png"] == "triceratops"
