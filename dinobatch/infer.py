@@ -17,7 +17,7 @@ from .decode import DecodeError, decode
 from .model import LoadedModel, Preprocessing
 from .scan import read_bytes
 from .schema import Col
-from .workers import loader_worker_init, this_process
+from .workers import loader_context, loader_worker_init, this_process
 
 __all__ = ["WorkItem", "ContentResult", "ImageDataset", "predict", "model_input", "forward_with_features",
            "orient_tensor", "device_model_input", "fit_batch_size", "model_input_hwc"]
@@ -296,7 +296,8 @@ def _loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_
         while done < total:
             loader = DataLoader(dataset.window(done, total), batch_size=batch_size, shuffle=False,
                                 num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-                                prefetch_factor=_PREFETCH, worker_init_fn=_loader_worker_init())
+                                prefetch_factor=_PREFETCH, worker_init_fn=_loader_worker_init(),
+                                multiprocessing_context=loader_context())
             batches = None
             try:
                 while True:

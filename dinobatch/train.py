@@ -27,7 +27,7 @@ from .metrics import expected_calibration_error, fit_temperature, report, softma
 from .model import ARCHS, ModelSpec, Preprocessing, initial_module, save_model, torch_save_atomic
 from .scan import read_bytes
 from .schema import Col
-from .workers import loader_worker_init, this_process
+from .workers import loader_context, loader_worker_init, this_process
 
 __all__ = ["TrainConfig", "TrainResult", "train", "checkpoint_path", "metrics_path", "lock_path"]
 
@@ -156,7 +156,8 @@ def _loader(samples: _Samples, cfg: TrainConfig, runtime, order, training: bool 
     drop_last = training and len(order) > cfg.batch_size and len(order) % cfg.batch_size == 1
     return DataLoader(samples, batch_size=cfg.batch_size, sampler=order, num_workers=workers,
                       collate_fn=_collate, pin_memory=runtime.pin_memory, drop_last=drop_last,
-                      worker_init_fn=loader_worker_init(this_process()) if workers else None)
+                      worker_init_fn=loader_worker_init(this_process()) if workers else None,
+                      multiprocessing_context=loader_context() if workers else None)
 
 
 def _normalise(runtime, x, prep: Preprocessing):

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["run_isolated", "died_reason", "fork_pool", "kill_broken_pool", "Parent", "this_process",
-           "die_with_parent", "loader_worker_init"]
+           "die_with_parent", "loader_context", "loader_worker_init"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,14 @@ def loader_worker_init(parent: Parent) -> Callable[[int], None]:
     """A DataLoader worker_init_fn that makes each worker die with parent at once (torch's own
     watchdog notices a dead parent only every 5 seconds, and a busy worker later still)."""
     return functools.partial(_start_loader_worker, parent)
+
+
+def loader_context() -> multiprocessing.context.BaseContext:
+    """The start method of every DataLoader given loader_worker_init(): fork, as for the pools here.
+    Not the platform's default (spawn on macOS, forkserver on Linux from Python 3.14): a forkserver's
+    child would take the server for a parent that is not the run and exit at once, and the decode
+    budget's fork-context locks cannot be handed to a spawned worker."""
+    return multiprocessing.get_context("fork")
 
 
 def _start_loader_worker(parent: Parent, worker_id: int) -> None:
