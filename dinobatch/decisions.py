@@ -276,12 +276,15 @@ def export(predictions: str, to: str, *, min_confidence: float, outside_links: b
     folder = summary.get("config", {}).get("folder")
     if not folder or not Path(folder).is_dir():
         raise InputError(f"the folder classified in {predictions} ({folder}) is not there any more")
-    inside = os.path.realpath(folder)
-    if _within(os.path.realpath(to), inside):
-        raise ConfigError(f"--to {to} is inside the classified folder {folder}: the next classify would take the "
-                          f"copies for new images and the next export would copy them again; export outside it")
+    inside, rows = os.path.realpath(folder), table.to_pylist()
+    # TO itself, or one of its buckets: TO/_review is the classified folder when that is named _review
+    buckets = {"", "_review", *(_bucket(r[Col.LABEL]) for r in rows if r[Col.STATUS] != "error" and r[Col.LABEL])}
+    if any(_within(os.path.realpath(Path(to) / b), inside) for b in buckets):
+        raise ConfigError(f"--to {to} is inside the classified folder {folder}, or holds it as a label's or "
+                          f"_review's folder: the next classify would take the copies for new images and the next "
+                          f"export would copy them again; export outside it")
     counts: dict[str, int] = {}
-    for r in table.to_pylist():
+    for r in rows:
         bucket = _copy_one(r, folder, inside, Path(to), min_confidence, outside_links)
         if bucket:
             counts[bucket] = counts.get(bucket, 0) + 1

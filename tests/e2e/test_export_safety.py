@@ -56,3 +56,17 @@ def test_a_link_to_a_file_outside_the_inbox_is_not_exported_unless_asked(tmp_pat
     assert asked.exit_code == 0 and "_outside" not in asked.output
     secret = next((tmp_path / "b").rglob("outside.png"))
     assert not secret.is_symlink() and secret.read_bytes() == (tmp_path / "private" / "secret.png").read_bytes()
+
+
+def test_export_beside_a_folder_named_like_a_bucket_is_refused_before_copying(tmp_path, tiny_model):
+    # TO/_review/... is the classified folder itself when that folder is TO/_review (sorting the review
+    # pile of an earlier export, say): the copies would land in it and compound on every cycle
+    inbox = tmp_path / "_review"
+    for i in range(3):
+        save(picture(i), inbox / f"{i}.png")
+    results = _classified(tmp_path, tiny_model, inbox)
+    before = tree_digest(inbox)
+    refused = CliRunner().invoke(cli, ["export", str(results), "--to", str(tmp_path), "--min-confidence", "1"])
+    assert refused.exit_code == EXIT_CONFIG, refused.output
+    assert "inside the classified folder" in refused.output
+    assert tree_digest(inbox) == before
