@@ -11,6 +11,8 @@ cells through `spreadsheet_safe` (or `spreadsheet_safe_column`), which puts a `'
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["printable", "FORMULA_START", "spreadsheet_safe", "spreadsheet_safe_column"]
 
 # A spreadsheet runs a cell starting with one of these as a formula: OWASP's list (CSV injection)
@@ -56,4 +58,5 @@ def spreadsheet_safe_column(column):
     """spreadsheet_safe over an Arrow string column, vectorised (results -o FILE.csv)."""
     import pyarrow.compute as pc
 
-    return pc.replace_substring_regex(column, pattern=r"^([=+\-@\t\r])", replacement=r"'\1")
+    starts = "".join(re.escape(c) for c in FORMULA_START)
+    return pc.replace_substring_regex(column, pattern=f"^([{starts}])", replacement=r"'\1")

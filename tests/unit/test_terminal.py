@@ -31,3 +31,14 @@ def test_bytes_that_are_not_utf8_look_as_they_do_in_the_tables():
 
 def test_keep_newlines_escapes_each_line():
     assert printable("one\x1b\ntwo\tcols", keep_newlines=True) == "one\\x1b\ntwo\\tcols"
+
+
+def test_the_column_and_the_cell_guard_the_same_formula_cells():
+    """results -o FILE.csv (a column at a time) and queue.csv (a cell at a time) follow one rule."""
+    import pyarrow as pa
+
+    from dinobatch.terminal import FORMULA_START, spreadsheet_safe, spreadsheet_safe_column
+
+    values = [c + "x" for c in FORMULA_START] + ["a=b", "plain", "", "'=already"]
+    assert spreadsheet_safe_column(pa.array(values)).to_pylist() == [spreadsheet_safe(v) for v in values]
+    assert all(spreadsheet_safe(c).startswith("'") for c in FORMULA_START)
