@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, faults
+from . import __version__, decode_budget, faults
 from .config import ClassifyConfig
 from .dedupe import Groups, group_among
 from .device import release_memory, resolve_runtime, tune_process
@@ -139,6 +139,7 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
     # absolute paths in the saved configuration: curate --html and export run from other folders
     cfg = dataclasses.replace(cfg, folder=check_folder(cfg.folder), out=os.path.abspath(cfg.out))
     runtime = resolve_runtime(cfg.device, cfg.precision)
+    decode_budget.from_env()  # a bad DINOBATCH_DECODE_MEMORY is refused now, not after the folder is hashed
     process = tune_process(runtime)  # before the model allocates: the allocator settings apply from here
     model = resolve_model(cfg.model)
     species = load_species(cfg.species if cfg.species else default_species_csv())

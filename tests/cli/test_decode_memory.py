@@ -33,3 +33,10 @@ def test_a_budget_that_is_not_a_number_of_mib_is_a_config_error_naming_it(tmp_pa
     result = classify(tmp_path, tiny_model, {ENV: "2GB"})
     assert result.exit_code == EXIT_CONFIG
     assert ENV in result.output and "'2GB'" in result.output
+
+
+def test_a_bad_budget_is_refused_before_the_folder_is_read(tmp_path, tiny_model):
+    """Refused at the start, not after the whole inbox was walked and hashed: no output folder is made."""
+    result = classify(tmp_path, tiny_model, {ENV: "0"})
+    assert result.exit_code == EXIT_CONFIG
+    assert not (tmp_path / "out").exists()
