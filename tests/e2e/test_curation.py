@@ -315,7 +315,7 @@ def test_labels_the_model_does_not_know_are_reported(tmp_path):
 
 
 def test_agrees_with_cleanlab_on_the_same_probabilities():
-    filt = pytest.importorskip("cleanlab.filter", reason="cleanlab is only in the bench extra")
+    filt = pytest.importorskip("cleanlab.filter", reason="cleanlab is in the dev extra: pip install -e '.[dev]'")
     rng = np.random.default_rng(3)
     n, c = 400, 4
     true = rng.integers(0, c, n)
