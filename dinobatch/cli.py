@@ -83,7 +83,11 @@ def _run(action: Callable[[], Any]) -> Any:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
+    ctx = click.get_current_context(silent=True)
+    pending = ctx.meta.get(_INPUT_ERROR) if ctx is not None else None
     try:
+        if pending is not None:  # a FOLDER argument that is missing or not a folder (see _InputFolder)
+            raise pending
         return action()
     except DinobatchError as exc:
         _say_error(f"error: {exc}")
@@ -180,6 +184,32 @@ def _log_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+_INPUT_ERROR = "dinobatch.input_error"
+
+
+class _InputFolder(click.ParamType):
+    """A FOLDER argument: missing or not a folder is an InputError (exit 6, as documented), not
+    Click's usage error (exit 2); the value is passed on as given."""
+
+    name = "folder"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .errors import InputError
+        from .scan import check_folder
+
+        try:
+            check_folder(value)
+        except InputError as exc:  # raised by _run, once the command has set up logging (--log-format json)
+            if ctx is not None:
+                ctx.meta.setdefault(_INPUT_ERROR, exc)
+            else:
+                raise
+        return os.fspath(value)
+
+
+INPUT_FOLDER = _InputFolder()
+
+
 def _verbosity(f):
     f = click.option("--log-format", type=click.Choice(["text", "json"]), default="text", expose_value=False,
                      callback=_log_format, is_eager=True, help="Log lines as text or as JSON objects.")(f)
@@ -194,7 +224,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=INPUT_FOLDER)
 @click.option("--config", type=click.Path(dir_okay=False), envvar=CONFIG_ENV, callback=_load_config,
               is_eager=True, expose_value=False, help=f"TOML file with a [classify] table [env {CONFIG_ENV}].")
 @click.option("-o", "--out", default="results", help="Output folder for Parquet rows and summaries.")
@@ -330,7 +360,7 @@ def model_info(model_ref: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("folder", type=INPUT_FOLDER)
 @click.option("--model", default=None, help="Only this model (a fingerprint or its first characters).")
 @click.option("-o", "--out", default=None, type=click.Path(dir_okay=False),
               help="Write the current rows to FILE (.parquet, .csv or .jsonl) instead of printing them.")

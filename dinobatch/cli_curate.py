@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .cli import _run, _setup_logging, _verbosity, cli
+from .cli import INPUT_FOLDER, _run, _setup_logging, _verbosity, cli
 from .cli_params import FINITE, FRACTION, SECONDS
 from .config import MODEL_ENV
 from .errors import EXIT_THRESHOLD, ConfigError
@@ -28,7 +28,7 @@ def _fail_on(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 
 
 @cli.command()
-@click.argument("predictions", type=click.Path(exists=True, file_okay=False))
+@click.argument("predictions", type=INPUT_FOLDER)
 @click.option("--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The labels people gave (manifest or CSV); without it: confidence, duplicates, outliers.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the queue.")
@@ -105,7 +105,7 @@ def relabel(decisions, manifest_path, out, dry_run, user, new_labels, wait, quie
 
 
 @cli.command()
-@click.argument("predictions", type=click.Path(exists=True, file_okay=False))
+@click.argument("predictions", type=INPUT_FOLDER)
 @click.option("--to", "to", required=True, type=click.Path(file_okay=False), help="Folder to copy into.")
 @click.option("--min-confidence", type=FRACTION, required=True,
               help="Copies at or above this confidence go to TO/<label>/, the rest to TO/_review/.")

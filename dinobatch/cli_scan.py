@@ -7,14 +7,14 @@ import sys
 
 import click
 
-from .cli import _Progress, _run, _say_error, _setup_logging, _verbosity, cli
+from .cli import INPUT_FOLDER, _Progress, _run, _say_error, _setup_logging, _verbosity, cli
 from .errors import EXIT_INTERRUPTED
 
 log = logging.getLogger("dinobatch")
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(file_okay=False, path_type=str))
+@click.argument("folder", type=INPUT_FOLDER)
 @click.option("-o", "--output", default="scan.parquet", type=click.Path(dir_okay=False),
               help="Parquet file to write (atomically): one row per file found.")
 @click.option("-j", "--workers", type=click.IntRange(min=0), default=None,

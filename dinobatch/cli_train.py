@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .cli import _Progress, _run, _setup_logging, _verbosity, cli
+from .cli import INPUT_FOLDER, _Progress, _run, _setup_logging, _verbosity, cli
 from .cli_params import FINITE, SECONDS, finite_float
 from .config import MODEL_ENV
 from .device import PRECISIONS
@@ -28,7 +28,7 @@ def _ints(text: str) -> list[int]:
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("folder", type=INPUT_FOLDER)
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Manifest file (.parquet).")
 @click.option("--split", "fractions", default="0.8,0.1,0.1", help="train,val,test fractions.")
 @click.option("--seed", type=int, default=0, help="Seed of the split.")

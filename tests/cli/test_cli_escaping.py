@@ -93,8 +93,8 @@ def test_error_messages_are_escaped(tmp_path, nasty_model):
 
 
 def test_click_usage_errors_are_escaped(tmp_path):
-    result = invoke("results", tmp_path / "no\x1b[2Jsuch")
-    assert result.exit_code == 2
+    result = invoke("classify", tmp_path, "--precision", "no\x1b[2Jsuch")
+    assert result.exit_code == 2 and "no\\x1b[2Jsuch" in result.output
     assert_escaped(result.output)
 
 
