@@ -17,7 +17,7 @@ import click
 from . import __version__
 from .cli_params import SECONDS, config_type_error
 from .config import CONFIG_ENV, MAX_BATCH_SIZE, MODEL_ENV, ClassifyConfig, load_config_file
-from .device import PRECISIONS
+from .device import CUDA_MAX_WORKERS, PRECISIONS
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, DinobatchError, OutputError
 from .model import MAX_CROP, MAX_RESIZE
 from .terminal import printable
@@ -27,6 +27,8 @@ __all__ = ["main", "cli"]
 log = logging.getLogger("dinobatch")
 
 _PROGRESS_LOG_EVERY_S = 10.0
+# The --device help of every command that runs a model.
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (asked for and missing: error)."
 
 
 class _JsonFormatter(logging.Formatter):
@@ -230,13 +232,15 @@ def cli() -> None:
 @click.option("-o", "--out", default="results", help="Output folder for Parquet rows and summaries.")
 @click.option("-m", "--model", envvar=MODEL_ENV, default="imagenet",
               help=f"Model file, or 'imagenet' (torchvision ResNet50 weights) [env {MODEL_ENV}].")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (asked for and missing: error).")
+@click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
 @click.option("-b", "--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=None,
               help="Images per batch [default: 32 on CPU, the largest that fits (<= 512) on CUDA].")
 @click.option("-j", "--workers", type=click.IntRange(min=0), default=None,
-              help="Decode worker processes [default: half the cores on CPU, cores-1 (max 8) on CUDA].")
+              help=("How images are decoded [default: on CPU, between batches, a pool of one process per usable "
+                    f"core; on CUDA, cores-1 (at most {CUDA_MAX_WORKERS}) DataLoader workers]; N: N DataLoader "
+                    "workers beside the model; 0: in this process."))
 @click.option("--compile", "compile", is_flag=True,
               help="torch.compile the model: faster batches after a one-off compile (worth it for large runs).")
 @click.option("--gpu-decode/--no-gpu-decode", default=True,
@@ -309,7 +313,8 @@ def model() -> None:
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
 @click.option("--resize", type=click.IntRange(1, MAX_RESIZE), default=256, help="Shorter side before cropping.")
 @click.option("--crop", type=click.IntRange(1, MAX_CROP), default=224, help="Centre crop (model input size).")
-@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default="bilinear")
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default="bilinear",
+              help="Resampling of the resize.")
 @_verbosity
 def model_import(state_dict: str, arch: str, labels_path: str, out: str, resize: int, crop: int,
                  interpolation: str, quiet: bool, verbose: bool) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .cli import INPUT_FOLDER, _run, _setup_logging, _verbosity, cli
+from .cli import DEVICE_HELP, INPUT_FOLDER, _run, _setup_logging, _verbosity, cli
 from .cli_params import FINITE, FRACTION, SECONDS
 from .config import MODEL_ENV
 from .errors import EXIT_THRESHOLD, ConfigError
@@ -27,6 +27,17 @@ def _fail_on(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+class _FailOnOption(click.Option):
+    """--fail-on, whose help lists curate.REASONS: imported only when help is shown (curate loads numpy and Arrow)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from .curate import REASONS
+
+        self.help = ("Exit 8 (after writing everything) when the share of images flagged for REASON is above SHARE "
+                     f"(0.05 or 5%); repeatable. REASON: {', '.join(REASONS)}, or any.")
+        return super().get_help_record(ctx)
+
+
 @cli.command()
 @click.argument("predictions", type=INPUT_FOLDER)
 @click.option("--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -41,8 +52,7 @@ def _fail_on(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
 @click.option("--embedding-duplicate", type=FRACTION, default=0.97,
               help="Cosine similarity from which two embeddings are the same scene.")
 @click.option("--outlier-z", type=FINITE, default=3.5, help="Robust z-score from which an image is an outlier.")
-@click.option("--fail-on", "fail_on", multiple=True, metavar="REASON=SHARE",
-              help="Exit 8 when the share of images flagged for REASON (or 'any') passes SHARE.")
+@click.option("--fail-on", "fail_on", multiple=True, metavar="REASON=SHARE", cls=_FailOnOption)
 @_verbosity
 def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, method, embedding_duplicate,
            outlier_z, fail_on, quiet, verbose) -> None:
@@ -73,7 +83,8 @@ def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, 
 
 @cli.command()
 @click.argument("decisions", type=click.Path(exists=True, dir_okay=False))
-@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The manifest to change.")
 @click.option("-o", "--out", default=None, type=click.Path(dir_okay=False),
               help="New manifest version [default: MANIFEST.vN.parquet beside it].")
 @click.option("--dry-run", is_flag=True, help="Print the changes; write nothing.")
@@ -136,7 +147,7 @@ def export(predictions, to, min_confidence, copy_outside_links, quiet, verbose) 
 @click.option("--species", type=click.Path(dir_okay=False), default=None, help="Species facts CSV.")
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
               help="Folder for cached reference embeddings [default: ~/.cache/dinobatch/embeddings].")
-@click.option("--device", default="auto")
+@click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_verbosity
 def similar(images, model, reference, top_k, neighbours, species, cache, device, as_json, quiet, verbose) -> None:

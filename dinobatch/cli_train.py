@@ -6,12 +6,17 @@ import json
 
 import click
 
-from .cli import INPUT_FOLDER, _Progress, _run, _setup_logging, _verbosity, cli
+from .cli import DEVICE_HELP, INPUT_FOLDER, _Progress, _run, _setup_logging, _verbosity, cli
 from .cli_params import FINITE, SECONDS, finite_float
 from .config import MODEL_ENV
-from .device import PRECISIONS
+from .device import CPU_MAX_WORKERS, CUDA_MAX_WORKERS, PRECISIONS
 from .errors import ConfigError
 from .terminal import printable
+
+
+_WORKERS_HELP = (f"Data loader workers [default: half the usable cores (at most {CPU_MAX_WORKERS}) on CPU, "
+                 f"cores-1 (at most {CUDA_MAX_WORKERS}) on CUDA]; 0 loads in this process.")
+_PRECISION_HELP = "auto: bf16/fp16 mixed precision on CUDA, fp32 on CPU."
 
 
 def _wait_option(f):
@@ -69,7 +74,7 @@ def manifest(folder, out, fractions, seed, kind, phash_max, dhash_max, quiet, ve
 @click.option("--level", type=click.IntRange(0, 6), required=True, help="Augmentation level 0-6.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for images and manifest.")
 @click.option("--splits", default="train", help="Comma-separated splits to augment.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=int, default=0, help="Seed of the augmentations drawn.")
 @_wait_option
 @_verbosity
 def augment(manifest_path, level, out, splits, seed, wait, quiet, verbose) -> None:
@@ -105,16 +110,15 @@ def _train_options(f):
         click.option("--lr", type=FINITE, default=0.01, help="Learning rate."),
         click.option("--final-epochs", type=click.IntRange(min=0), default=1, help="Epochs at --final-lr after those."),
         click.option("--final-lr", type=FINITE, default=None, help="Learning rate of the final epochs [default: lr/2]."),
-        click.option("-b", "--batch-size", type=click.IntRange(min=1), default=128),
-        click.option("--momentum", type=FINITE, default=0.9),
-        click.option("--weight-decay", type=FINITE, default=1e-4),
+        click.option("-b", "--batch-size", type=click.IntRange(min=1), default=128, help="Images per training step."),
+        click.option("--momentum", type=FINITE, default=0.9, help="SGD momentum, 0 <= M < 1."),
+        click.option("--weight-decay", type=FINITE, default=1e-4, help="SGD weight decay (L2), >= 0."),
         click.option("--augment-level", type=click.IntRange(0, 6), default=2, help="On-the-fly augmentation."),
         click.option("--freeze-backbone", is_flag=True, help="Train the classifier only."),
         click.option("--image-size", type=click.IntRange(min=16), default=224, help="Model input size (crop)."),
-        click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
-                     help="auto: bf16/fp16 AMP on CUDA, fp32 on CPU."),
-        click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help="Data loader workers."),
+        click.option("--device", default="auto", help=DEVICE_HELP),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=_PRECISION_HELP),
+        click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=_WORKERS_HELP),
         click.option("--seed", type=int, default=0, help="Seed of initialisation, order and augmentation."),
     ]):
         f = decorator(f)
@@ -173,10 +177,10 @@ def _num(x) -> str:
 @click.option("-m", "--model", envvar=MODEL_ENV, required=True, help=f"Model file [env {MODEL_ENV}].")
 @click.option("--split", default="test", help="Split to evaluate (train, val, test, or 'all').")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
-@click.option("--device", default="auto")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto")
-@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32)
-@click.option("-j", "--workers", type=click.IntRange(min=0), default=None)
+@click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=_PRECISION_HELP)
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, help="Images per batch.")
+@click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=_WORKERS_HELP)
 @_wait_option
 @_verbosity
 def evaluate(manifest_path, model, split, out, device, precision, batch_size, workers, wait, quiet, verbose) -> None:
@@ -205,15 +209,15 @@ def evaluate(manifest_path, model, split, out, device, precision, batch_size, wo
 @click.option("--lr", "lrs", default="0.01", help="Comma-separated values.")
 @click.option("--augment-level", "levels", default="2", help="Comma-separated values.")
 @click.option("--epochs", "epoch_list", default="10", help="Comma-separated values.")
-@click.option("--arch", default="resnet50")
-@click.option("--pretrained", default="imagenet")
-@click.option("--final-epochs", type=click.IntRange(min=0), default=1)
-@click.option("--image-size", type=click.IntRange(min=16), default=224)
-@click.option("--freeze-backbone", is_flag=True)
-@click.option("--device", default="auto")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto")
-@click.option("-j", "--workers", type=click.IntRange(min=0), default=None)
-@click.option("--seed", type=int, default=0)
+@click.option("--arch", default="resnet50", help="torchvision ResNet-family architecture, every trial.")
+@click.option("--pretrained", default="imagenet", help="imagenet, none, or a dinobatch model file, every trial.")
+@click.option("--final-epochs", type=click.IntRange(min=0), default=1, help="Epochs at lr/2 after --epochs.")
+@click.option("--image-size", type=click.IntRange(min=16), default=224, help="Model input size (crop).")
+@click.option("--freeze-backbone", is_flag=True, help="Train the classifier only.")
+@click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=_PRECISION_HELP)
+@click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=_WORKERS_HELP)
+@click.option("--seed", type=int, default=0, help="Seed of initialisation, order and augmentation.")
 @_wait_option
 @_verbosity
 def sweep(manifest_path, out, batch_sizes, lrs, levels, epoch_list, wait, quiet, verbose, **options) -> None:

@@ -113,6 +113,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 # benchmarks/gpu.py, one run): 8 workers 607 img/s, 15 workers 926, 16 workers 928, the model alone
 # 15,745. Past 16 each worker's memory (a few hundred MB) is spent for a gain nobody has measured.
 CUDA_MAX_WORKERS = 16
+# On CPU the model's threads need the other cores (train, evaluate and sweep; classify uses the burst pool).
+CPU_MAX_WORKERS = 4
 
 
 def default_workers(device_type: str, requested: int | None) -> int:
@@ -122,7 +124,7 @@ def default_workers(device_type: str, requested: int | None) -> int:
     cores = usable_cores()
     if device_type == "cuda":
         return max(1, min(CUDA_MAX_WORKERS, cores - 1))
-    return max(1, min(4, cores // 2))
+    return max(1, min(CPU_MAX_WORKERS, cores // 2))
 
 
 def _resolve_device(device: str, torch: Any):
