@@ -104,6 +104,9 @@ def scan_folder(cfg: ScanConfig, progress: Progress | None = None) -> ScanSummar
     cfg = dataclasses.replace(cfg, folder=check_folder(cfg.folder), output=os.path.abspath(cfg.output))
     files, abspaths = _files(cfg)
     log.info("found %d files under %s", files.num_rows, cfg.folder)
+    if not files.num_rows:  # not an error (the output is written, with no rows), but say what was expected
+        log.warning("no files to scan under %s (names starting with '.', such as .gitkeep, are skipped): "
+                    "put the images there, in any sub-folders, and run again", cfg.folder)
     workers = default_scan_workers() if cfg.workers is None else cfg.workers
     release_memory()  # here and below: one stage's freed temporaries never add to the next one's peak
     hashed = _hash_all(files, abspaths, workers, progress)
