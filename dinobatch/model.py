@@ -11,15 +11,19 @@ code in the file ever runs)::
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import math
 import os
+import shlex
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
+from .model_diagnose import describe_not_torch, matching_archs, refused_global
 
 __all__ = [
     "FORMAT",
@@ -54,6 +58,7 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 MAX_RESIZE = 2048
 MAX_CROP = 1024
 _DOWNLOAD_TIMEOUT_S = 60
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -169,26 +174,58 @@ def save_model(path: str | Path, spec: ModelSpec, state_dict: dict) -> str:
 
 def _torch_load(path: Path) -> tuple[Any, str]:
     """The file's content (weights only, no code run) and the sha256 of exactly those bytes."""
-    import io
     import pickle
-
-    import torch
 
     try:
         data = path.read_bytes()  # read once: the fingerprint must describe the weights loaded
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), hashlib.sha256(data).hexdigest()
     except FileNotFoundError as exc:
         raise ModelError(f"model file not found: {path}") from exc
     except IsADirectoryError as exc:
         raise ModelError(f"model path is a folder, not a file: {path}") from exc
-    except pickle.UnpicklingError as exc:
-        raise ModelError(f"{path} holds Python objects other than tensors, which dinobatch refuses "
-                         f"to unpickle (it could run code). Save a state_dict instead: "
-                         f"torch.save(model.state_dict(), PATH)") from exc
     except OSError as exc:
         raise ModelError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
-    except Exception as exc:  # arbitrary bytes make the unpickler fail in arbitrary ways
-        raise ModelError(f"{path} is not a PyTorch file ({type(exc).__name__}: {exc})") from exc
+    what = describe_not_torch(data)
+    if what is not None:  # named before torch.load, whose errors on such bytes mislead
+        raise ModelError(f"{path} is not a PyTorch file: {what}")
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), hashlib.sha256(data).hexdigest()
+    except pickle.UnpicklingError as exc:
+        refused = refused_global(str(exc))
+        if refused is None:
+            raise ModelError(f"{path} is a damaged PyTorch file, or one this torch cannot read with "
+                             f"weights_only: {_last_line(exc)}") from exc
+        raise ModelError(f"{path} holds Python objects other than tensors ({refused}), which dinobatch "
+                         f"refuses to unpickle (it could run code). Save a state_dict instead: "
+                         f"torch.save(model.state_dict(), PATH)") from exc
+    except Exception as exc:  # a damaged archive or pickle makes the loader fail in arbitrary ways
+        raise ModelError(f"{path} is a damaged PyTorch file ({type(exc).__name__}: {_last_line(exc)})") from exc
+
+
+def _last_line(exc: BaseException) -> str:
+    """The informative line of torch's multi-paragraph load errors."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "documentation" not in line]
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
+def _not_a_model_file(path: Path, payload: Any) -> ModelError:
+    """Why a loaded file is not a dinobatch model, with the exact import command when it is a state_dict."""
+    try:
+        state_dict = _unwrap_state_dict(payload, str(path))
+    except ModelError:
+        kind = (f"a dict with keys {sorted(map(str, payload))[:5]}" if isinstance(payload, dict)
+                else f"a {type(payload).__name__}")
+        return ModelError(f"{path} is not a dinobatch model file nor a state_dict: it holds {kind}")
+    archs = matching_archs(state_dict, ARCHS)
+    if not archs:
+        return ModelError(f"{path} is a plain state_dict, not a dinobatch model file, and its parameter names "
+                          f"and shapes match none of the supported architectures ({', '.join(ARCHS)})")
+    fc = state_dict.get("fc.weight")
+    classes = f" with {fc.shape[0]} classes" if fc is not None else ""
+    return ModelError(f"{path} is a plain state_dict of a torchvision {archs[0]}{classes}, not a dinobatch "
+                      f"model file. To wrap it with its labels (one per line, in class order), run: "
+                      f"dinobatch model import {shlex.quote(str(path))} --arch {archs[0]} --labels LABELS.txt --out MODEL")
 
 
 def load_model(path: str | Path) -> LoadedModel:
@@ -196,8 +233,7 @@ def load_model(path: str | Path) -> LoadedModel:
     path = Path(path)
     payload, fingerprint = _torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ModelError(f"{path} is not a dinobatch model file. To wrap a plain state_dict, run: "
-                         f"dinobatch model import {path} --arch resnet50 --labels LABELS.txt --out MODEL")
+        raise _not_a_model_file(path, payload)
     if payload.get("format_version") != FORMAT_VERSION:
         raise ModelError(f"{path} has model format version {payload.get('format_version')!r}; "
                          f"this dinobatch reads version {FORMAT_VERSION}")
@@ -224,10 +260,17 @@ def _module_with_weights(arch: str, labels: tuple[str, ...], state_dict: Any, wh
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:4])
-        raise ModelError(f"{where}: weights do not fit a torchvision {arch}: {detail}") from exc
+        raise ModelError(f"{where}: weights do not fit a torchvision {arch}: {detail}"
+                         f"{_fits_instead(state_dict, arch)}") from exc
     if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
         raise ModelError(f"{where}: weights do not fit a torchvision {arch}: some tensors were not loaded")
     return module.eval()
+
+
+def _fits_instead(state_dict: dict, arch: str) -> str:
+    """'. Its ... match X: use --arch X' when the weights fit another supported architecture."""
+    others = [a for a in matching_archs(state_dict, ARCHS) if a != arch]
+    return f". Its parameter names and shapes match {others[0]}: use --arch {others[0]}" if others else ""
 
 
 def read_labels(path: str | Path) -> tuple[str, ...]:
@@ -330,10 +373,10 @@ def initial_module(arch: str, labels: tuple[str, ...], pretrained: str):
 
 def _fetch_weights(weights: Any, cached: Path) -> dict:
     """Load from torchvision's cache, downloading (hash-checked) only when it is missing."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torch.hub's urlopen has no timeout of its own
     try:
-        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+        if not cached.exists():
+            _download(weights.url, cached)
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)  # now a cache hit
     except (OSError, RuntimeError, ValueError) as exc:
         raise ModelError(
             f"cannot get torchvision's ImageNet weights {type(weights).__name__}.{weights.name}: {exc}. "
@@ -341,6 +384,20 @@ def _fetch_weights(weights: Any, cached: Path) -> dict:
             f"(offline?). Either copy that file to {cached} (TORCH_HOME moves the cache), or use a "
             f"dinobatch model file instead: --model FILE for classify (see 'dinobatch model import'), "
             f"--pretrained none or --pretrained FILE for train.") from exc
+
+
+def _download(url: str, cached: Path) -> None:
+    """torch.hub's download, hash-checked, announced through logging: torch.hub's own path writes
+    'Downloading: ...' on stdout, which would corrupt --json output."""
+    import torch.hub
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(cached.name)
+    logger.info("downloading %s to %s", url, cached)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # torch.hub's urlopen has no timeout of its own
+    try:
+        torch.hub.download_url_to_file(url, str(cached), match.group(1) if match else None, progress=False)
     finally:
         socket.setdefaulttimeout(previous)
 
