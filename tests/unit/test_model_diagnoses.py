@@ -3,13 +3,9 @@ architecture its keys match, and fetching torchvision's weights prints nothing o
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import http.server
 import io
 import logging
 import pickle
-import threading
 
 import pytest
 import torch
@@ -17,6 +13,7 @@ import torch
 from dinobatch.errors import EXIT_MODEL, ModelError
 from dinobatch.model import build_module, import_state_dict, initial_module, load_model
 from tests.conftest import LABELS
+from tests.weights_server import publish_weights, serving
 
 
 def _torch_bytes(obj) -> bytes:
@@ -81,43 +78,23 @@ def test_import_with_the_wrong_arch_names_the_one_that_fits(tmp_path):
                           out=tmp_path / "m.pt")
 
 
-@pytest.fixture
-def weights_server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving a folder: torch.hub's own download code runs against it."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join()
-
-
-def test_downloading_torchvision_weights_writes_nothing_on_stdout(tmp_path, monkeypatch, capfd, caplog,
-                                                                   weights_server):
+def test_downloading_torchvision_weights_writes_nothing_on_stdout(tmp_path, monkeypatch, capfd, caplog):
     from torchvision.models import ResNet18_Weights
 
-    served, base = weights_server
     torch.manual_seed(0)
     full = build_module("resnet18", 1000).state_dict()
     state = {k: v.half() if v.is_floating_point() else v for k, v in full.items()}  # half the bytes to serve
-    data = _torch_bytes(state)
-    name = f"resnet18-{hashlib.sha256(data).hexdigest()[:8]}.pth"  # torch.hub checks this hash prefix
-    (served / name).write_bytes(data)
-    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.value, "url", f"{base}/{name}")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    capfd.readouterr()
-    with caplog.at_level(logging.INFO, logger="dinobatch"):
-        module, start = initial_module("resnet18", LABELS, "imagenet")
+    (tmp_path / "served").mkdir()
+    with serving(tmp_path / "served") as base:
+        name = publish_weights(monkeypatch, ResNet18_Weights.IMAGENET1K_V1, state, tmp_path / "served", base,
+                               "resnet18")
+        capfd.readouterr()
+        with caplog.at_level(logging.INFO, logger="dinobatch"):
+            module, start = initial_module("resnet18", LABELS, "imagenet")
     out, _ = capfd.readouterr()
     assert out == ""  # stdout stays clean for --json consumers
-    assert (tmp_path / "torch" / "hub" / "checkpoints" / name).read_bytes() == data
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / name).read_bytes() == (tmp_path / "served" / name).read_bytes()
     assert any("downloading" in r.getMessage() and name in r.getMessage() for r in caplog.records)
     assert torch.equal(module.conv1.weight, state["conv1.weight"].float())
     assert start["pretrained"] == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
