@@ -138,14 +138,15 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
     t0 = time.monotonic()
     # absolute paths in the saved configuration: curate --html and export run from other folders
     cfg = dataclasses.replace(cfg, folder=check_folder(cfg.folder), out=os.path.abspath(cfg.out))
-    runtime = resolve_runtime(cfg.device, cfg.precision)
     decode_budget.from_env()  # a bad DINOBATCH_DECODE_MEMORY is refused now, not after the folder is hashed
-    process = tune_process(runtime)  # before the model allocates: the allocator settings apply from here
-    model = resolve_model(cfg.model)
-    species = load_species(cfg.species if cfg.species else default_species_csv())
     out = ResultsDir(cfg.out)
     out.ensure()
+    # the lock first: a run that finds the output in use exits 9 at once, before torch and the model load
     with exclusive(out.path / ".lock", wait=cfg.wait):
+        runtime = resolve_runtime(cfg.device, cfg.precision)
+        process = tune_process(runtime)  # before the model allocates: the allocator settings apply from here
+        model = resolve_model(cfg.model)
+        species = load_species(cfg.species if cfg.species else default_species_csv())
         # the run id is taken under the lock and after every earlier run's, so 'newest run' is the
         # run that scanned last, even after a --wait or a clock stepped back
         started = max(datetime.now(timezone.utc), out.newest_run_time() + timedelta(microseconds=1))
