@@ -296,8 +296,19 @@ def _print_summary(s) -> None:
     rate = f", {s.images_per_second} images/s" if s.images_per_second else ""
     click.echo(f"inferred {s.inferred} new, reused {s.reused}; {s.seconds:.1f} s{rate} on {s.runtime}")
     click.echo(f"rows: {printable(s.rows_file)}")
-    for err in s.errors[:5]:
+    _print_errors(s.errors, c.get("error", 0))
+
+
+_ERRORS_SHOWN = 5  # errors a summary prints; every one is a row with status "error"
+
+
+def _print_errors(errors: list[dict[str, str]], total: int) -> None:
+    """The first few errors of a run, then how many more the rows hold, so a cut list is not read as all."""
+    for err in errors[:_ERRORS_SHOWN]:
         click.echo(f"  error: {printable(err['path'])}: {printable(err['error'])}")
+    more = total - min(len(errors), _ERRORS_SHOWN)
+    if more > 0:
+        click.echo(f"  ... and {more} more error{'s' if more > 1 else ''} (every one is a row with status error)")
 
 
 @cli.group()

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from .cli import INPUT_FOLDER, _Progress, _run, _say_error, _setup_logging, _verbosity, cli
+from .cli import INPUT_FOLDER, _print_errors, _Progress, _run, _say_error, _setup_logging, _verbosity, cli
+from .terminal import printable
 from .errors import EXIT_INTERRUPTED
 
 log = logging.getLogger("dinobatch")
@@ -46,12 +47,27 @@ def scan(folder: str, output: str, workers: int | None, phash_max: int, dhash_ma
         if summary_json:
             write_json(summary.to_dict(), summary_json)
         _log_summary(summary)
+        if not quiet:
+            _print_summary(summary)
 
     _run(body)
 
 
+def _print_summary(s) -> None:
+    """The summary on stdout, as classify prints its own."""
+    c = s.counts
+    click.echo(f"{s.files} files: {c['ok']} ok, {c['duplicate']} duplicate, {c['error']} error "
+               f"({s.duplicate_groups} duplicate groups)")
+    rate = f", {s.images_per_second} images/s" if s.images_per_second else ""
+    click.echo(f"{s.seconds:.1f} s{rate}\nrows: {printable(s.output)}")
+    _print_errors(s.errors, c["error"])
+
+
 def _log_summary(s) -> None:
-    """The one-line summary on stderr (a JSON log record with --log-format json; none with -q)."""
+    """With --log-format json, the summary also as one JSON log record on stderr, for log shippers."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.meta.get("dinobatch.log_format") != "json":
+        return
     c = s.counts
     rate = f", {s.images_per_second} images/s" if s.images_per_second else ""
     log.info("%d files: %d ok, %d duplicate, %d error (%d duplicate groups); %.1f s%s -> %s",

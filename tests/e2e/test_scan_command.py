@@ -142,11 +142,13 @@ def test_missing_folder_is_an_input_error(tmp_path):
 
 
 def test_summary_line_is_one_json_log_record_with_log_format_json(folder, tmp_path):
-    code, output = scan(folder, "-o", tmp_path / "s.parquet", "--log-format", "json")
-    assert code == 0
-    records = [json.loads(line) for line in output.splitlines() if line.strip()]
+    result = CliRunner().invoke(cli, ["scan", str(folder), "-o", str(tmp_path / "s.parquet"), "--log-format", "json"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
     last = records[-1]["message"]
     assert "16 files: 10 ok, 2 duplicate, 4 error (2 duplicate groups)" in last and "images/s" in last
+    assert "16 files: 10 ok" in result.stdout  # the human summary is on stdout, as classify's
 
 
 _MEASURE = """import json, resource, sys
