@@ -172,12 +172,16 @@ def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, pro
     todo = _Todo(files[Col.ABSPATH], shas, cached)
     reused = pc.count_distinct(shas.filter(pc.is_in(shas, value_set=cached))).as_py()
     del cached
-    log.info("%d unique contents to infer, %d already have predictions from this model", len(todo), reused)
+    log.info("%d unique contents to decode and infer, %d already have predictions from this model",
+             len(todo), reused)
     release_memory()  # here and below: one stage's freed temporaries never add to the next one's peak
 
     metadata = schema_metadata(version=__version__, model_name=model.name, model_fingerprint=model.fingerprint,
                                labels=list(model.spec.labels), folder=cfg.folder)
     decode_errors, changed, infer_seconds = _infer(cfg, out, model, runtime, todo, run_id, metadata, progress)
+    # contents that fail to decode are not cached, so each run counts them again among those to infer
+    log.info("inferred %d new contents, %d could not be decoded (rows with status error; tried again next run)",
+             len(todo) - len(decode_errors), len(decode_errors))
     release_memory()
     changed_mask = pc.is_in(files[Col.ABSPATH], value_set=pa.array([os.fsencode(p) for p in changed], pa.binary()))
     errors = pc.if_else(changed_mask, "file changed while dinobatch was reading it; the next run classifies it",

@@ -293,8 +293,11 @@ def _print_summary(s) -> None:
     c = s.counts
     click.echo(f"{s.files} files: {c.get('ok', 0)} ok, {c.get('duplicate', 0)} duplicate, "
                f"{c.get('error', 0)} error ({s.duplicate_groups} duplicate groups)")
-    rate = f", {s.images_per_second} images/s" if s.images_per_second else ""
-    click.echo(f"inferred {s.inferred} new, reused {s.reused}; {s.seconds:.1f} s{rate} on {s.runtime}")
+    # images_per_second is the inference stage's rate (decode + model over the new contents), not files
+    # over the run's seconds, which also walk, hash and write: the line says which is which
+    rate = f"; decode and inference: {s.images_per_second} images/s" if s.images_per_second else ""
+    click.echo(f"inferred {s.inferred} new, reused {s.reused} ({s.runtime})")
+    click.echo(f"{s.seconds:.1f} s in all{rate}")
     click.echo(f"rows: {printable(s.rows_file)}")
     _print_errors(s.errors, c.get("error", 0))
 

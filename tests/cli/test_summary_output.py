@@ -3,6 +3,9 @@ error list cut at a few that says how many more there are, and rates that say wh
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 from click.testing import CliRunner
 
@@ -40,3 +43,24 @@ def test_scan_prints_its_summary_on_stdout_and_nothing_with_quiet(seven_bad, tmp
     assert "  ... and 2 more errors" in result.stdout
     quiet = invoke("scan", seven_bad, "-o", tmp_path / "s.parquet", "-j", "0", "-q")
     assert quiet.exit_code == 0 and quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_classify_says_what_its_images_per_second_measures(seven_bad, tiny_model, tmp_path):
+    result = invoke("classify", seven_bad, "-m", tiny_model, "-o", tmp_path / "out", "-j", "0")
+    assert result.exit_code == 0, result.output
+    # the rate is the inference stage's (decode + model), not files / the run's seconds: the line says so
+    timing = re.search(r"([\d.]+) s in all; decode and inference: ([\d.]+) images/s", result.stdout)
+    assert timing, result.stdout
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert float(timing.group(2)) == summary["images_per_second"]  # the JSON key keeps its meaning
+
+
+def test_a_rerun_logs_counts_that_add_up(seven_bad, tiny_model, tmp_path):
+    args = ("classify", seven_bad, "-m", tiny_model, "-o", tmp_path / "out", "-j", "0")
+    assert invoke(*args).exit_code == 0
+    rerun = invoke(*args)  # the good file is reused; the seven unreadable ones are tried again
+    assert rerun.exit_code == 0, rerun.output
+    todo = int(re.search(r"(\d+) unique contents to decode and infer", rerun.stderr).group(1))
+    done = re.search(r"inferred (\d+) new contents?, (\d+) could not be decoded", rerun.stderr)
+    assert done, rerun.stderr
+    assert (todo, int(done.group(1)), int(done.group(2))) == (7, 0, 7)
