@@ -160,8 +160,8 @@ def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, pro
     files = walk_table(cfg.folder, exclude=cfg.out)  # an --out inside the folder is not input
     log.info("found %d files under %s", files.num_rows, cfg.folder)
     if not files.num_rows:  # a quiet night in cron, or a newcomer's first run: not an error, but say so
-        log.warning("no files to classify under %s (names starting with '.', such as .gitkeep, are skipped): "
-                    "put the images there, in any sub-folders, and run again", cfg.folder)
+        log.info("no files to classify under %s (names starting with '.', such as .gitkeep, are skipped): "
+                 "put the images there, in any sub-folders, and run again", cfg.folder)
     hashed_at = time.time_ns()
     index = file_index_schema().empty_table() if cfg.force else out.read_file_index()
     shas, errors = _fingerprint(files, index, progress)

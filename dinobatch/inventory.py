@@ -105,8 +105,8 @@ def scan_folder(cfg: ScanConfig, progress: Progress | None = None) -> ScanSummar
     files, abspaths = _files(cfg)
     log.info("found %d files under %s", files.num_rows, cfg.folder)
     if not files.num_rows:  # not an error (the output is written, with no rows), but say what was expected
-        log.warning("no files to scan under %s (names starting with '.', such as .gitkeep, are skipped): "
-                    "put the images there, in any sub-folders, and run again", cfg.folder)
+        log.info("no files to scan under %s (names starting with '.', such as .gitkeep, are skipped): "
+                 "put the images there, in any sub-folders, and run again", cfg.folder)
     workers = default_scan_workers() if cfg.workers is None else cfg.workers
     release_memory()  # here and below: one stage's freed temporaries never add to the next one's peak
     hashed = _hash_all(files, abspaths, workers, progress)
