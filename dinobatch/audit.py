@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import glob
 import io
 import json
 import logging
@@ -29,7 +30,7 @@ import pyarrow as pa
 
 from . import faults
 from .errors import ConfigError, OutputError
-from .results import atomic_path, table_metadata
+from .results import atomic_path, fsync_dir, table_metadata
 from .terminal import spreadsheet_safe
 
 __all__ = ["AUDIT_FIELDS", "Family", "new_record", "record_of", "complete_log", "publish"]
@@ -66,7 +67,7 @@ class Family:
     def versions(self) -> list[Path]:
         """NAME.vN.parquet files here, by number."""
         pattern = re.compile(rf"{re.escape(self.stem)}\.v(\d+)\.parquet")
-        found = [(int(m[1]), p) for p in self.folder.glob(f"{glob_escape(self.stem)}.v*.parquet")
+        found = [(int(m[1]), p) for p in self.folder.glob(f"{glob.escape(self.stem)}.v*.parquet")
                  if (m := pattern.fullmatch(p.name))]
         return [p for _, p in sorted(found)]
 
@@ -92,11 +93,6 @@ class Family:
                     with contextlib.suppress(OSError):
                         tmp.unlink()
                         log.info("removed %s, left by a relabel that was killed", tmp)
-
-
-def glob_escape(text: str) -> str:
-    """text as a glob pattern that matches only itself."""
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def new_record(changes: list[tuple[str, ...]], *, origin: dict[str, str], source: Path, target: Path, user: str,
@@ -214,7 +210,7 @@ def publish(table: pa.Table, target: Path, root: Path, record: dict[str, Any], l
         _link_new(staging, target)
         published = True
         staging.unlink()
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)  # a power cut must not lose a version its log names
         faults.point("relabel", "published")
         try:
             append_lines(log_path, lines_of(record))
@@ -253,13 +249,3 @@ def _link_new(staging: Path, target: Path) -> None:
         if target.exists():
             raise ConfigError(f"{target} exists; a new manifest version never replaces a file") from None
         os.replace(staging, target)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a new name in folder durable (a power cut must not lose a version its log names)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -37,7 +37,7 @@ from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Groups, group_among
 from .device import release_memory, usable_cores
 from .results import table_from_columns, write_table
 from .scan import check_folder, display_path, read_bytes, walk_table
-from .workers import fork_pool, run_isolated
+from .workers import fork_pool, kill_broken_pool, run_isolated
 from .schema import (DUPLICATE_EXACT, DUPLICATE_NEAR, STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK, Col, scan_metadata,
                      scan_schema)
 
@@ -293,7 +293,7 @@ def _run_chunks(chunks: Iterator[list], count: int, workers: int) -> Iterator[tu
                     del pending[future]
                     yield from results
             except BrokenProcessPool:
-                pool.shutdown(wait=False, cancel_futures=True)
+                kill_broken_pool(pool)
                 log.warning("a hashing process died; hashing the files it held one at a time")
                 for chunk in list(pending.values()):
                     yield from (_isolated(item) for item in chunk)

@@ -32,7 +32,7 @@ from .errors import OutputError
 from .schema import Col, cache_schema, file_index_schema
 
 __all__ = ["ResultsDir", "CacheWriter", "atomic_path", "write_table", "read_table", "table_metadata",
-           "latest_run", "current_rows", "write_json", "table_from_columns"]
+           "latest_run", "current_rows", "write_json", "table_from_columns", "fsync_dir"]
 
 log = logging.getLogger(__name__)
 # More cache parts than this are merged into one at the end of a run: a nightly run adds a few
@@ -46,7 +46,8 @@ _READ_BATCH = 8192  # rows decoded at a time when reading the cache and the file
 _RUN_ID = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+$")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the names just made in folder path durable (a power cut keeps them); best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -74,7 +75,7 @@ class _Atomic:
             os.fsync(fh.fileno())
         faults.point("write", self.target.name)
         os.replace(self.tmp, self.target)
-        _fsync_dir(self.target.parent)
+        fsync_dir(self.target.parent)
         return self.target
 
     def abort(self) -> None:
