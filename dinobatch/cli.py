@@ -290,16 +290,21 @@ def classify(folder: str, quiet: bool, verbose: bool, as_json: bool, summary_jso
 
 
 def _print_summary(s) -> None:
-    c = s.counts
-    click.echo(f"{s.files} files: {c.get('ok', 0)} ok, {c.get('duplicate', 0)} duplicate, "
-               f"{c.get('error', 0)} error ({s.duplicate_groups} duplicate groups)")
+    _print_counts(s)
     # images_per_second is the inference stage's rate (decode + model over the new contents), not files
     # over the run's seconds, which also walk, hash and write: the line says which is which
     rate = f"; decode and inference: {s.images_per_second} images/s" if s.images_per_second else ""
     click.echo(f"inferred {s.inferred} new, reused {s.reused} ({s.runtime})")
     click.echo(f"{s.seconds:.1f} s in all{rate}")
     click.echo(f"rows: {printable(s.rows_file)}")
-    _print_errors(s.errors, c.get("error", 0))
+    _print_errors(s.errors, s.counts.get("error", 0))
+
+
+def _print_counts(s) -> None:
+    """A run's first summary line (classify's and scan's): files by status and duplicate groups."""
+    c = s.counts
+    click.echo(f"{s.files} files: {c.get('ok', 0)} ok, {c.get('duplicate', 0)} duplicate, "
+               f"{c.get('error', 0)} error ({s.duplicate_groups} duplicate groups)")
 
 
 _ERRORS_SHOWN = 5  # errors a summary prints; every one is a row with status "error"

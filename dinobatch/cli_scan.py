@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .cli import INPUT_FOLDER, _print_errors, _Progress, _run, _say_error, _setup_logging, _verbosity, cli
+from .cli import INPUT_FOLDER, _print_counts, _print_errors, _Progress, _run, _say_error, _setup_logging, _verbosity, cli
 from .terminal import printable
 from .errors import EXIT_INTERRUPTED
 
@@ -55,12 +55,10 @@ def scan(folder: str, output: str, workers: int | None, phash_max: int, dhash_ma
 
 def _print_summary(s) -> None:
     """The summary on stdout, as classify prints its own."""
-    c = s.counts
-    click.echo(f"{s.files} files: {c['ok']} ok, {c['duplicate']} duplicate, {c['error']} error "
-               f"({s.duplicate_groups} duplicate groups)")
+    _print_counts(s)
     rate = f", {s.images_per_second} images/s" if s.images_per_second else ""
     click.echo(f"{s.seconds:.1f} s{rate}\nrows: {printable(s.output)}")
-    _print_errors(s.errors, c["error"])
+    _print_errors(s.errors, s.counts["error"])
 
 
 def _log_summary(s) -> None:

@@ -19,14 +19,18 @@ def _classified(tmp_path, tiny_model, folder):
     return tmp_path / "res"
 
 
-def _export(*args):
-    return CliRunner().invoke(cli, ["export", *map(str, args), "--min-confidence", "0"])
+def _export(*args, min_confidence: float = 0):
+    return CliRunner().invoke(cli, ["export", *map(str, args), "--min-confidence", str(min_confidence)])
+
+
+def _inbox(folder, n: int = 3):
+    for i in range(n):
+        save(picture(i), folder / f"{i}.png")
+    return folder
 
 
 def test_export_into_the_classified_folder_is_refused_before_copying(tmp_path, tiny_model):
-    inbox = tmp_path / "inbox"
-    for i in range(3):
-        save(picture(i), inbox / f"{i}.png")
+    inbox = _inbox(tmp_path / "inbox")
     results = _classified(tmp_path, tiny_model, inbox)
     before = tree_digest(inbox)
     os.symlink(inbox, tmp_path / "alias")
@@ -61,12 +65,10 @@ def test_a_link_to_a_file_outside_the_inbox_is_not_exported_unless_asked(tmp_pat
 def test_export_beside_a_folder_named_like_a_bucket_is_refused_before_copying(tmp_path, tiny_model):
     # TO/_review/... is the classified folder itself when that folder is TO/_review (sorting the review
     # pile of an earlier export, say): the copies would land in it and compound on every cycle
-    inbox = tmp_path / "_review"
-    for i in range(3):
-        save(picture(i), inbox / f"{i}.png")
+    inbox = _inbox(tmp_path / "_review")
     results = _classified(tmp_path, tiny_model, inbox)
     before = tree_digest(inbox)
-    refused = CliRunner().invoke(cli, ["export", str(results), "--to", str(tmp_path), "--min-confidence", "1"])
+    refused = _export(results, "--to", tmp_path, min_confidence=1)
     assert refused.exit_code == EXIT_CONFIG, refused.output
     assert "inside the classified folder" in refused.output
     assert tree_digest(inbox) == before
