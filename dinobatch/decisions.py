@@ -298,9 +298,11 @@ def _within(path: str, folder: str) -> bool:
 def _copy_one(row: dict[str, Any], folder: str, inside: str, to: Path, min_confidence: float,
               outside_links: bool) -> str | None:
     """Copy one classified file; the count it adds to (its bucket, _skipped, _outside), or None."""
+    from .manifest import exact_name  # the exact name: path_bytes where path is escaped
+
     confident = row[Col.STATUS] != "error" and (row[Col.CONFIDENCE] or 0) >= min_confidence
     bucket = _bucket(row[Col.LABEL]) if confident else "_review"
-    rel = os.fsdecode(row[Col.PATH_BYTES]) if row.get(Col.PATH_BYTES) else row[Col.PATH]  # the exact name
+    rel = exact_name(row)
     if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
         log.warning("not copied: %r is not a path inside %s", rel, folder)
         return "_skipped"

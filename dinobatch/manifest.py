@@ -26,7 +26,7 @@ from .decode import DecodeError, decode
 from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, DedupeItem, linked_components
 from .errors import ConfigError, InputError
 from .results import read_table, table_metadata, write_table
-from .scan import display_path, read_bytes, sha256_file, walk
+from .scan import name_and_bytes, read_bytes, sha256_file, walk
 from .schema import SPLITS, STATUS_ERROR, STATUS_OK, Col, manifest_schema
 
 __all__ = ["Manifest", "build_manifest", "write_manifest", "load_manifest", "assign_splits", "name_columns",
@@ -75,8 +75,8 @@ def label_folder(label: str, reserved: tuple[str, ...] = ()) -> str:
 
 def name_columns(raw: str) -> dict[str, Any]:
     """path and path_bytes of a relative name as the file system spells it (the rule of scan's walk)."""
-    shown = display_path(raw).replace(os.sep, "/")
-    return {Col.PATH: shown, Col.PATH_BYTES: os.fsencode(raw) if shown != raw.replace(os.sep, "/") else None}
+    shown, exact = name_and_bytes(raw)
+    return {Col.PATH: shown, Col.PATH_BYTES: exact}
 
 
 def describe_unreadable(failed: Mapping[str, str], noun: str = "image", limit: int = 3) -> str:

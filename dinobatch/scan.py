@@ -15,7 +15,7 @@ from .errors import InputError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["FileEntry", "check_folder", "walk", "walk_table", "sha256_file", "read_bytes", "display_path",
+__all__ = ["FileEntry", "check_folder", "walk", "walk_table", "sha256_file", "read_bytes", "display_path", "name_and_bytes",
            "MAX_FILE_BYTES"]
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,15 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def name_and_bytes(raw: str) -> tuple[str, bytes | None]:
+    """A relative name as tables show it (display_path, '/'-separated), and its exact bytes where the
+    two differ (path and path_bytes: classify's rows, scan's and manifests')."""
+    shown = display_path(raw).replace(os.sep, "/")
+    return shown, (os.fsencode(raw) if shown != raw.replace(os.sep, "/") else None)
+
+
 def _entry(root: str, full: str, st: os.stat_result | None, error: str | None) -> FileEntry:
-    raw_rel = os.path.relpath(full, root)
-    rel = display_path(raw_rel).replace(os.sep, "/")
-    raw = os.fsencode(raw_rel) if rel != raw_rel.replace(os.sep, "/") else None
+    rel, raw = name_and_bytes(os.path.relpath(full, root))
     if error is None and st is not None and not stat.S_ISREG(st.st_mode):
         error = f"skipped: {_kind(st.st_mode)}, not an image file"
     if error is None and st is not None and st.st_size == 0:
