@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -394,7 +393,7 @@ def results(folder, model, out, quiet, verbose) -> None:
     _setup_logging(quiet, verbose)
 
     def body():
-        from .results import atomic_path, current_rows, write_table
+        from .results import atomic_path, current_rows, json_plain, write_table
 
         table = current_rows(folder, model)
         if out is None:
@@ -418,10 +417,7 @@ def results(folder, model, out, quiet, verbose) -> None:
                                      else flat[c] for c in flat.column_names})
                     pacsv.write_csv(flat, tmp)
                 else:
-                    def plain(value):  # path_bytes as base64, so names that are not UTF-8 survive
-                        return base64.b64encode(value).decode() if isinstance(value, bytes) else str(value)
-
-                    tmp.write_text("".join(json.dumps(r, default=plain) + "\n" for r in table.to_pylist()),
+                    tmp.write_text("".join(json.dumps(r, default=json_plain) + "\n" for r in table.to_pylist()),
                                    encoding="utf-8")
         else:
             raise ConfigError(f"--out {out}: use a .parquet, .csv or .jsonl file name")

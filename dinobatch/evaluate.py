@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from .lock import exclusive
 from .manifest import describe_unreadable, load_manifest
 from .metrics import report
 from .model import resolve_model
-from .results import atomic_path, write_table
+from .results import atomic_path, json_plain, write_table
 from .schema import Col
 
 __all__ = ["evaluate", "format_table", "confusion_png"]
@@ -98,7 +97,7 @@ def _write_report(out_dir: Path, metrics: dict[str, Any], table, labels: list[st
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(table, out_dir / "predictions.parquet")
     with atomic_path(out_dir / "predictions.json") as tmp:
-        tmp.write_text(json.dumps(table.drop_columns([Col.PROBS]).to_pylist(), indent=1, default=_plain) + "\n",
+        tmp.write_text(json.dumps(table.drop_columns([Col.PROBS]).to_pylist(), indent=1, default=json_plain) + "\n",
                        encoding="utf-8")
     with atomic_path(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -108,11 +107,6 @@ def _write_report(out_dir: Path, metrics: dict[str, Any], table, labels: list[st
     else:
         log.info("confusion.png skipped: %d classes is more than a picture can show (%d at most)",
                  len(labels), _PNG_MAX_CLASSES)
-
-
-def _plain(value: Any) -> str:
-    """path_bytes in JSON: base64, as `dinobatch results --out x.jsonl` writes it."""
-    return base64.b64encode(value).decode() if isinstance(value, bytes) else str(value)
 
 
 def _subset_report(rows, y, probs, labels, kind) -> dict[str, Any]:

@@ -12,6 +12,7 @@ is invisible to ``pyarrow.parquet.read_table(DIR)``)::
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -32,7 +33,7 @@ from .errors import OutputError
 from .schema import Col, cache_schema, file_index_schema
 
 __all__ = ["ResultsDir", "CacheWriter", "atomic_path", "write_table", "read_table", "table_metadata",
-           "latest_run", "current_rows", "write_json", "table_from_columns", "fsync_dir"]
+           "latest_run", "current_rows", "write_json", "table_from_columns", "fsync_dir", "json_plain"]
 
 log = logging.getLogger(__name__)
 # More cache parts than this are merged into one at the end of a run: a nightly run adds a few
@@ -44,6 +45,11 @@ _RACY_NS = 2_000_000_000
 _ROW_GROUP_BYTES = 8 << 20  # a compacted cache part's row groups: about this much data each
 _READ_BATCH = 8192  # rows decoded at a time when reading the cache and the file index
 _RUN_ID = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+$")
+
+
+def json_plain(value: Any) -> str:
+    """json.dumps' default for rows: path_bytes as base64, so names that are not UTF-8 survive."""
+    return base64.b64encode(value).decode() if isinstance(value, bytes) else str(value)
 
 
 def fsync_dir(path: Path) -> None:
