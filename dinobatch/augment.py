@@ -125,7 +125,7 @@ def materialize(manifest, level: int, out: str | Path, *, splits: Sequence[str] 
 
     from .decode import DecodeError, decode
     from .manifest import describe_unreadable
-    from .scan import read_bytes
+    from .scan import read_bytes, read_error
     from .schema import STATUS_ERROR, STATUS_OK, Col, manifest_schema
 
     out = Path(out)
@@ -140,7 +140,7 @@ def materialize(manifest, level: int, out: str | Path, *, splits: Sequence[str] 
         try:
             rgb = decode(read_bytes(manifest.abspath(row))).image
         except OSError as exc:
-            unreadable[row[Col.PATH]] = f"cannot read file: {exc.strerror or exc}"
+            unreadable[row[Col.PATH]] = read_error(exc)
         except DecodeError as exc:
             unreadable[row[Col.PATH]] = str(exc)
         if row[Col.PATH] in unreadable:

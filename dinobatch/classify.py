@@ -24,7 +24,7 @@ from .infer import WorkItem, predict
 from .lock import exclusive
 from .model import resolve_model
 from .results import ResultsDir
-from .scan import check_folder, sha256_file, walk_table
+from .scan import check_folder, read_error, sha256_file, walk_table
 from .schema import (DUPLICATE_EXACT, DUPLICATE_NEAR, FACT_COLUMNS, PREDICTION_COLUMNS, SPECIES_COLUMNS,
                      STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK, Col, file_index_schema, row_schema, schema_metadata)
 from .species import default_species_csv, load_species
@@ -96,7 +96,7 @@ def _fingerprint(files: pa.Table, index: pa.Table, progress: Progress | None
                 try:
                     sha = sha256_file(os.fsdecode(abspath))
                 except OSError as exc:
-                    error = f"cannot read file: {exc.strerror or exc}"
+                    error = read_error(exc)
             sha_part.append(None if error else sha)
             error_part.append(error)
             done += 1

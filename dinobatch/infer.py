@@ -15,7 +15,7 @@ from . import decode_budget, faults
 from .burst import BURST_IMAGES, burst_batches
 from .decode import DecodeError, decode
 from .model import LoadedModel, Preprocessing
-from .scan import read_bytes
+from .scan import read_bytes, read_error
 from .schema import Col
 from .workers import loader_context, loader_worker_init, this_process
 
@@ -122,12 +122,12 @@ class ImageDataset:
         """Item index decoded: its record, with what prepare(picture) returns where the CPU
         prepares the model input (a tensor, or where the pixels were put)."""
         item = self.items[index]
-        data, changed, read_error = None, [], None
+        data, changed, unread = None, [], None
         for path in item.abspaths:  # any copy with the right bytes will do
             try:
                 candidate = read_bytes(path)
             except OSError as exc:
-                read_error = f"cannot read file: {exc.strerror or exc}"
+                unread = read_error(exc)
                 continue
             if hashlib.sha256(candidate).hexdigest() == item.sha256:
                 data = candidate
@@ -135,7 +135,7 @@ class ImageDataset:
             changed.append(path)
         record: dict[str, Any] = {"sha256": item.sha256, "error": None, "changed": tuple(changed)}
         if data is None:
-            record["error"] = read_error or "file changed while dinobatch was reading it; the next run classifies it"
+            record["error"] = unread or "file changed while dinobatch was reading it; the next run classifies it"
             return record
         try:
             faults.point("decode", path)

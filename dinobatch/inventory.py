@@ -36,7 +36,7 @@ from .decode import HASH_MIN_SIDE, SCAN_MIN_SIDE, DecodeError, decode_hashes, qu
 from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Groups, group_among
 from .device import release_memory, usable_cores
 from .results import table_from_columns, write_table
-from .scan import check_folder, display_path, read_bytes, walk_table
+from .scan import check_folder, display_path, read_bytes, read_error, walk_table
 from .workers import fork_pool, kill_broken_pool, run_isolated
 from .schema import (DUPLICATE_EXACT, DUPLICATE_NEAR, STATUS_DUPLICATE, STATUS_ERROR, STATUS_OK, Col, scan_metadata,
                      scan_schema)
@@ -222,7 +222,7 @@ def hash_file(abspath: str, size: int | None) -> Record:
         try:
             data = read_bytes(abspath)
         except OSError as exc:
-            return None, None, None, f"cannot read file: {exc.strerror or exc}"
+            return None, None, None, read_error(exc)
         sha = hashlib.sha256(data).hexdigest()
         try:
             faults.point("decode", abspath)

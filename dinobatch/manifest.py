@@ -26,7 +26,7 @@ from .decode import DecodeError, decode
 from .dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, DedupeItem, linked_components
 from .errors import ConfigError, InputError
 from .results import read_table, table_metadata, write_table
-from .scan import name_and_bytes, read_bytes, sha256_file, walk
+from .scan import name_and_bytes, read_bytes, read_error, sha256_file, walk
 from .schema import SPLITS, STATUS_ERROR, STATUS_OK, Col, manifest_schema
 
 __all__ = ["Manifest", "build_manifest", "write_manifest", "load_manifest", "assign_splits", "name_columns",
@@ -91,7 +91,7 @@ def _inspect(abspath: str) -> dict[str, Any]:
     try:
         data = read_bytes(abspath)
     except OSError as exc:
-        return {Col.STATUS: STATUS_ERROR, Col.ERROR: f"cannot read file: {exc.strerror or exc}"}
+        return {Col.STATUS: STATUS_ERROR, Col.ERROR: read_error(exc)}
     out: dict[str, Any] = {Col.SHA256: hashlib.sha256(data).hexdigest()}
     try:
         dec = decode(data)

@@ -15,7 +15,7 @@ from .errors import InputError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["FileEntry", "check_folder", "walk", "walk_table", "sha256_file", "read_bytes", "display_path", "name_and_bytes",
+__all__ = ["FileEntry", "check_folder", "walk", "walk_table", "sha256_file", "read_bytes", "display_path", "name_and_bytes", "read_error",
            "MAX_FILE_BYTES"]
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _classify_entry(root: str, root_real: str, e: os.DirEntry, seen: set[str]) -
         st = os.stat(e.path)  # follows a link to a file: the file's bytes are what we classify
     except OSError as exc:
         reason = "broken symbolic link" if e.is_symlink() else (exc.strerror or str(exc))
-        return _entry(root, e.path, None, f"cannot read file: {reason}")
+        return _entry(root, e.path, None, read_error(reason))
     return _entry(root, e.path, st, None)
 
 
@@ -197,6 +197,11 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_error(exc: OSError | str) -> str:
+    """The error of a file that could not be read, as every row and message gives it."""
+    return f"cannot read file: {exc if isinstance(exc, str) else exc.strerror or exc}"
 
 
 def read_bytes(path: str) -> bytes:

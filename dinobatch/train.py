@@ -25,7 +25,7 @@ from .lock import exclusive
 from .manifest import Manifest, describe_unreadable, load_manifest
 from .metrics import expected_calibration_error, fit_temperature, report, softmax
 from .model import ARCHS, ModelSpec, Preprocessing, initial_module, save_model, torch_save_atomic
-from .scan import read_bytes
+from .scan import read_bytes, read_error
 from .schema import Col
 from .workers import loader_context, loader_worker_init, this_process
 
@@ -129,7 +129,7 @@ class _Samples:
         try:
             rgb = decode(read_bytes(self.manifest.abspath(row)), min_side=self.prep.resize).image
         except OSError as exc:
-            return _Unreadable(row[Col.PATH], f"cannot read file: {exc.strerror or exc}")
+            return _Unreadable(row[Col.PATH], read_error(exc))
         except DecodeError as exc:
             return _Unreadable(row[Col.PATH], str(exc))
         if self.level:
