@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 def make_model(path: Path) -> Path:
     import torch
 
-    from dinobatch.model import ModelSpec, build_module, save_model
+    from dinobatch.models.file import ModelSpec, build_module, save_model
 
     torch.manual_seed(0)
     labels = tuple(f"class_{i}" for i in range(15))
@@ -48,7 +48,7 @@ def ceiling(model_path: Path, batch_size: int, batches: int, repeats: int) -> fl
     """Model-only images/s: channels-last fp32 forward on random input, median of repeats."""
     import torch
 
-    from dinobatch.model import load_model
+    from dinobatch.models.file import load_model
 
     module = load_model(model_path).module.eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
@@ -88,7 +88,7 @@ def timm_style(model_path: Path, paths: list[Path], batch_size: int, workers: in
     import torch
     from torch.utils.data import DataLoader
 
-    from dinobatch.model import load_model
+    from dinobatch.models.file import load_model
 
     t = time.perf_counter()
     module = load_model(model_path).module.eval().to(memory_format=torch.channels_last)
@@ -101,7 +101,7 @@ def timm_style(model_path: Path, paths: list[Path], batch_size: int, workers: in
 
 def dinobatch_run(folder: Path, model_path: Path, out: Path, **options) -> tuple[float, object]:
     """classify() end to end with default options (plus any given): wall seconds and summary."""
-    from dinobatch.classify import classify
+    from dinobatch.jobs.classify import classify
     from dinobatch.config import ClassifyConfig
 
     t = time.perf_counter()
@@ -121,7 +121,7 @@ def untuned_ceiling(model_path: Path, batch_size: int, batches: int, repeats: in
 
 def sample_folder(folder: Path, dest: Path, limit: int | None) -> list[Path]:
     """Link up to `limit` readable files of folder into dest (never copied)."""
-    from dinobatch.scan import walk
+    from dinobatch.io.walk import walk
 
     paths = [Path(e.abspath) for e in walk(folder) if e.error is None][:limit]
     dest.mkdir()
@@ -144,7 +144,8 @@ def main() -> None:
         sys.exit(f"benchmark folder not found: {folder}")
     import torch
 
-    from dinobatch.device import resolve_runtime, tune_process
+    from dinobatch.runtime.device import resolve_runtime
+    from dinobatch.runtime.memory import tune_process
 
     settings = tune_process(resolve_runtime("cpu", "fp32"))
     print(f"machine: {len(os.sched_getaffinity(0))} cpus, torch {torch.__version__}; settings {json.dumps(settings)}")

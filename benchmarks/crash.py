@@ -126,7 +126,7 @@ def check(out: Path) -> str:
 
 
 def current(out: Path) -> dict:
-    from dinobatch.results import current_rows
+    from dinobatch.store.runs import current_rows
 
     return {r["path"]: tuple(str(r[k]) for k in COMPARED) for r in current_rows(out).to_pylist()}
 
@@ -142,8 +142,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from dinobatch.model import ModelSpec, Preprocessing, build_module, save_model
-    from dinobatch.scan import walk
+    from dinobatch.models.file import ModelSpec, Preprocessing, build_module, save_model
+    from dinobatch.io.walk import walk
 
     tmp = Path(tempfile.mkdtemp(prefix="crash-"))
     sample = tmp / "sample"

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dinobatch.predictions import check_predictions
+from dinobatch.store.predictions import check_predictions
 from dinobatch.schema import row_schema
 
 

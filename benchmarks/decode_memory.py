@@ -54,7 +54,7 @@ CASES = {
 
 _MAKE_MODEL = """
 import sys, torch
-from dinobatch.model import ModelSpec, Preprocessing, build_module, save_model
+from dinobatch.models.file import ModelSpec, Preprocessing, build_module, save_model
 torch.manual_seed(0)
 spec = ModelSpec(arch="resnet18", labels=("a", "b", "c"), preprocessing=Preprocessing(resize=36, crop=32),
                  source={"kind": "benchmark", "note": "random weights"})

@@ -104,7 +104,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from dinobatch import dedupe, hamming
+    from dinobatch.dedupe import groups as dedupe
+    from dinobatch.dedupe import hamming
 
     workers = hamming._workers()
     print(f"machine: {len(os.sched_getaffinity(0))} cpus ({workers} threads used), numpy {np.__version__}, "
@@ -134,7 +135,7 @@ def main() -> None:
 
 def imagededup_rows(args: argparse.Namespace) -> list[tuple]:
     """imagededup's BK-tree and default search beside near_pairs, on the same small input."""
-    from dinobatch import dedupe
+    from dinobatch.dedupe import groups as dedupe
 
     reason = imagededup_missing() if args.imagededup_n else "skipped (--imagededup-n 0)"
     if reason:

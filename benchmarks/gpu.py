@@ -60,8 +60,8 @@ def ceiling(model_path: Path, runtime, batch_size: int, compile: bool, seconds: 
     """Model-only images/s on random uint8 input already on the device (normalisation included)."""
     import torch
 
-    from dinobatch.infer import forward_with_features
-    from dinobatch.model import load_model
+    from dinobatch.models.forward import forward_with_features
+    from dinobatch.models.file import load_model
 
     module = runtime.prepare(load_model(model_path).module)
     forward = torch.compile(lambda x: forward_with_features(module, x), dynamic=False) if compile else (
@@ -92,7 +92,7 @@ def _sync(runtime) -> None:
 
 def classify_run(folder: Path, model: Path, out: Path, device: str, **options) -> dict:
     """dinobatch classify end to end (fresh output): wall seconds, images/s and the summary's facts."""
-    from dinobatch.classify import classify
+    from dinobatch.jobs.classify import classify
     from dinobatch.config import ClassifyConfig
 
     t = time.perf_counter()
@@ -112,9 +112,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from dinobatch.device import resolve_runtime, tune_process
-    from dinobatch.infer import fit_batch_size
-    from dinobatch.model import load_model
+    from dinobatch.runtime.device import resolve_runtime
+    from dinobatch.runtime.memory import tune_process
+    from dinobatch.runtime.memory import fit_batch_size
+    from dinobatch.models.file import load_model
 
     runtime = resolve_runtime(args.device, "auto")
     tune_process(runtime)
@@ -144,7 +145,7 @@ def main() -> None:
                 print(name, json.dumps(r), flush=True)
             if not compile and runtime.is_cuda:
                 # -j auto stops at 8 decode workers; the first H200 run was decode-bound with 16 cores
-                from dinobatch.device import usable_cores
+                from dinobatch.runtime.device import usable_cores
 
                 for workers in sorted({min(16, usable_cores() - 1), usable_cores()} - {8}):
                     name = f"classify end to end, compile=False, gpu_decode=False, -j {workers}"

@@ -43,7 +43,7 @@ def generate(folder: Path, n: int, seed: int = 0) -> None:
 def make_model(path: Path, arch: str, crop: int) -> None:
     import torch
 
-    from dinobatch.model import ModelSpec, Preprocessing, build_module, save_model
+    from dinobatch.models.file import ModelSpec, Preprocessing, build_module, save_model
 
     torch.manual_seed(0)
     labels = tuple(f"class_{i}" for i in range(15))

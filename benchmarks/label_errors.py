@@ -44,10 +44,10 @@ def main() -> None:
         from cleanlab.filter import find_label_issues
     except ImportError:
         sys.exit("cleanlab is not installed: .venv/bin/pip install -e '.[bench]'")
-    from dinobatch.classify import classify
+    from dinobatch.jobs.classify import classify
     from dinobatch.config import ClassifyConfig
-    from dinobatch.curate import CurateConfig, curate
-    from dinobatch.results import latest_run
+    from dinobatch.curation.curate import CurateConfig, curate
+    from dinobatch.store.runs import latest_run
     from dinobatch.schema import read_metadata
 
     folder = Path(args.folder)

@@ -24,7 +24,7 @@ def make_dataset(folder: Path, rows: int) -> Path:
     """folder/m.parquet with `rows` rows over folder/data (an empty folder: nothing reads the images)."""
     import pyarrow as pa
 
-    from dinobatch.manifest import write_manifest
+    from dinobatch.training.manifest import write_manifest
     from dinobatch.schema import manifest_schema
 
     (folder / "data").mkdir(parents=True)
@@ -70,7 +70,7 @@ def code_under_test(ref: str | None, scratch: Path) -> Path:
 # Imports done, wait for a common moment, then run the command line: the races start together
 # instead of a Python start-up apart.
 _AT = ("import runpy, sys, time\n"
-       "import pyarrow.parquet, dinobatch.cli, dinobatch.cli_curate, dinobatch.decisions, dinobatch.manifest\n"
+       "import pyarrow.parquet, dinobatch.cli, dinobatch.cli.curation, dinobatch.curation.relabel, dinobatch.training.manifest\n"
        "at = float(sys.argv.pop(1))\n"
        "time.sleep(max(0.0, at - time.time()))\n"
        "runpy.run_module('dinobatch', run_name='__main__', alter_sys=True)\n")

@@ -138,7 +138,7 @@ def after_kill(folder: Path, before: int, decisions: dict[str, str], tally: Tall
     new_lines = len(read_audit(folder)) - before
     carried = 0
     if v3.exists():
-        from dinobatch.audit import lines_of, record_of
+        from dinobatch.curation.audit import lines_of, record_of
 
         record = record_of(v3)
         carried = len(lines_of(record)) if record else 0

@@ -18,7 +18,7 @@ from contextlib import redirect_stdout
 import click
 import pyarrow as pa
 
-from dinobatch.cli import _print_rows
+from dinobatch.cli.results import print_rows
 
 
 def _table(rows: int) -> pa.Table:
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     table = _table(args.rows)
     raw = _seconds(_raw_rows, table, args.repeats)
-    escaped = _seconds(_print_rows, table, args.repeats)
+    escaped = _seconds(print_rows, table, args.repeats)
     print(f"{args.rows} rows, median of {args.repeats}:")
     print(f"  raw print (before)  {raw:6.2f} s  {args.rows / raw:9.0f} rows/s")
     print(f"  escaped (now)       {escaped:6.2f} s  {args.rows / escaped:9.0f} rows/s  ({escaped / raw:.2f}x)")

@@ -60,7 +60,7 @@ print(json.dumps({"seconds": time.perf_counter() - t, "cpu": time.process_time()
 """
 _LIBRARY = """
 import json, os, sys, time
-from dinobatch.inventory import ScanConfig, scan_folder
+from dinobatch.jobs.scan import ScanConfig, scan_folder
 workers = None if sys.argv[3] == "auto" else int(sys.argv[3])
 c, t = os.times(), time.perf_counter()
 s = scan_folder(ScanConfig(folder=sys.argv[1], output=sys.argv[2], workers=workers))
@@ -206,8 +206,8 @@ def main() -> None:
     import PIL
     import imagehash
 
-    from dinobatch.inventory import default_scan_workers
-    from dinobatch.scan import walk
+    from dinobatch.jobs.scan import default_scan_workers
+    from dinobatch.io.walk import walk
 
     files = list(walk(folder))
     print(f"machine: {default_scan_workers()} usable cores ({os.cpu_count()} cpus), load average "

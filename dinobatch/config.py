@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from dinobatch.errors import ConfigError
 
 __all__ = ["ClassifyConfig", "load_config_file", "MODEL_ENV", "CONFIG_ENV", "MAX_BATCH_SIZE"]
 

@@ -58,7 +58,7 @@ def tiny_model(tmp_path_factory) -> Path:
     """A randomly initialised resnet18 with three dinosaur labels and a 32-pixel input."""
     import torch
 
-    from dinobatch.model import ModelSpec, Preprocessing, build_module, save_model
+    from dinobatch.models.file import ModelSpec, Preprocessing, build_module, save_model
 
     torch.manual_seed(0)
     module = build_module("resnet18", len(LABELS))

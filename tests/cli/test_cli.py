@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_CONFIG, EXIT_DEVICE, EXIT_INPUT, EXIT_MODEL
-from dinobatch.model import build_module
+from dinobatch.models.file import build_module
 from tests.conftest import LABELS, REPO, picture, save
 
 

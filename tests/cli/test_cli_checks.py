@@ -10,10 +10,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 from dinobatch.config import MAX_BATCH_SIZE, ClassifyConfig
 from dinobatch.errors import EXIT_CONFIG, EXIT_MODEL, EXIT_USAGE, ConfigError, ModelError
-from dinobatch.model import FORMAT, FORMAT_VERSION, MAX_CROP, MAX_RESIZE, ModelSpec, Preprocessing, build_module
+from dinobatch.models.file import FORMAT, FORMAT_VERSION, MAX_CROP, MAX_RESIZE, ModelSpec, Preprocessing, build_module
 from tests.conftest import LABELS, picture, save
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_INPUT
-from dinobatch.model import ModelSpec, Preprocessing, build_module, save_model
+from dinobatch.models.file import ModelSpec, Preprocessing, build_module, save_model
 from tests.conftest import picture, save
 
 # a line break, a tab, clear-screen, a window title and a colour: what the probe put in names

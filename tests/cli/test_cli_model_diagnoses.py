@@ -8,9 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_MODEL
-from dinobatch.model import build_module
+from dinobatch.models.file import build_module
 from tests.conftest import LABELS, picture, save
 from tests.weights_server import publish_weights, serving
 

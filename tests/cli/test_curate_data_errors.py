@@ -10,11 +10,11 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.classify import new_run_id
-from dinobatch.cli import cli
+from dinobatch.jobs.classify import new_run_id
+from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_DATA
-from dinobatch.results import ResultsDir
-from dinobatch.scan import sha256_file
+from dinobatch.store.results import ResultsDir
+from dinobatch.io.walk import sha256_file
 from dinobatch.schema import Col, row_schema, schema_metadata
 from tests.conftest import picture, save
 

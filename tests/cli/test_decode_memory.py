@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
-from dinobatch.decode_budget import ENV
+from dinobatch.cli.main import cli
+from dinobatch.imaging.decode_budget import ENV
 from dinobatch.errors import EXIT_CONFIG
 from tests.conftest import picture, save
 

@@ -7,9 +7,9 @@ import re
 import click
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
-from dinobatch.curate import REASONS
-from dinobatch.device import CUDA_MAX_WORKERS
+from dinobatch.cli.main import cli
+from dinobatch.curation.curate import REASONS
+from dinobatch.runtime.device import CUDA_MAX_WORKERS
 from tests.cli.test_cli import _commands
 from tests.conftest import REPO
 

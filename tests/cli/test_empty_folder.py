@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_INPUT
 
 COMMANDS = {

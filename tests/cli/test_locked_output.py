@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from dinobatch.errors import EXIT_LOCKED
-from dinobatch.lock import exclusive
-from dinobatch.results import ResultsDir
+from dinobatch.io.lock import exclusive
+from dinobatch.store.results import ResultsDir
 from tests.conftest import REPO, picture, save
 
 _RUN = ("import sys\nfrom dinobatch.cli import main\nsys.argv = ['dinobatch', 'classify'] + sys.argv[1:]\n"

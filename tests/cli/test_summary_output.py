@@ -9,7 +9,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 from tests.conftest import picture, save
 
 

@@ -19,8 +19,8 @@ import os, signal, sys, time
 from types import SimpleNamespace
 import numpy as np
 import torch  # as in classify: the workers inherit it, so they start at once
-from dinobatch import decode_budget
-from dinobatch.burst import burst_batches
+from dinobatch.imaging import decode_budget
+from dinobatch.runtime.burst import burst_batches
 
 HELD, WAITING = sys.argv[1] + ".held", sys.argv[1] + ".waiting"
 

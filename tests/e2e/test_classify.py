@@ -8,9 +8,9 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from dinobatch.classify import classify
+from dinobatch.jobs.classify import classify
 from dinobatch.config import ClassifyConfig
-from dinobatch.model import file_sha256
+from dinobatch.models.file import file_sha256
 from dinobatch.schema import read_metadata
 from PIL import Image
 

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dinobatch.errors import EXIT_LOCKED, EXIT_OUTPUT
-from dinobatch.lock import exclusive
-from dinobatch.results import current_rows
+from dinobatch.io.lock import exclusive
+from dinobatch.store.runs import current_rows
 from tests.conftest import REPO, SHARED_DATA, picture, save, tree_digest
 
 COMPARED = ("path", "sha256", "status", "error", "label", "probs", "duplicate_of", "duplicate_kind", "width", "phash")
@@ -66,7 +66,7 @@ def classify_args(folder, out, model):
 @pytest.mark.parametrize("point", ["fingerprint:4", "batch:2", "write:3", "rows:1", "before-rows-rename",
                                    "after-rows-rename"])
 def test_a_run_killed_anywhere_then_resumed_equals_an_uninterrupted_run(tmp_path, reference, tiny_model, point):
-    from dinobatch.results import latest_run
+    from dinobatch.store.runs import latest_run
 
     folder, ref_out = reference
     parts = len(list((ref_out / "_cache").rglob("part-*.parquet")))
@@ -111,7 +111,7 @@ def test_a_second_run_on_the_same_out_exits_9_naming_the_holder(tmp_path, folder
 def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, folder, tiny_model):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1])\n"
-                               "from dinobatch.lock import exclusive\nwith exclusive(sys.argv[2]):\n"
+                               "from dinobatch.io.lock import exclusive\nwith exclusive(sys.argv[2]):\n"
                                "    print('held', flush=True); time.sleep(60)", str(REPO), str(out / ".lock")],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -202,7 +202,7 @@ def test_names_that_are_not_utf8_keep_their_bytes_and_export_finds_them(tmp_path
 
 
 def test_a_file_that_vanishes_mid_run_is_a_row_with_a_reason(tmp_path, folder, tiny_model):
-    from dinobatch.classify import classify
+    from dinobatch.jobs.classify import classify
     from dinobatch.config import ClassifyConfig
 
     def remove_after_hashing(stage, done, total):
@@ -238,7 +238,7 @@ def test_curate_leaves_the_input_tree_byte_identical(tmp_path, folder, tiny_mode
 
 def _two_class_manifest(tmp_path: Path, seed: int) -> Path:
     """tmp_path/m.parquet over two labels of six small generated pictures each."""
-    from dinobatch.manifest import build_manifest, write_manifest
+    from dinobatch.training.manifest import build_manifest, write_manifest
 
     data = tmp_path / "data"
     for k, label in enumerate(("a", "b")):
@@ -250,7 +250,7 @@ def _two_class_manifest(tmp_path: Path, seed: int) -> Path:
 def test_training_killed_after_an_epoch_resumes_to_the_same_model(tmp_path):
     import torch
 
-    from dinobatch.model import load_model
+    from dinobatch.models.file import load_model
 
     _two_class_manifest(tmp_path, seed=20)
     args = ["train", tmp_path / "m.parquet", "--arch", "resnet18", "--pretrained", "none", "--epochs", "2",
@@ -290,7 +290,7 @@ def test_a_sweep_killed_mid_trial_resumes_without_redoing_finished_trials(tmp_pa
 
 def test_a_forked_child_of_a_killed_run_does_not_keep_the_output_locked(tmp_path):
     lock = tmp_path / "out" / ".lock"
-    code = ("import os, signal, sys, time\nsys.path.insert(0, sys.argv[1])\nfrom dinobatch.lock import exclusive\n"
+    code = ("import os, signal, sys, time\nsys.path.insert(0, sys.argv[1])\nfrom dinobatch.io.lock import exclusive\n"
             "with exclusive(sys.argv[2]):\n    pid = os.fork()\n    if pid == 0:\n        time.sleep(30)\n"
             "        os._exit(0)\n    print(pid, flush=True)\n    os.kill(os.getpid(), signal.SIGKILL)\n")
     parent = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(lock)], stdout=subprocess.PIPE, text=True)
@@ -314,7 +314,7 @@ def test_an_out_folder_inside_the_input_is_not_scanned_and_leftovers_are_removed
 
 
 def test_each_run_is_newer_than_the_last_and_every_view_agrees(tmp_path, folder, tiny_model):
-    from dinobatch.results import latest_run
+    from dinobatch.store.runs import latest_run
 
     out = tmp_path / "out"
     assert run_cli(*classify_args(folder, out, tiny_model)).returncode == 0

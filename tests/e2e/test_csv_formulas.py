@@ -9,7 +9,7 @@ import csv
 import pyarrow.parquet as pq
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 from tests.conftest import picture, save
 
 HOSTILE = ["=1+2.png", "@SUM(A1).png", "+cmd.png", "-x.png"]

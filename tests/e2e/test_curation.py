@@ -15,16 +15,16 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.classify import classify, new_run_id
-from dinobatch.cli import cli
+from dinobatch.jobs.classify import classify, new_run_id
+from dinobatch.cli.main import cli
 from dinobatch.config import ClassifyConfig
-from dinobatch.curate import CurateConfig, confident_learning, curate
-from dinobatch.decisions import relabel
+from dinobatch.curation.curate import CurateConfig, confident_learning, curate
+from dinobatch.curation.relabel import relabel
 from dinobatch.errors import EXIT_THRESHOLD, DataError
-from dinobatch.manifest import build_manifest, load_manifest, write_manifest
-from dinobatch.results import ResultsDir
-from dinobatch.review import write_outputs
-from dinobatch.scan import sha256_file
+from dinobatch.training.manifest import build_manifest, load_manifest, write_manifest
+from dinobatch.store.results import ResultsDir
+from dinobatch.curation.review import write_outputs
+from dinobatch.io.walk import sha256_file
 from dinobatch.schema import row_schema, schema_metadata
 from tests.conftest import REPO, picture, save, tree_digest
 
@@ -348,7 +348,7 @@ def test_relabel_takes_rows_not_link_targets_and_normalises_spellings(tmp_path):
 
 
 def test_export_never_overwrites_and_a_rerun_copies_nothing_twice(tmp_path, inbox, tiny_model):
-    from dinobatch.decisions import export
+    from dinobatch.curation.export import export
 
     classify(ClassifyConfig(folder=str(inbox["a.jpg"].parent), out=str(tmp_path / "res"), model=str(tiny_model),
                             workers=0))

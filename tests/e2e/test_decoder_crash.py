@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 from torch.utils.data import DataLoader
 
-from dinobatch import faults
-from dinobatch.classify import classify
+from dinobatch.runtime import faults
+from dinobatch.jobs.classify import classify
 from dinobatch.config import ClassifyConfig
-from dinobatch.device import usable_cores
-from dinobatch.infer import ImageDataset, WorkItem, _loader_batches
-from dinobatch.model import Preprocessing
-from dinobatch.inventory import ScanConfig, scan_folder
+from dinobatch.runtime.device import usable_cores
+from dinobatch.jobs.predict import ImageDataset, WorkItem
+from dinobatch.runtime.loader import _loader_batches
+from dinobatch.models.file import Preprocessing
+from dinobatch.jobs.scan import ScanConfig, scan_folder
 from tests.conftest import REPO, picture, save
 
 

@@ -1,7 +1,7 @@
 """A disk that fills after the rows file is committed: the run is recorded as it happened, the
 optional steps after it (file index, cache compaction) are warnings, and no cache part is lost.
 
-The full disk is dinobatch.faults' DINOBATCH_FAIL_AT: the named atomic write raises
+The full disk is dinobatch.runtime.faults' DINOBATCH_FAIL_AT: the named atomic write raises
 OSError(ENOSPC) after its temporary file is complete, so the real failure path runs (the
 temporary file removed, OutputError raised) without a root-only tmpfs."""
 
@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_OUTPUT
-from dinobatch.faults import FAIL_ENV
-from dinobatch.results import COMPACT_PARTS, current_rows, latest_run
+from dinobatch.runtime.faults import FAIL_ENV
+from dinobatch.store.results import COMPACT_PARTS
+from dinobatch.store.runs import current_rows, latest_run
 from tests.conftest import REPO, picture, save
 
 

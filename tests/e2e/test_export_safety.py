@@ -7,8 +7,8 @@ import os
 
 from click.testing import CliRunner
 
-from dinobatch.classify import classify
-from dinobatch.cli import cli
+from dinobatch.jobs.classify import classify
+from dinobatch.cli.main import cli
 from dinobatch.config import ClassifyConfig
 from dinobatch.errors import EXIT_CONFIG
 from tests.conftest import picture, save, tree_digest

@@ -12,8 +12,8 @@ import sys
 
 import pyarrow.parquet as pq
 
-from dinobatch import faults
-from dinobatch.inventory import HEAVY_BYTES
+from dinobatch.runtime import faults
+from dinobatch.jobs.scan import HEAVY_BYTES
 from tests.conftest import REPO, picture, save
 
 

@@ -7,8 +7,8 @@ import time
 
 import pyarrow.parquet as pq
 
-import dinobatch.classify as classify_module
-from dinobatch import results
+import dinobatch.jobs.classify as classify_module
+from dinobatch.store import results
 
 from tests.conftest import picture, save
 from tests.e2e.test_classify import run

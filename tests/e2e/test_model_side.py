@@ -13,13 +13,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from dinobatch.augment import LEVELS, materialize, multiplier
-from dinobatch.cli import cli
-from dinobatch.evaluate import evaluate
-from dinobatch.manifest import assign_splits, build_manifest, load_manifest, write_manifest
-from dinobatch.model import load_model
-from dinobatch.sweep import sweep
-from dinobatch.train import TrainConfig, checkpoint_path, metrics_path, train
+from dinobatch.training.augment import LEVELS, materialize, multiplier
+from dinobatch.cli.main import cli
+from dinobatch.training.evaluate import evaluate
+from dinobatch.training.manifest import assign_splits, build_manifest, load_manifest, write_manifest
+from dinobatch.models.file import load_model
+from dinobatch.training.sweep import sweep
+from dinobatch.training.train import TrainConfig, checkpoint_path, metrics_path, train
 from tests.conftest import picture, save, tree_digest
 
 LABELS = ("stegosaurus", "triceratops")
@@ -182,8 +182,8 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(tmp_p
 
 
 def test_evaluate_metrics_equal_those_computed_by_hand_from_an_independent_forward_pass(tmp_path, manifest):
-    from dinobatch.decode import decode
-    from dinobatch.infer import model_input
+    from dinobatch.imaging.decode import decode
+    from dinobatch.imaging.preprocess import model_input
 
     model_path = tmp_path / "m.pt"
     train(tiny_cfg(manifest, model_path))
@@ -211,7 +211,7 @@ def test_evaluate_metrics_equal_those_computed_by_hand_from_an_independent_forwa
 
 
 def test_freeze_backbone_trains_the_classifier_only(tmp_path, manifest):
-    from dinobatch.model import build_module
+    from dinobatch.models.file import build_module
 
     torch.manual_seed(0)
     initial = build_module("resnet18", 2).state_dict()
@@ -238,7 +238,7 @@ def test_a_manifest_whose_images_are_gone_is_an_input_error(tmp_path, dataset):
 
 
 def test_near_duplicate_chains_stay_in_one_split():
-    from dinobatch.manifest import _group_and_split
+    from dinobatch.training.manifest import _group_and_split
 
     rows = []
     for i in range(30):  # A~B and B~C, but A is not near C: all three must share a split

@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.augment import augment
-from dinobatch.cli import cli
+from dinobatch.training.augment import augment
+from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_LOCKED, ConfigError, LockedError
-from dinobatch.lock import exclusive
-from dinobatch.manifest import build_manifest, write_manifest
-from dinobatch.sweep import sweep
-from dinobatch.train import TrainConfig, checkpoint_path, train
+from dinobatch.io.lock import exclusive
+from dinobatch.training.manifest import build_manifest, write_manifest
+from dinobatch.training.sweep import sweep
+from dinobatch.training.train import TrainConfig, checkpoint_path, train
 from tests.conftest import picture, save
 
 LABELS = ("stegosaurus", "triceratops")

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.augment import materialize
-from dinobatch.cli import cli
-from dinobatch.evaluate import evaluate
-from dinobatch.manifest import build_manifest, load_manifest, write_manifest
-from dinobatch.scan import display_path
-from dinobatch.train import TrainConfig, train
+from dinobatch.training.augment import materialize
+from dinobatch.cli.main import cli
+from dinobatch.training.evaluate import evaluate
+from dinobatch.training.manifest import build_manifest, load_manifest, write_manifest
+from dinobatch.io.walk import display_path
+from dinobatch.training.train import TrainConfig, train
 from tests.conftest import picture, save
 
 LABELS = ("stegosaurus", "triceratops")  # both known to the tiny_model fixture
@@ -173,7 +173,7 @@ def test_train_counts_and_names_a_file_that_is_gone(tmp_path, odd_dataset, odd_m
     assert "1 image could not be read" in out.output and "stegosaurus/back\\\\slash.png" in out.output
     line = json.loads((tmp_path / "m.pt.metrics.jsonl").read_text().splitlines()[0])
     assert (line["train_samples"], line["val_images"], line["unreadable"]) == (8, 3, 1)
-    from dinobatch.model import load_model
+    from dinobatch.models.file import load_model
 
     assert load_model(tmp_path / "m.pt").spec.source["unreadable"] == {"count": 1,
                                                                        "first": ["stegosaurus/back\\\\slash.png"]}
@@ -191,9 +191,9 @@ def test_a_dataset_folder_whose_own_name_is_not_utf8_makes_a_manifest_that_loads
 
 def test_similar_embeds_every_reference_image_and_caches_only_a_complete_set(tmp_path, odd_dataset, odd_manifest,
                                                                              tiny_model, caplog):
-    from dinobatch.device import resolve_runtime
-    from dinobatch.model import resolve_model
-    from dinobatch.similar import reference_embeddings
+    from dinobatch.runtime.device import resolve_runtime
+    from dinobatch.models.file import resolve_model
+    from dinobatch.curation.similar import reference_embeddings
 
     model, runtime = resolve_model(str(tiny_model)), resolve_runtime("cpu", "auto")
     _, _, paths = reference_embeddings(str(odd_manifest), model, runtime, cache_dir=tmp_path / "cache")
@@ -207,8 +207,8 @@ def test_similar_embeds_every_reference_image_and_caches_only_a_complete_set(tmp
 def test_curate_gives_an_odd_named_file_its_own_manifest_label_not_its_copys(tmp_path, odd_dataset, tiny_model):
     import shutil
 
-    from dinobatch.classify import ClassifyConfig, classify
-    from dinobatch.curate import CurateConfig, curate
+    from dinobatch.jobs.classify import ClassifyConfig, classify
+    from dinobatch.curation.curate import CurateConfig, curate
 
     # the same bytes as triceratops/caf\xe9.png, listed first and labelled stegosaurus
     shutil.copyfile(_exact(odd_dataset, b"triceratops/" + ODD[0]), _exact(odd_dataset, b"stegosaurus/copy.png"))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from dinobatch.device import usable_cores
-from dinobatch.faults import ENV
+from dinobatch.runtime.device import usable_cores
+from dinobatch.runtime.faults import ENV
 from tests.conftest import REPO, picture, save
 
 GRACE_S = 2.0  # how long after the parent's death its workers and its pipes may take to go
@@ -149,7 +149,7 @@ def test_a_decoder_isolated_in_its_own_process_dies_with_its_parent(killed_run):
     """run_isolated, where a crashing decoder's suspects go: its process must not outlive the run."""
     proc = killed_run(python("""
         import os, signal, time
-        from dinobatch.workers import run_isolated
+        from dinobatch.runtime.workers import run_isolated
 
         def decode_slowly(_):
             os.kill(os.getppid(), signal.SIGKILL)  # the run is killed while this file is decoded
@@ -165,7 +165,7 @@ def test_a_pool_forked_from_a_thread_outlives_the_thread_but_not_the_process(kil
     thread that has since ended must keep working, and its workers must still die with the process."""
     proc = killed_run(python("""
         import os, signal, sys, threading, time
-        from dinobatch.workers import fork_pool
+        from dinobatch.runtime.workers import fork_pool
 
         pools = []
         def start():

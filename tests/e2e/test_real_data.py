@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dinobatch.classify import classify
+from dinobatch.jobs.classify import classify
 from dinobatch.config import ClassifyConfig
-from dinobatch.dedupe import DedupeItem, group_duplicates
-from dinobatch.decode import decode
-from dinobatch.scan import read_bytes, sha256_file
+from dinobatch.dedupe.groups import DedupeItem, group_duplicates
+from dinobatch.imaging.decode import decode
+from dinobatch.io.walk import read_bytes, sha256_file
 from tests.conftest import SHARED_DATA, tree_digest
 
 WEIRD = SHARED_DATA / "weird"
@@ -67,7 +67,7 @@ def test_lookalike_renders_of_two_species_are_not_grouped_but_real_copies_are():
 
 @needs_dinos
 def test_real_manifest_keeps_every_duplicate_group_in_one_split_and_stratifies():
-    from dinobatch.manifest import build_manifest
+    from dinobatch.training.manifest import build_manifest
 
     rows = build_manifest(DINOS, seed=0).to_pylist()
     groups: dict[int, set[str]] = {}

@@ -14,10 +14,10 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_CONFIG, EXIT_DATA, EXIT_LOCKED
-from dinobatch.lock import exclusive
-from dinobatch.manifest import build_manifest, load_manifest, write_manifest
+from dinobatch.io.lock import exclusive
+from dinobatch.training.manifest import build_manifest, load_manifest, write_manifest
 from tests.conftest import REPO, picture, save
 
 LABELS = ("stegosaurus", "triceratops", "velociraptor")
@@ -174,8 +174,8 @@ def test_formula_cells_are_neutralised_in_the_audit_log(dataset):
 def test_an_interrupt_just_after_the_audit_log_is_written_keeps_the_version_it_names(dataset, monkeypatch):
     # cron's timeout sends SIGTERM, which the CLI raises as KeyboardInterrupt wherever the run is: here
     # as the new log's rename returns (in its fsync of the folder). The log names v2: v2 must stay.
-    from dinobatch import audit
-    from dinobatch.decisions import relabel
+    from dinobatch.curation import audit
+    from dinobatch.curation.relabel import relabel
 
     written = audit.append_lines
 

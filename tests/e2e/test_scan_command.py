@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from dinobatch.cli import cli
+from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_INPUT
-from dinobatch.scan import display_path
+from dinobatch.io.walk import display_path
 from dinobatch.schema import read_metadata, scan_schema
 from tests.conftest import REPO, jpeg_bytes, picture, save, tree_digest
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from dinobatch.decode import decode
-from dinobatch.infer import model_input
-from dinobatch.model import load_model
+from dinobatch.imaging.decode import decode
+from dinobatch.imaging.preprocess import model_input
+from dinobatch.models.file import load_model
 
 from tests.e2e.test_classify import run
 
@@ -24,9 +24,9 @@ def test_default_burst_decoding_writes_the_same_rows_as_decoding_in_process(tmp_
 
 
 def test_bursts_of_several_batches_cut_into_the_same_rows(tmp_path, inbox, tiny_model, monkeypatch):
-    import dinobatch.burst
+    import dinobatch.runtime.burst
 
-    monkeypatch.setattr(dinobatch.burst, "BURST_IMAGES", 6)  # bursts of 6: two batches of 3, then a short one
+    monkeypatch.setattr(dinobatch.runtime.burst, "BURST_IMAGES", 6)  # bursts of 6: two batches of 3, then a short one
     root = inbox["a.jpg"].parent
     _, serial = run(root, tmp_path / "serial", tiny_model, workers=0, batch_size=3)
     _, burst = run(root, tmp_path / "burst", tiny_model, workers=None, batch_size=3)

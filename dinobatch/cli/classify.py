@@ -1,0 +1,101 @@
+"""Command line: classify."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from dinobatch.cli.common import (
+    DEVICE_HELP,
+    INPUT_FOLDER,
+    Progress,
+    load_config,
+    print_counts,
+    print_errors,
+    run,
+    setup_logging,
+    verbosity,
+)
+from dinobatch.cli.params import SECONDS
+from dinobatch.config import CONFIG_ENV, MAX_BATCH_SIZE, MODEL_ENV, ClassifyConfig
+from dinobatch.errors import OutputError
+from dinobatch.io.terminal import printable
+from dinobatch.runtime.device import CUDA_MAX_WORKERS, PRECISIONS
+
+
+@click.command()
+@click.argument("folder", type=INPUT_FOLDER)
+@click.option("--config", type=click.Path(dir_okay=False), envvar=CONFIG_ENV, callback=load_config,
+              is_eager=True, expose_value=False, help=f"TOML file with a [classify] table [env {CONFIG_ENV}].")
+@click.option("-o", "--out", default="results", help="Output folder for Parquet rows and summaries.")
+@click.option("-m", "--model", envvar=MODEL_ENV, default="imagenet",
+              help=f"Model file, or 'imagenet' (torchvision ResNet50 weights) [env {MODEL_ENV}].")
+@click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
+              help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
+@click.option("-b", "--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=None,
+              help="Images per batch [default: 32 on CPU, the largest that fits (<= 512) on CUDA].")
+@click.option("-j", "--workers", type=click.IntRange(min=0), default=None,
+              help=("How images are decoded [default: on CPU, between batches, a pool of one process per usable "
+                    f"core; on CUDA, cores-1 (at most {CUDA_MAX_WORKERS}) DataLoader workers]; N: N DataLoader "
+                    "workers beside the model; 0: in this process."))
+@click.option("--compile", "compile", is_flag=True,
+              help="torch.compile the model: faster batches after a one-off compile (worth it for large runs).")
+@click.option("--gpu-decode/--no-gpu-decode", default=True,
+              help="On CUDA, decode JPEGs on the GPU (nvjpeg); other formats always on the CPU.")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=3, help="Labels kept in topk_labels.")
+@click.option("--embeddings", is_flag=True, help="Also store the 2048-d penultimate features per image.")
+@click.option("--force", is_flag=True, help="Recompute every prediction, ignoring earlier results.")
+@click.option("--species", type=click.Path(dir_okay=False), default=None,
+              help="Species facts CSV [default: manifests/species.csv].")
+@click.option("--phash-max", type=click.IntRange(0, 64), default=8, help="Near duplicate: pHash distance.")
+@click.option("--dhash-max", type=click.IntRange(0, 64), default=3, help="Near duplicate: dHash distance.")
+@click.option("--wait", type=SECONDS, default=0.0,
+              help="Seconds to wait for another run on the same --out before exiting with code 9.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
+@click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
+              help="Also write the run summary to this file (atomically), for monitoring.")
+@verbosity
+def classify(folder: str, quiet: bool, verbose: bool, as_json: bool, summary_json: str | None,
+             **options: Any) -> None:
+    """Classify every image under FOLDER; write one Parquet row per file to --out."""
+    setup_logging(quiet, verbose)
+
+    def body():
+        from dinobatch.jobs.classify import classify as run_classify
+
+        cfg = ClassifyConfig(folder=folder, **options)
+        progress = Progress(enabled=not quiet)
+        try:
+            summary = run_classify(cfg, progress)
+        finally:
+            progress.close()
+        if summary_json:
+            from dinobatch.io.files import atomic_path
+
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(summary_json)), exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create the folder of {summary_json}: {exc.strerror or exc}") from exc
+            with atomic_path(summary_json, "write summary") as tmp:
+                tmp.write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        if as_json:
+            click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
+        elif not quiet:
+            _print_summary(summary)
+
+    run(body)
+
+
+def _print_summary(s) -> None:
+    print_counts(s)
+    # images_per_second is the inference stage's rate (decode + model over the new contents), not files
+    # over the run's seconds, which also walk, hash and write: the line says which is which
+    rate = f"; decode and inference: {s.images_per_second} images/s" if s.images_per_second else ""
+    click.echo(f"inferred {s.inferred} new, reused {s.reused} ({s.runtime})")
+    click.echo(f"{s.seconds:.1f} s in all{rate}")
+    click.echo(f"rows: {printable(s.rows_file)}")
+    print_errors(s.errors, s.counts.get("error", 0))

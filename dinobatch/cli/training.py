@@ -1,0 +1,253 @@
+"""Command line, model side: manifest, augment, train, evaluate, sweep (registered on cli's group)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from dinobatch.cli.common import DEVICE_HELP, INPUT_FOLDER, Progress, run, setup_logging, verbosity
+from dinobatch.cli.params import FINITE, SECONDS, finite_float
+from dinobatch.config import MODEL_ENV
+from dinobatch.errors import ConfigError
+from dinobatch.io.terminal import printable
+from dinobatch.runtime.device import CPU_MAX_WORKERS, CUDA_MAX_WORKERS, PRECISIONS
+
+_WORKERS_HELP = (f"Data loader workers [default: half the usable cores (at most {CPU_MAX_WORKERS}) on CPU, "
+                 f"cores-1 (at most {CUDA_MAX_WORKERS}) on CUDA]; 0 loads in this process.")
+_PRECISION_HELP = "auto: bf16/fp16 mixed precision on CUDA, fp32 on CPU."
+
+
+def _wait_option(f):
+    return click.option("--wait", type=SECONDS, default=0.0,
+                        help="Seconds to wait for another run on the same --out before exiting with code 9.")(f)
+
+
+def _floats(text: str) -> list[float]:
+    return [finite_float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@click.command()
+@click.argument("folder", type=INPUT_FOLDER)
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Manifest file (.parquet).")
+@click.option("--split", "fractions", default="0.8,0.1,0.1", help="train,val,test fractions.")
+@click.option("--seed", type=int, default=0, help="Seed of the split.")
+@click.option("--kind", default=None, help="Value of the kind column for every row (e.g. photo, drawing).")
+@click.option("--phash-max", type=click.IntRange(0, 64), default=8, help="Near duplicate: pHash distance.")
+@click.option("--dhash-max", type=click.IntRange(0, 64), default=3, help="Near duplicate: dHash distance.")
+@verbosity
+def manifest(folder, out, fractions, seed, kind, phash_max, dhash_max, quiet, verbose) -> None:
+    """List FOLDER/<label>/... as a Parquet manifest with leak-free, stratified splits."""
+    setup_logging(quiet, verbose)
+
+    def body():
+        from dinobatch.training.manifest import build_manifest, write_manifest
+
+        try:
+            parts = _floats(fractions)
+        except ValueError as exc:
+            raise ConfigError(f"--split must be three numbers like 0.8,0.1,0.1: {exc}") from exc
+        progress = Progress(enabled=not quiet)
+        table = build_manifest(folder, fractions=parts, seed=seed, kind=kind, phash_max=phash_max,
+                               dhash_max=dhash_max, progress=progress)
+        progress.close()
+        write_manifest(table, out, folder)
+        if not quiet:
+            rows = table.to_pylist()
+            splits = {s: sum(1 for r in rows if r["split"] == s) for s in ("train", "val", "test")}
+            groups = {r["group"] for r in rows if r["group"] is not None}
+            click.echo(f"{len(rows)} files, {len({r['label'] for r in rows})} labels: {splits['train']} train, "
+                       f"{splits['val']} val, {splits['test']} test, "
+                       f"{sum(1 for r in rows if r['status'] == 'error')} error; "
+                       f"{len(groups)} duplicate groups kept within one split\nwrote {printable(out)}")
+
+    run(body)
+
+
+@click.command()
+@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False))
+@click.option("--level", type=click.IntRange(0, 6), required=True, help="Augmentation level 0-6.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for images and manifest.")
+@click.option("--splits", default="train", help="Comma-separated splits to augment.")
+@click.option("--seed", type=int, default=0, help="Seed of the augmentations drawn.")
+@_wait_option
+@verbosity
+def augment(manifest_path, level, out, splits, seed, wait, quiet, verbose) -> None:
+    """Write every augmented variant of MANIFEST's images, and a manifest naming each one's source."""
+    setup_logging(quiet, verbose)
+
+    def body():
+        from dinobatch.schema import Col
+        from dinobatch.training.augment import augment as run_augment
+        from dinobatch.training.augment import multiplier
+        from dinobatch.training.manifest import describe_unreadable
+
+        progress = Progress(enabled=not quiet)
+        try:
+            result, path = run_augment(manifest_path, level, out, splits=tuple(splits.split(",")), seed=seed,
+                                       wait=wait, progress=progress)
+        finally:
+            progress.close()
+        if not quiet:
+            variants = result.table.num_rows - result.table.column(Col.VARIANT).null_count
+            click.echo(f"wrote {variants} images (x{multiplier(level)} per original) and {printable(path)}")
+            if result.unreadable:
+                click.echo(printable(f"{describe_unreadable(result.unreadable, 'original')}; each is a row with "
+                                     f"status error in the new manifest"))
+
+    run(body)
+
+
+def _train_options(f):
+    for decorator in reversed([
+        click.option("--arch", default="resnet50", help="torchvision ResNet-family architecture."),
+        click.option("--pretrained", default="imagenet", help="imagenet, none, or a dinobatch model file."),
+        click.option("--epochs", type=click.IntRange(min=0), default=10, help="Epochs at --lr."),
+        click.option("--lr", type=FINITE, default=0.01, help="Learning rate."),
+        click.option("--final-epochs", type=click.IntRange(min=0), default=1, help="Epochs at --final-lr after those."),
+        click.option("--final-lr", type=FINITE, default=None, help="Learning rate of the final epochs [default: lr/2]."),
+        click.option("-b", "--batch-size", type=click.IntRange(min=1), default=128, help="Images per training step."),
+        click.option("--momentum", type=FINITE, default=0.9, help="SGD momentum, 0 <= M < 1."),
+        click.option("--weight-decay", type=FINITE, default=1e-4, help="SGD weight decay (L2), >= 0."),
+        click.option("--augment-level", type=click.IntRange(0, 6), default=2, help="On-the-fly augmentation."),
+        click.option("--freeze-backbone", is_flag=True, help="Train the classifier only."),
+        click.option("--image-size", type=click.IntRange(min=16), default=224, help="Model input size (crop)."),
+        click.option("--device", default="auto", help=DEVICE_HELP),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=_PRECISION_HELP),
+        click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=_WORKERS_HELP),
+        click.option("--seed", type=int, default=0, help="Seed of initialisation, order and augmentation."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+@click.command()
+@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+@_train_options
+@click.option("--resume", is_flag=True, help="Continue from OUT.ckpt, the checkpoint of an interrupted run.")
+@click.option("--print-config", is_flag=True, help="Print the resolved configuration as JSON and exit.")
+@_wait_option
+@verbosity
+def train(manifest_path, out, resume, print_config, wait, quiet, verbose, **options) -> None:
+    """Fine-tune a ResNet on MANIFEST's train split; keep the best epoch; calibrate on val."""
+    setup_logging(quiet, verbose)
+
+    def body():
+        from dinobatch.training.train import TrainConfig
+        from dinobatch.training.train import train as run_train
+
+        cfg = TrainConfig(manifest=manifest_path, out=out, **options)
+        if print_config:
+            click.echo(json.dumps(cfg.to_dict(), indent=2))
+            return
+        progress = Progress(enabled=not quiet)
+        try:
+            result = run_train(cfg, resume=resume, progress=progress, wait=wait)
+        finally:
+            progress.close()
+        if not quiet:
+            for m in result.metrics:
+                click.echo(f"epoch {m['epoch']:>2}: lr {m['lr']:.4g}  train loss {m['train_loss']:.4f} "
+                           f"acc {m['train_acc']:.3f}  val loss {_num(m['val_loss'])} top-1 {_num(m['val_top1'])} "
+                           f"top-3 {_num(m['val_top3'])}")
+            cal = result.calibration
+            if "ece_before" in cal:
+                click.echo(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal['ece_before']:.4f} -> "
+                           f"{cal['ece_after']:.4f}")
+            if result.unreadable:
+                from dinobatch.training.manifest import describe_unreadable
+
+                click.echo(printable(f"{describe_unreadable(result.unreadable)}; left out of training "
+                                     f"(counted per epoch in the metrics, named in the model's source)"))
+            click.echo(f"best epoch {result.best_epoch}; wrote {printable(result.model)}")
+
+    run(body)
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+@click.command()
+@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False))
+@click.option("-m", "--model", envvar=MODEL_ENV, required=True, help=f"Model file [env {MODEL_ENV}].")
+@click.option("--split", default="test", help="Split to evaluate (train, val, test, or 'all').")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
+@click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=_PRECISION_HELP)
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, help="Images per batch.")
+@click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=_WORKERS_HELP)
+@_wait_option
+@verbosity
+def evaluate(manifest_path, model, split, out, device, precision, batch_size, workers, wait, quiet, verbose) -> None:
+    """Loss, top-1/top-3, F1, per-class figures and confusion matrix of MODEL on a split."""
+    setup_logging(quiet, verbose)
+
+    def body():
+        from dinobatch.training.evaluate import evaluate as run_evaluate
+        from dinobatch.training.evaluate import format_table
+
+        progress = Progress(enabled=not quiet)
+        result = run_evaluate(manifest_path, model, out, split=None if split == "all" else split, device=device,
+                              precision=precision, batch_size=batch_size, workers=workers, wait=wait,
+                              progress=progress)
+        progress.close()
+        if not quiet:
+            click.echo(printable(format_table(result.metrics), keep_newlines=True))
+            click.echo(f"wrote {printable(result.out)}/metrics.json, predictions.parquet, confusion.png")
+
+    run(body)
+
+
+@click.command()
+@click.argument("manifest_path", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for trials.")
+@click.option("--batch-size", "batch_sizes", default="128", help="Comma-separated values.")
+@click.option("--lr", "lrs", default="0.01", help="Comma-separated values.")
+@click.option("--augment-level", "levels", default="2", help="Comma-separated values.")
+@click.option("--epochs", "epoch_list", default="10", help="Comma-separated values.")
+@click.option("--arch", default="resnet50", help="torchvision ResNet-family architecture, every trial.")
+@click.option("--pretrained", default="imagenet", help="imagenet, none, or a dinobatch model file, every trial.")
+@click.option("--final-epochs", type=click.IntRange(min=0), default=1, help="Epochs at lr/2 after --epochs.")
+@click.option("--image-size", type=click.IntRange(min=16), default=224, help="Model input size (crop).")
+@click.option("--freeze-backbone", is_flag=True, help="Train the classifier only.")
+@click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=_PRECISION_HELP)
+@click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=_WORKERS_HELP)
+@click.option("--seed", type=int, default=0, help="Seed of initialisation, order and augmentation.")
+@_wait_option
+@verbosity
+def sweep(manifest_path, out, batch_sizes, lrs, levels, epoch_list, wait, quiet, verbose, **options) -> None:
+    """Train every combination of the comma-separated values; one row per trial in OUT/trials.parquet."""
+    setup_logging(quiet, verbose)
+
+    def body():
+        from dinobatch.training.sweep import best_trial
+        from dinobatch.training.sweep import sweep as run_sweep
+        from dinobatch.training.train import TrainConfig
+
+        try:
+            grid = {"batch_size": _ints(batch_sizes), "lr": _floats(lrs), "augment_level": _ints(levels),
+                    "epochs": _ints(epoch_list)}
+        except ValueError as exc:
+            raise ConfigError(f"grid values must be comma-separated numbers: {exc}") from exc
+        base = TrainConfig(manifest=manifest_path, out=str(out), **options)
+        progress = Progress(enabled=not quiet)
+        rows = run_sweep(base, grid, out, progress=progress, wait=wait)
+        progress.close()
+        if not quiet:
+            for r in rows:
+                detail = (f"val loss {_num(r['val_loss'])} top-1 {_num(r['val_top1'])} macro F1 {_num(r['val_macro_f1'])}"
+                          if r["status"] == "ok" else f"error: {r['error']}")
+                if r.get("unreadable"):
+                    detail += f"; {r['unreadable']} image(s) could not be read (named in the trial's model)"
+                click.echo(printable(f"{r['trial']}: {detail} ({r['seconds']} s)"))
+            best = best_trial(rows)
+            click.echo(printable(f"best: {best['trial']} {best['model']}") if best else "no trial finished")
+
+    run(body)

@@ -1,0 +1,1 @@
+"""From rows to decisions: the review queue, relabelling, export, similar images."""

@@ -1,0 +1,1 @@
+"""Exact and near-duplicate groups from stored hashes: pure functions, no image access."""

@@ -1,0 +1,1 @@
+"""The dinobatch model file, its diagnoses, and its forward pass."""

@@ -1,0 +1,1 @@
+"""Where work runs: devices, memory, crash-isolating worker pools, burst and DataLoader decoding."""

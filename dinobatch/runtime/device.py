@@ -1,0 +1,150 @@
+"""The one place that knows about devices, precision, autocast and memory format."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from dinobatch.errors import DeviceError
+
+log = logging.getLogger(__name__)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the model runs: a resolved device and precision."""
+
+    device: Any  # torch.device
+    precision: str  # fp32 | bf16 | fp16 (never auto once resolved)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def pin_memory(self) -> bool:
+        """Pinned host memory makes non-blocking host-to-GPU copies possible."""
+        return self.is_cuda
+
+    def describe(self) -> str:
+        """Human-readable device and precision, for logs and summaries."""
+        if self.is_cuda:
+            import torch
+
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)}), {self.precision}"
+        return f"{self.device}, {self.precision}"
+
+    def prepare(self, module):
+        """Move a model to the device in eval mode and channels-last layout (faster convolutions)."""
+        import torch
+
+        return module.to(self.device).eval().to(memory_format=torch.channels_last)
+
+    def to_device(self, batch):
+        """Copy a uint8 NCHW batch to the device (non-blocking from pinned memory)."""
+        import torch
+
+        return batch.to(self.device, non_blocking=self.pin_memory).contiguous(memory_format=torch.channels_last)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Mixed precision for the forward pass when a lower precision was resolved."""
+        import torch
+
+        if self.precision == "fp32":
+            with torch.inference_mode():
+                yield
+            return
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=dtype):
+            yield
+
+
+    @contextlib.contextmanager
+    def train_autocast(self) -> Iterator[None]:
+        """Mixed precision for a training step (gradients allowed), or nothing in fp32."""
+        import torch
+
+        if self.precision == "fp32":
+            yield
+            return
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.autocast(device_type=self.device.type, dtype=dtype):
+            yield
+
+    def grad_scaler(self):
+        """A gradient scaler for fp16 on CUDA (bf16 and fp32 need none): a no-op when disabled."""
+        import torch
+
+        return torch.amp.GradScaler(self.device.type, enabled=self.is_cuda and self.precision == "fp16")
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """Resolve 'auto' choices; a device or precision asked for and missing is an error, never a fallback."""
+    import torch
+
+    dev = _resolve_device(device, torch)
+    if precision not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    native_bf16 = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)  # Ampere+
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if native_bf16 else "fp16"
+        else:
+            precision = "fp32"  # measured: bf16 autocast gives no gain on CPUs without AMX
+    elif precision == "bf16" and dev.type == "cuda" and not native_bf16:
+        raise DeviceError(f"{dev} has no native bf16 (compute capability < 8.0); use --precision fp16 or fp32")
+    return Runtime(dev, precision)
+
+
+# On a GPU, classify is bound by decoding on the CPU. Measured on an H200 with 16 cores (2026-12-04,
+# benchmarks/gpu.py, one run): 8 workers 607 img/s, 15 workers 926, 16 workers 928, the model alone
+# 15,745. Past 16 each worker's memory (a few hundred MB) is spent for a gain nobody has measured.
+CUDA_MAX_WORKERS = 16
+
+
+# On CPU the model's threads need the other cores (train, evaluate and sweep; classify uses the burst pool).
+CPU_MAX_WORKERS = 4
+
+
+def default_workers(device_type: str, requested: int | None) -> int:
+    """Decode workers: as asked, else one per spare core (on CPU the model's threads need the rest)."""
+    if requested is not None:
+        return requested
+    cores = usable_cores()
+    if device_type == "cuda":
+        return max(1, min(CUDA_MAX_WORKERS, cores - 1))
+    return max(1, min(CPU_MAX_WORKERS, cores // 2))
+
+
+def _resolve_device(device: str, torch: Any):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise DeviceError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {device} was asked for, but CUDA is not available on this machine "
+                          f"(torch {torch.__version__}); use --device cpu or auto")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

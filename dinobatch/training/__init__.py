@@ -1,0 +1,1 @@
+"""Datasets and models: manifests, augmentation, training, evaluation, the sweep."""

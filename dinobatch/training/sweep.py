@@ -1,0 +1,101 @@
+"""The seed's grid search: train and evaluate every combination, one row per trial, resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dinobatch.errors import DinobatchError
+from dinobatch.io.arrow import read_table, write_table
+from dinobatch.io.lock import exclusive
+from dinobatch.io.walk import sha256_file
+from dinobatch.training.train import TrainConfig, train
+
+__all__ = ["trials", "sweep", "best_trial"]
+
+log = logging.getLogger(__name__)
+
+
+def trials(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in a stable order (keys sorted, values as given)."""
+    keys = sorted(k for k, v in grid.items() if v)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+_COLUMNS = ("trial", "status", "error", "config", "model", "best_epoch", "val_loss", "val_top1", "val_top3",
+            "val_macro_f1", "unreadable", "seconds")
+
+
+def _trial_ids(base: TrainConfig, overrides: dict[str, Any], manifest_sha: str) -> tuple[str, str]:
+    """Names the whole configuration and the data, not a position: reruns find exactly their trials.
+    The data is the manifest's sha256, whatever the spelling of its path; the second id is the one
+    sweeps gave before (the path as typed), so their finished trials are found too."""
+    config = {**base.to_dict(), **overrides, "out": None, "manifest_sha256": manifest_sha}
+    return (hashlib.sha256(json.dumps({**config, "manifest": None}, sort_keys=True).encode()).hexdigest()[:12],
+            hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12])
+
+
+def sweep(base: TrainConfig, grid: dict[str, Sequence[Any]], out: str | Path,
+          progress: Callable[[str, int, int], None] | None = None, wait: float = 0.0) -> list[dict[str, Any]]:
+    """Run every trial of the grid not finished before; a failed trial is a row with its error (and is
+    tried again by the next run). Returns this grid's rows; trials.parquet also keeps other grids'.
+    One sweep at a time per OUT: a second gets LockedError after `wait` seconds."""
+    out = Path(out)
+    with exclusive(out / ".lock", wait=wait):
+        return _sweep(base, grid, out, progress)
+
+
+def _sweep(base: TrainConfig, grid: dict[str, Sequence[Any]], out: Path, progress) -> list[dict[str, Any]]:
+    table_path = out / "trials.parquet"
+    earlier = read_table(table_path).to_pylist() if table_path.exists() else []
+    manifest_sha = sha256_file(base.manifest)
+    rows, seen = [], set()
+    for overrides in trials(grid):
+        trial, legacy = _trial_ids(base, overrides, manifest_sha)
+        seen.update((trial, legacy))
+        finished = [r for r in earlier if r["trial"] in (trial, legacy) and r["status"] == "ok"]
+        if finished:  # failed trials are tried again
+            rows.append(finished[-1])
+            continue
+        log.info("trial %s: %s", trial, json.dumps(overrides, sort_keys=True))
+        t0 = time.monotonic()
+        row: dict[str, Any] = {"trial": trial, "config": json.dumps(overrides, sort_keys=True),
+                               **{k: str(v) for k, v in overrides.items()}}
+        try:
+            cfg = dataclasses.replace(base, out=str(out / "trials" / trial / "model.pt"), **overrides)
+            row["config"] = json.dumps(cfg.to_dict(), sort_keys=True)
+            result = train(cfg, resume=True, progress=progress)
+            best = result.metrics[result.best_epoch - 1]
+            row.update(status="ok", error=None, model=result.model, best_epoch=result.best_epoch,
+                       val_loss=best["val_loss"], val_top1=best["val_top1"], val_top3=best["val_top3"],
+                       val_macro_f1=best["val_macro_f1"], unreadable=len(result.unreadable))
+        except DinobatchError as exc:
+            row.update(status="error", error=str(exc))
+        except Exception as exc:  # a trial that crashes is recorded; the sweep goes on
+            log.exception("trial %s failed", trial)
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}")
+        row["seconds"] = round(time.monotonic() - t0, 2)
+        rows.append({**dict.fromkeys(_COLUMNS), **row})
+        kept = [r for r in earlier if r["trial"] not in seen]
+        write_table(_table(kept + rows), table_path)  # after every trial: a kill loses one at most
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]):
+    """Rows of different grids have different override columns: take their union."""
+    import pyarrow as pa
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+
+
+def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Highest validation macro F1, then lowest validation loss, among the trials that finished."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("val_macro_f1") is not None]
+    return max(ok, key=lambda r: (r["val_macro_f1"], -(r["val_loss"] or 0.0)), default=None)
