@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
 from dinobatch.dedupe.hamming import near_pairs, popcount64
 from dinobatch.schema import DUPLICATE_EXACT, DUPLICATE_NEAR
 
@@ -25,11 +26,6 @@ __all__ = [
     "group_duplicates",
     "linked_components",
 ]
-
-# Chosen on ../shared/data (README, "Duplicates"): both distances must be within these. dHash is
-# the one that separates the look-alike corythosaurus/parasaurolophus renders (dHash 4-5 apart).
-DEFAULT_PHASH_MAX = 8
-DEFAULT_DHASH_MAX = 3
 
 
 @dataclass(frozen=True)
