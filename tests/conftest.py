@@ -1,56 +1,16 @@
-"""Fixtures: images, folders and tiny models that the tests generate themselves."""
+"""Fixtures: images, folders and tiny models that the tests generate themselves.
+
+Plain helpers (picture, save, jpeg_bytes, tree_digest, ...) live in tests/helpers.py; import them from there.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import os
-import random
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
-LABELS = ("triceratops", "stegosaurus", "velociraptor")
-
-
-def picture(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
-    """A distinct RGB picture per seed: coloured shapes on a coloured background."""
-    rng = random.Random(seed)
-    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
-    draw = ImageDraw.Draw(img)
-    w, h = size
-    for _ in range(8):
-        x0, y0 = rng.randrange(w), rng.randrange(h)
-        box = [x0, y0, x0 + rng.randrange(w // 6, w // 2), y0 + rng.randrange(h // 6, h // 2)]
-        colour = tuple(rng.randrange(256) for _ in range(3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-    return img
-
-
-def save(img: Image.Image, path: Path, fmt: str | None = None, **kwargs) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format=fmt, **kwargs)
-    return path
-
-
-def jpeg_bytes(img: Image.Image, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=92, **kwargs)
-    return buf.getvalue()
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 and mode of every file under root: proof that a command left the input alone."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            p = Path(dirpath) / name
-            if p.is_file() and not p.is_symlink():
-                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest() + oct(p.stat().st_mode)
-    return out
+from tests.helpers import LABELS, jpeg_bytes, picture, save
 
 
 @pytest.fixture(scope="session")

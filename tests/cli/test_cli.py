@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_CONFIG, EXIT_DEVICE, EXIT_INPUT, EXIT_MODEL
 from dinobatch.models.file import build_module
-from tests.conftest import LABELS, REPO, picture, save
+from tests.helpers import LABELS, REPO, picture, save
+from tests.helpers import cli_commands as _commands
 
 
 @pytest.fixture
@@ -111,14 +112,6 @@ def test_model_import_with_wrong_labels_fails_clearly(runner, tmp_path):
                tmp_path / "labels.txt", "--out", tmp_path / "m.pt")
     assert r.exit_code == EXIT_MODEL and "3 outputs but 2 labels" in r.output
     assert not (tmp_path / "m.pt").exists()
-
-
-def _commands(group, prefix=""):
-    for name, command in group.commands.items():
-        if hasattr(command, "commands"):
-            yield from _commands(command, f"{prefix}{name} ")
-        else:
-            yield f"{prefix}{name}", command
 
 
 def test_readme_documents_every_option_of_every_command():

@@ -14,7 +14,7 @@ from dinobatch.cli.main import cli
 from dinobatch.config import MAX_BATCH_SIZE, ClassifyConfig
 from dinobatch.errors import EXIT_CONFIG, EXIT_MODEL, EXIT_USAGE, ConfigError, ModelError
 from dinobatch.models.file import FORMAT, FORMAT_VERSION, MAX_CROP, MAX_RESIZE, ModelSpec, Preprocessing, build_module
-from tests.conftest import LABELS, picture, save
+from tests.helpers import LABELS, picture, save
 
 
 def invoke(*args, **kwargs):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_INPUT
 from dinobatch.models.file import ModelSpec, Preprocessing, build_module, save_model
-from tests.conftest import picture, save
+from tests.helpers import picture, save
 
 # a line break, a tab, clear-screen, a window title and a colour: what the probe put in names
 NASTY = ["new\nline.png", "tab\there.png", "clear\x1b[2Jscreen.png", "title\x1b]0;pwned\x07.png"]

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_MODEL
 from dinobatch.models.file import build_module
-from tests.conftest import LABELS, picture, save
+from tests.helpers import LABELS, picture, save
 from tests.weights_server import publish_weights, serving
 
 

@@ -16,7 +16,7 @@ from dinobatch.errors import EXIT_DATA
 from dinobatch.store.results import ResultsDir
 from dinobatch.io.walk import sha256_file
 from dinobatch.schema import Col, row_schema, schema_metadata
-from tests.conftest import picture, save
+from tests.helpers import picture, save
 
 LABELS = ["stegosaurus", "triceratops", "velociraptor"]
 N = 30

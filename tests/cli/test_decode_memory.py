@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from dinobatch.cli.main import cli
 from dinobatch.imaging.decode_budget import ENV
 from dinobatch.errors import EXIT_CONFIG
-from tests.conftest import picture, save
+from tests.helpers import picture, save
 
 
 def classify(tmp_path, model, env: dict[str, str], workers: tuple[str, ...] = ("-j", "2")):

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from dinobatch.cli.main import cli
 from dinobatch.curation.curate import REASONS
 from dinobatch.runtime.device import CUDA_MAX_WORKERS
-from tests.cli.test_cli import _commands
-from tests.conftest import REPO
+from tests.helpers import REPO
+from tests.helpers import cli_commands as _commands
 
 _OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 _COMMAND_BEFORE = re.compile(r"`(?:dinobatch )?([a-z]+(?: [a-z]+)?) $")  # "`classify --embeddings`"

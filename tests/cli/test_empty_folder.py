@@ -47,7 +47,7 @@ def test_scan_on_an_empty_folder_says_what_to_put_there(empty_inbox, tmp_path):
 
 
 def test_a_folder_with_images_gets_no_such_warning(tmp_path, tiny_model):
-    from tests.conftest import picture, save
+    from tests.helpers import picture, save
 
     save(picture(0), tmp_path / "in" / "a.png")
     result = invoke("classify", tmp_path / "in", "-m", tiny_model, "-o", tmp_path / "out", "-j", "0", "-q")

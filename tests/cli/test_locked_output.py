@@ -9,7 +9,7 @@ import sys
 from dinobatch.errors import EXIT_LOCKED
 from dinobatch.io.lock import exclusive
 from dinobatch.store.results import ResultsDir
-from tests.conftest import REPO, picture, save
+from tests.helpers import REPO, picture, save
 
 _RUN = ("import sys\nfrom dinobatch.cli import main\nsys.argv = ['dinobatch', 'classify'] + sys.argv[1:]\n"
         "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from dinobatch.cli.main import cli
-from tests.conftest import picture, save
+from tests.helpers import picture, save
 
 
 def invoke(*args):

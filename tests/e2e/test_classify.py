@@ -14,16 +14,8 @@ from dinobatch.models.file import file_sha256
 from dinobatch.schema import read_metadata
 from PIL import Image
 
-from tests.conftest import LABELS, REPO, picture, save, tree_digest
-
-
-def run(folder, out, model, **kw):
-    kw.setdefault("workers", 0)
-    kw.setdefault("batch_size", 4)
-    cfg = ClassifyConfig(folder=str(folder), out=str(out), model=str(model),
-                         species=str(REPO / "manifests" / "species.csv"), **kw)
-    summary = classify(cfg)
-    return summary, {r["path"]: r for r in pq.read_table(summary.rows_file).to_pylist()}
+from tests.helpers import LABELS, picture, save, tree_digest
+from tests.helpers import run_classify as run
 
 
 def test_one_row_per_file_with_errors_and_duplicates_where_they_belong(tmp_path, inbox, tiny_model):

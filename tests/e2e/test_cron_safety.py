@@ -17,7 +17,7 @@ import pytest
 from dinobatch.errors import EXIT_LOCKED, EXIT_OUTPUT
 from dinobatch.io.lock import exclusive
 from dinobatch.store.runs import current_rows
-from tests.conftest import REPO, SHARED_DATA, picture, save, tree_digest
+from tests.helpers import REPO, SHARED_DATA, picture, save, tree_digest
 
 COMPARED = ("path", "sha256", "status", "error", "label", "probs", "duplicate_of", "duplicate_kind", "width", "phash")
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from dinobatch.cli.main import cli
-from tests.conftest import picture, save
+from tests.helpers import picture, save
 
 HOSTILE = ["=1+2.png", "@SUM(A1).png", "+cmd.png", "-x.png"]
 

@@ -26,7 +26,7 @@ from dinobatch.store.results import ResultsDir
 from dinobatch.curation.review import write_outputs
 from dinobatch.io.walk import sha256_file
 from dinobatch.schema import row_schema, schema_metadata
-from tests.conftest import REPO, picture, save, tree_digest
+from tests.helpers import REPO, picture, save, tree_digest
 
 LABELS = ["stegosaurus", "triceratops", "velociraptor"]
 

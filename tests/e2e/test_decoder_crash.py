@@ -22,7 +22,7 @@ from dinobatch.jobs.predict import ImageDataset, WorkItem
 from dinobatch.runtime.loader import _loader_batches
 from dinobatch.models.file import Preprocessing
 from dinobatch.jobs.scan import ScanConfig, scan_folder
-from tests.conftest import REPO, picture, save
+from tests.helpers import REPO, picture, save
 
 
 @pytest.fixture

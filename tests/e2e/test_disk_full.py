@@ -21,7 +21,7 @@ from dinobatch.errors import EXIT_OUTPUT
 from dinobatch.runtime.faults import FAIL_ENV
 from dinobatch.store.results import COMPACT_PARTS
 from dinobatch.store.runs import current_rows, latest_run
-from tests.conftest import REPO, picture, save
+from tests.helpers import REPO, picture, save
 
 
 def classify(folder: Path, out: Path, model: Path, *extra: str):

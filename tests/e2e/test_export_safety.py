@@ -11,7 +11,7 @@ from dinobatch.jobs.classify import classify
 from dinobatch.cli.main import cli
 from dinobatch.config import ClassifyConfig
 from dinobatch.errors import EXIT_CONFIG
-from tests.conftest import picture, save, tree_digest
+from tests.helpers import picture, save, tree_digest
 
 
 def _classified(tmp_path, tiny_model, folder):

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from dinobatch.runtime import faults
 from dinobatch.jobs.scan import HEAVY_BYTES
-from tests.conftest import REPO, picture, save
+from tests.helpers import REPO, picture, save
 
 
 def test_scan_finishes_after_a_worker_dies_holding_the_heavy_gate(tmp_path):

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import dinobatch.jobs.classify as classify_module
 from dinobatch.store import results
 
-from tests.conftest import picture, save
-from tests.e2e.test_classify import run
+from tests.helpers import picture, save
+from tests.helpers import run_classify as run
 
 
 def _count_hashing(monkeypatch) -> list[str]:

@@ -20,7 +20,7 @@ from dinobatch.training.manifest import assign_splits, build_manifest, load_mani
 from dinobatch.models.file import load_model
 from dinobatch.training.sweep import sweep
 from dinobatch.training.train import TrainConfig, checkpoint_path, metrics_path, train
-from tests.conftest import picture, save, tree_digest
+from tests.helpers import picture, save, tree_digest
 
 LABELS = ("stegosaurus", "triceratops")
 

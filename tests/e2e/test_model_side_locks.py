@@ -17,7 +17,7 @@ from dinobatch.io.lock import exclusive
 from dinobatch.training.manifest import build_manifest, write_manifest
 from dinobatch.training.sweep import sweep
 from dinobatch.training.train import TrainConfig, checkpoint_path, train
-from tests.conftest import picture, save
+from tests.helpers import picture, save
 
 LABELS = ("stegosaurus", "triceratops")
 

@@ -20,7 +20,7 @@ from dinobatch.training.evaluate import evaluate
 from dinobatch.training.manifest import build_manifest, load_manifest, write_manifest
 from dinobatch.io.walk import display_path
 from dinobatch.training.train import TrainConfig, train
-from tests.conftest import picture, save
+from tests.helpers import picture, save
 
 LABELS = ("stegosaurus", "triceratops")  # both known to the tiny_model fixture
 ODD = (b"caf\xe9.png", b"back\\slash.png")  # not UTF-8; a backslash, which the shown path doubles

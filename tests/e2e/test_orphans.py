@@ -21,7 +21,7 @@ import pytest
 
 from dinobatch.runtime.device import usable_cores
 from dinobatch.runtime.faults import ENV
-from tests.conftest import REPO, picture, save
+from tests.helpers import REPO, picture, save
 
 GRACE_S = 2.0  # how long after the parent's death its workers and its pipes may take to go
 

@@ -13,7 +13,7 @@ from dinobatch.config import ClassifyConfig
 from dinobatch.dedupe.groups import DedupeItem, group_duplicates
 from dinobatch.imaging.decode import decode
 from dinobatch.io.walk import read_bytes, sha256_file
-from tests.conftest import SHARED_DATA, tree_digest
+from tests.helpers import SHARED_DATA, tree_digest
 
 WEIRD = SHARED_DATA / "weird"
 DINOS = SHARED_DATA / "dinos"

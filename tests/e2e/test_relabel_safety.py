@@ -18,7 +18,7 @@ from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_CONFIG, EXIT_DATA, EXIT_LOCKED
 from dinobatch.io.lock import exclusive
 from dinobatch.training.manifest import build_manifest, load_manifest, write_manifest
-from tests.conftest import REPO, picture, save
+from tests.helpers import REPO, picture, save
 
 LABELS = ("stegosaurus", "triceratops", "velociraptor")
 

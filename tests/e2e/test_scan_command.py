@@ -17,7 +17,7 @@ from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_INPUT
 from dinobatch.io.walk import display_path
 from dinobatch.schema import read_metadata, scan_schema
-from tests.conftest import REPO, jpeg_bytes, picture, save, tree_digest
+from tests.helpers import REPO, jpeg_bytes, picture, save, tree_digest
 
 
 def scan(*args) -> tuple[int, str]:

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dinobatch.imaging.decode import decode
 from dinobatch.imaging.preprocess import model_input
-from dinobatch.models.file import load_model
-
-from tests.e2e.test_classify import run
+from dinobatch.models.file import build_module, load_model
+from dinobatch.runtime.device import resolve_runtime, usable_cores
+from tests.helpers import run_classify as run
 
 
 def _without_run_id(rows):
     return {p: {k: v for k, v in r.items() if k != "run_id"} for p, r in rows.items()}
 
 
-def test_default_burst_decoding_writes_the_same_rows_as_decoding_in_process(tmp_path, inbox, tiny_model):
+@pytest.mark.slow
+def test_default_burst_decoding_writes_the_same_rows_as_decoding_in_process(tmp_path, inbox, tiny_model, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the operator did not choose: every usable core
     root = inbox["a.jpg"].parent
     _, serial = run(root, tmp_path / "serial", tiny_model, workers=0)
     summary, burst = run(root, tmp_path / "burst", tiny_model, workers=None)  # the CPU default
     assert _without_run_id(burst) == _without_run_id(serial)
-    assert summary.process["threads"] >= 1 and summary.process["channels_last"]
+    assert summary.process["threads"] == usable_cores()
+
+
+def test_the_model_and_its_batches_run_channels_last_as_the_summary_says():
+    runtime = resolve_runtime("cpu", "fp32")
+    module = runtime.prepare(build_module("resnet18", 3))
+    assert module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not module.training
+    batch = runtime.to_device(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    assert batch.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bursts_of_several_batches_cut_into_the_same_rows(tmp_path, inbox, tiny_model, monkeypatch):

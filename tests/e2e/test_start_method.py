@@ -16,7 +16,7 @@ import textwrap
 
 import pyarrow.parquet as pq
 
-from tests.conftest import REPO, picture, save
+from tests.helpers import REPO, picture, save
 
 _UNDER_FORKSERVER = textwrap.dedent("""
     import multiprocessing, sys

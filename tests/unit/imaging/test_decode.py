@@ -8,12 +8,12 @@ import zlib
 from pathlib import Path
 
 import imagehash
-import numpy as np
 import pytest
 from PIL import Image
 
 from dinobatch.imaging.decode import DecodeError, decode
-from tests.conftest import jpeg_bytes, picture
+from tests.helpers import encode_oriented as encode
+from tests.helpers import jpeg_bytes, odd_picture, picture
 
 
 def png_bytes(img: Image.Image, **kwargs) -> bytes:
@@ -214,34 +214,6 @@ def full_size_picture(data: bytes, min_side: int = 256) -> Image.Image:
     rgb = to_rgb(img)
     factor = min(rgb.size) // min_side
     return rgb.reduce(factor) if factor >= 2 else rgb
-
-
-def odd_picture(mode: str, size=(2601, 1553)) -> tuple[Image.Image, dict]:
-    """A picture in mode and how to save it; by default reduced by 6, leaving partial blocks on two
-    edges, and converted in four bands of rows (1 MP each)."""
-    img = picture(11, size)
-    if mode in ("P", "P+t"):
-        return img.convert("P", palette=Image.ADAPTIVE), {"transparency": 0} if mode == "P+t" else {}
-    if mode in ("L+t", "RGB+t"):
-        return img.convert(mode[:-2]), {"transparency": 77 if mode == "L+t" else (12, 34, 56)}
-    if mode.startswith("I;16"):
-        arr = np.asarray(img.convert("L"), dtype=np.uint16) * 40 + 300  # 12 bits used of 16
-        return Image.fromarray(arr), {"transparency": int(arr[0, 0])} if mode == "I;16+t" else {}
-    if mode in ("I", "F"):
-        arr = (np.asarray(img.convert("L"), dtype=np.float64) - 100) * (7.5 if mode == "F" else 1000)
-        return Image.fromarray(arr.astype(np.int32 if mode == "I" else np.float32), mode), {}
-    if mode in ("RGBA", "LA"):
-        alpha = Image.linear_gradient("L").resize(size)
-        return Image.merge(mode, (*img.convert(mode[0] if mode == "LA" else "RGB").split(), alpha)), {}
-    return img.convert(mode), {}
-
-
-def encode(img: Image.Image, orientation: int = 1, **kwargs) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    img.save(buf, "TIFF" if img.mode in ("CMYK", "I", "F") else "PNG", exif=exif.tobytes(), **kwargs)
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("mode", ["P", "P+t", "RGBA", "LA", "L", "L+t", "RGB", "RGB+t", "1", "CMYK",

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from dinobatch.imaging.decode import HASH_MIN_SIDE, DecodeError, decode, decode_hashes, to_rgb
-from tests.conftest import jpeg_bytes, picture
+from tests.helpers import jpeg_bytes, picture
 
 
 def png_bytes(img: Image.Image, **kwargs) -> bytes:
@@ -153,7 +153,8 @@ def test_decode_hashes_its_picture_exactly_as_imagehash(seed):
 def test_scan_hashes_the_picture_classify_hashes_whatever_the_mode_and_orientation(mode, orientation):
     # reduced by 3 with partial blocks on two edges: scan and classify now reduce the same blocks of
     # the displayed picture, and scale 16-bit and float images from the whole image's range
-    from tests.unit.imaging.test_decode import encode, odd_picture
+    from tests.helpers import encode_oriented as encode
+    from tests.helpers import odd_picture
 
     img, options = odd_picture(mode)
     data = encode(img, orientation, **options)

@@ -8,7 +8,7 @@ import pytest
 
 from dinobatch.errors import InputError
 from dinobatch.io.walk import sha256_file, walk
-from tests.conftest import picture, save
+from tests.helpers import picture, save
 
 
 def paths(root):

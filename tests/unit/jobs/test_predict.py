@@ -17,7 +17,7 @@ from dinobatch.runtime.loader import collate
 from dinobatch.imaging.preprocess import orient_tensor
 from dinobatch.models.file import Preprocessing, load_model
 
-from tests.conftest import picture, save
+from tests.helpers import picture, save
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

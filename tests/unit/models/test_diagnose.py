@@ -12,7 +12,7 @@ import torch
 
 from dinobatch.errors import EXIT_MODEL, ModelError
 from dinobatch.models.file import build_module, import_state_dict, initial_module, load_model
-from tests.conftest import LABELS
+from tests.helpers import LABELS
 from tests.weights_server import publish_weights, serving
 
 

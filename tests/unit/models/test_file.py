@@ -10,7 +10,7 @@ import torch
 
 from dinobatch.errors import ModelError
 from dinobatch.models.file import ModelSpec, Preprocessing, build_module, import_state_dict, load_model, read_labels, resolve_model, save_model
-from tests.conftest import LABELS
+from tests.helpers import LABELS
 
 
 @pytest.fixture
