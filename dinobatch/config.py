@@ -1,4 +1,5 @@
-"""Resolved run configuration: one frozen dataclass per command, and the TOML file that fills it."""
+"""classify's resolved configuration (ClassifyConfig), the environment variables the CLI reads, and the
+TOML --config file that fills every command's defaults (load_config_file)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Mapping
 
+from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
 from dinobatch.errors import ConfigError
 
 __all__ = ["ClassifyConfig", "load_config_file", "MODEL_ENV", "CONFIG_ENV", "MAX_BATCH_SIZE"]
 
 MODEL_ENV = "DINOBATCH_MODEL"
-KNOWN_SECTIONS = ("classify",)  # one table per command that reads the file
 CONFIG_ENV = "DINOBATCH_CONFIG"
 # Images per classify batch at most: twice the largest batch auto-sizing picks on CUDA (512). The
 # batch's buffers are allocated up front, so -b 1000000000 ended in an ENOMEM traceback.
@@ -31,14 +32,14 @@ class ClassifyConfig:
     model: str = "imagenet"
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int | None = None  # None: 32 on CPU, the largest that fits on CUDA
+    batch_size: int | None = None  # None: runtime.device.default_batch_size; the summary saves the size used
     workers: int | None = None  # None: chosen for the device (device.default_workers)
     top_k: int = 3
     embeddings: bool = False
     force: bool = False
     species: str | None = None
-    phash_max: int = 8
-    dhash_max: int = 3
+    phash_max: int = DEFAULT_PHASH_MAX
+    dhash_max: int = DEFAULT_DHASH_MAX
     wait: float = 0.0  # seconds to wait for another run on the same --out before giving up
     compile: bool = False  # torch.compile the model (pays a compile once per run)
     gpu_decode: bool = True  # on CUDA, decode JPEGs on the GPU (nvjpeg)
@@ -59,38 +60,83 @@ class ClassifyConfig:
         return dataclasses.asdict(self)
 
 
-def load_config_file(path: str | os.PathLike, section: str, allowed: set[str]) -> dict[str, Any]:
-    """The [section] table of a TOML file, with '-' and '_' both accepted; unknown keys are errors."""
+def load_config_file(path: str | os.PathLike, section: str, allowed: Collection[str] | Mapping[str, str], *,
+                     sections: Collection[str] = (), paths: Collection[str] = ("model", "out", "species"),
+                     models: Collection[str] = ("model",)) -> dict[str, Any]:
+    """The [section] table of a TOML file as {parameter: value}, so a command's --config can fill its defaults.
+
+    `section` may be dotted ('model.import' is the [model.import] table); `sections` are the other
+    tables the file may hold (every command's). `allowed` maps each key ('-' and '_' both accepted) to
+    its parameter, or lists the parameters; unknown keys and tables are errors. Relative `paths` are
+    made relative to the file, except `models` values that name a model rather than a file ('imagenet').
+    The defaults are classify's, the file's first table."""
+    data = _read_toml(path)
+    known = {section, *sections}
+    unknown = _unknown_tables(data, known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    table: Any = data
+    for part in section.split("."):
+        table = table.get(part, {}) if isinstance(table, dict) else None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{section}] must be a table")
+    values = _parameters(path, section, table, allowed)
+    base = Path(path).resolve().parent
+    for key in paths:  # relative paths in a config file are relative to the file
+        value = values.get(key)
+        if not isinstance(value, str) or os.path.isabs(value) or key in models and _names_a_model(value):
+            continue
+        values[key] = str(base / value)
+    return values
+
+
+def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML file's contents; any way it cannot be read is a ConfigError naming the file."""
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    unknown_sections = sorted(set(data) - set(KNOWN_SECTIONS))
-    if unknown_sections:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown_sections)}; "
-                          f"known: {', '.join(KNOWN_SECTIONS)}")
-    table = data.get(section, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [{section}] must be a table")
-    out, spelled = {}, {}
+
+
+def _unknown_tables(data: dict[str, Any], known: set[str], prefix: str = "") -> list[str]:
+    """Dotted names in data that are not a known table: [model.import] is known through [model]."""
+    unknown = []
+    for key, value in data.items():
+        name = prefix + key
+        if name in known:
+            continue
+        if isinstance(value, dict) and any(k.startswith(name + ".") for k in known):
+            unknown += _unknown_tables(value, known, name + ".")
+        else:
+            unknown.append(name)
+    return sorted(unknown)
+
+
+def _parameters(path: str | os.PathLike, section: str, table: dict[str, Any],
+                allowed: Collection[str] | Mapping[str, str]) -> dict[str, Any]:
+    """{parameter: value} of a table whose keys may use '-' or '_'; a parameter set twice is an error."""
+    names = allowed if isinstance(allowed, Mapping) else {name: name for name in allowed}
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in table.items():
-        name = key.replace("-", "_")
-        if name not in allowed:
-            raise ConfigError(f"{path}: unknown key {key!r} in [{section}]; known: {', '.join(sorted(allowed))}")
+        name = names.get(key.replace("-", "_"))
+        if name is None:
+            # a parameter's own name is listed only where no option name spells it otherwise (json, not as_json)
+            shown = sorted(k for k, v in names.items() if k != v or list(names.values()).count(v) == 1)
+            raise ConfigError(f"{path}: unknown key {key!r} in [{section}]; known: {', '.join(shown)}")
         if name in spelled:
             raise ConfigError(f"{path}: [{section}] sets {name} twice, as {spelled[name]!r} and {key!r}")
         out[name], spelled[name] = value, key
-    base = Path(path).resolve().parent
-    for key in ("model", "out", "species"):  # relative paths in a config file are relative to the file
-        value = out.get(key)
-        if not isinstance(value, str) or os.path.isabs(value):
-            continue
-        if key == "model" and (value == "imagenet" or value.startswith("imagenet:")):
-            continue
-        out[key] = str(base / value)
     return out
+
+
+def _names_a_model(value: str) -> bool:
+    """True for a model reference that is a name, not a file: 'imagenet', 'imagenet:NAME', or train's 'none'."""
+    from dinobatch.models.file import imagenet_weights_name
+
+    return value == "none" or imagenet_weights_name(value) is not None

@@ -1,4 +1,5 @@
-"""The Parquet schema of dinobatch's outputs: the only place column names are spelled."""
+"""The Parquet schemas of the tables dinobatch writes, their column names (Col), the status and
+duplicate-kind values, and the key-value metadata each file carries."""
 
 from __future__ import annotations
 

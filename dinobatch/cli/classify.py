@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import click
@@ -12,26 +11,23 @@ from dinobatch.cli.common import (
     DEVICE_HELP,
     INPUT_FOLDER,
     Progress,
-    load_config,
     print_counts,
     print_errors,
     run,
     setup_logging,
     verbosity,
 )
-from dinobatch.cli.params import SECONDS
-from dinobatch.config import CONFIG_ENV, MAX_BATCH_SIZE, MODEL_ENV, ClassifyConfig
-from dinobatch.errors import OutputError
+from dinobatch.cli.params import FILE_NAME, MODEL_REF, SECONDS
+from dinobatch.config import MAX_BATCH_SIZE, MODEL_ENV, ClassifyConfig
+from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
 from dinobatch.io.terminal import printable
 from dinobatch.runtime.device import CUDA_MAX_WORKERS, PRECISIONS
 
 
 @click.command()
 @click.argument("folder", type=INPUT_FOLDER)
-@click.option("--config", type=click.Path(dir_okay=False), envvar=CONFIG_ENV, callback=load_config,
-              is_eager=True, expose_value=False, help=f"TOML file with a [classify] table [env {CONFIG_ENV}].")
-@click.option("-o", "--out", default="results", help="Output folder for Parquet rows and summaries.")
-@click.option("-m", "--model", envvar=MODEL_ENV, default="imagenet",
+@click.option("-o", "--out", type=FILE_NAME, default="results", help="Output folder for Parquet rows and summaries.")
+@click.option("-m", "--model", type=MODEL_REF, envvar=MODEL_ENV, default="imagenet",
               help=f"Model file, or 'imagenet' (torchvision ResNet50 weights) [env {MODEL_ENV}].")
 @click.option("--device", default="auto", help=DEVICE_HELP)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
@@ -51,8 +47,10 @@ from dinobatch.runtime.device import CUDA_MAX_WORKERS, PRECISIONS
 @click.option("--force", is_flag=True, help="Recompute every prediction, ignoring earlier results.")
 @click.option("--species", type=click.Path(dir_okay=False), default=None,
               help="Species facts CSV [default: manifests/species.csv].")
-@click.option("--phash-max", type=click.IntRange(0, 64), default=8, help="Near duplicate: pHash distance.")
-@click.option("--dhash-max", type=click.IntRange(0, 64), default=3, help="Near duplicate: dHash distance.")
+@click.option("--phash-max", type=click.IntRange(0, 64), default=DEFAULT_PHASH_MAX,
+              help="Near duplicate: pHash distance.")
+@click.option("--dhash-max", type=click.IntRange(0, 64), default=DEFAULT_DHASH_MAX,
+              help="Near duplicate: dHash distance.")
 @click.option("--wait", type=SECONDS, default=0.0,
               help="Seconds to wait for another run on the same --out before exiting with code 9.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
@@ -73,15 +71,10 @@ def classify(folder: str, quiet: bool, verbose: bool, as_json: bool, summary_jso
             summary = run_classify(cfg, progress)
         finally:
             progress.close()
-        if summary_json:
-            from dinobatch.io.files import atomic_path
+        if summary_json:  # the same bytes as OUT/_summary.json, for monitoring that does not know OUT
+            from dinobatch.io.files import write_json
 
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(summary_json)), exist_ok=True)
-            except OSError as exc:
-                raise OutputError(f"cannot create the folder of {summary_json}: {exc.strerror or exc}") from exc
-            with atomic_path(summary_json, "write summary") as tmp:
-                tmp.write_text(json.dumps(summary.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+            write_json(summary.to_dict(), summary_json)
         if as_json:
             click.echo(json.dumps(summary.to_dict(), indent=2, default=str))
         elif not quiet:
@@ -98,4 +91,6 @@ def _print_summary(s) -> None:
     click.echo(f"inferred {s.inferred} new, reused {s.reused} ({s.runtime})")
     click.echo(f"{s.seconds:.1f} s in all{rate}")
     click.echo(f"rows: {printable(s.rows_file)}")
-    print_errors(s.errors, s.counts.get("error", 0))
+    from dinobatch.schema import STATUS_ERROR
+
+    print_errors(s.errors, s.counts.get(STATUS_ERROR, 0))

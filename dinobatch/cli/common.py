@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -9,12 +10,12 @@ import signal
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Collection, NoReturn
 
 import click
 
-from dinobatch.cli.params import config_type_error
-from dinobatch.config import load_config_file
+from dinobatch.cli.params import FileName, ModelRef, config_type_error
+from dinobatch.config import CONFIG_ENV, load_config_file
 from dinobatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, DinobatchError
 from dinobatch.io.terminal import printable
 
@@ -89,8 +90,7 @@ def run(action: Callable[[], Any]) -> Any:
             raise pending
         return action()
     except DinobatchError as exc:
-        say_error(f"error: {exc}")
-        sys.exit(exc.exit_code)
+        fail(exc)
     except KeyboardInterrupt:
         say_error("interrupted; finished batches are saved and a rerun continues from them")
         sys.exit(EXIT_INTERRUPTED)
@@ -102,6 +102,12 @@ def run(action: Callable[[], Any]) -> Any:
         sys.exit(EXIT_FAILED)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def fail(exc: DinobatchError) -> NoReturn:
+    """Say a domain error and exit with its code: the one place an error becomes an exit code."""
+    say_error(f"error: {exc}")
+    sys.exit(exc.exit_code)
 
 
 def say_error(message: str) -> None:
@@ -156,26 +162,46 @@ class Progress:
             bar.close()
 
 
-def load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+def config_option(table: str, tables: Collection[str]) -> click.Option:
+    """The --config FILE option of the command whose TOML table is `table` ('scan', 'model.import');
+    `tables` are every command's, which the file may also hold. cli.main gives one to every command."""
+    return click.Option(["--config"], type=click.Path(dir_okay=False), envvar=CONFIG_ENV, is_eager=True,
+                        expose_value=False, callback=functools.partial(_load_config, table=table, tables=tuple(tables)),
+                        help=f"TOML file with a [{table}] table [env {CONFIG_ENV}].")
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None, *, table: str,
+                 tables: tuple[str, ...]) -> str | None:
     """--config FILE fills Click's default_map, so flags and environment variables still win."""
     if value:
-        params = {p.name: p for p in ctx.command.params if p.name not in ("config", "folder")}
         try:
-            values = load_config_file(value, ctx.command.name, set(params))
-            for key, raw in values.items():  # check types here, so the message names the file and key
-                where = f"{value}: [{ctx.command.name}] {key} = {raw!r}"
-                wrong = config_type_error(params[key], raw)
-                if wrong:
-                    raise ConfigError(f"{where}: {wrong}")
-                try:
-                    params[key].type_cast_value(ctx, raw)
-                except click.BadParameter as exc:
-                    raise ConfigError(f"{where}: {exc.message}") from exc
+            values = _config_values(ctx, value, table, tables)
         except DinobatchError as exc:
-            say_error(f"error: {exc}")
-            ctx.exit(exc.exit_code)
+            fail(exc)
         ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _config_values(ctx: click.Context, path: str, table: str, tables: tuple[str, ...]) -> dict[str, Any]:
+    """The command's table of the file as {parameter: value}, each value checked against its option's type
+    here, so the message names the file, table and key."""
+    params = {p.name: p for p in ctx.command.params if isinstance(p, click.Option) and p.name != "config"}
+    keys = {p.name: p.name for p in params.values()}  # the parameter's name (as_json), and
+    keys.update({o.lstrip("-").replace("-", "_"): p.name for p in params.values() for o in p.opts
+                 if o.startswith("--")})  # its option's long name (json), as a user reads it in --help
+    paths = [n for n, p in params.items() if isinstance(p.type, (click.Path, FileName))]
+    models = [n for n, p in params.items() if isinstance(p.type, ModelRef)]
+    values = load_config_file(path, table, keys, sections=tables, paths=paths, models=models)
+    for key, raw in values.items():
+        where = f"{path}: [{table}] {key} = {raw!r}"
+        wrong = config_type_error(params[key], raw)
+        if wrong:
+            raise ConfigError(f"{where}: {wrong}")
+        try:
+            params[key].type_cast_value(ctx, raw)
+        except click.BadParameter as exc:
+            raise ConfigError(f"{where}: {exc.message}") from exc
+    return values
 
 
 def _log_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -218,9 +244,10 @@ def verbosity(f):
 
 def print_counts(s) -> None:
     """A run's first summary line (classify's and scan's): files by status and duplicate groups."""
-    c = s.counts
-    click.echo(f"{s.files} files: {c.get('ok', 0)} ok, {c.get('duplicate', 0)} duplicate, "
-               f"{c.get('error', 0)} error ({s.duplicate_groups} duplicate groups)")
+    from dinobatch.schema import STATUSES  # here: the schema module loads pyarrow, which --help does not need
+
+    counts = ", ".join(f"{s.counts.get(status, 0)} {status}" for status in STATUSES)
+    click.echo(f"{s.files} files: {counts} ({s.duplicate_groups} duplicate groups)")
 
 
 _ERRORS_SHOWN = 5  # errors a summary prints; every one is a row with status "error"
@@ -228,8 +255,10 @@ _ERRORS_SHOWN = 5  # errors a summary prints; every one is a row with status "er
 
 def print_errors(errors: list[dict[str, str]], total: int) -> None:
     """The first few errors of a run, then how many more the rows hold, so a cut list is not read as all."""
+    from dinobatch.schema import Col
+
     for err in errors[:_ERRORS_SHOWN]:
-        click.echo(f"  error: {printable(err['path'])}: {printable(err['error'])}")
+        click.echo(f"  error: {printable(err[Col.PATH])}: {printable(err[Col.ERROR])}")
     more = total - min(len(errors), _ERRORS_SHOWN)
     if more > 0:
         click.echo(f"  ... and {more} more error{'s' if more > 1 else ''} (every one is a row with status error)")

@@ -8,7 +8,7 @@ import sys
 import click
 
 from dinobatch.cli.common import DEVICE_HELP, INPUT_FOLDER, run, setup_logging, verbosity
-from dinobatch.cli.params import FINITE, FRACTION, SECONDS
+from dinobatch.cli.params import FINITE, FRACTION, MODEL_REF, SECONDS
 from dinobatch.config import MODEL_ENV
 from dinobatch.errors import EXIT_THRESHOLD, ConfigError
 from dinobatch.io.terminal import printable
@@ -140,7 +140,7 @@ def export(predictions, to, min_confidence, copy_outside_links, quiet, verbose) 
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("-m", "--model", envvar=MODEL_ENV, required=True, help=f"Model file [env {MODEL_ENV}].")
+@click.option("-m", "--model", type=MODEL_REF, envvar=MODEL_ENV, required=True, help=f"Model file [env {MODEL_ENV}].")
 @click.option("--reference", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Manifest of labelled reference images.")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=3, help="Species to list per image.")

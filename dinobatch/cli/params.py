@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-__all__ = ["FiniteFloat", "FINITE", "FRACTION", "SECONDS", "finite_float", "config_type_error"]
+__all__ = ["FiniteFloat", "FINITE", "FRACTION", "SECONDS", "FileName", "FILE_NAME", "ModelRef", "MODEL_REF",
+           "finite_float", "config_type_error"]
 
 
 class FiniteFloat(click.FloatRange):
@@ -35,6 +36,18 @@ FRACTION = FiniteFloat(0, 1)  # a probability, confidence or share
 SECONDS = FiniteFloat(min=0)  # a wait (inf would wait forever: cron's next run would pile up behind it)
 
 
+class FileName(click.types.StringParamType):
+    """Text that names a file or folder (--help still says TEXT): in a config file it is relative to the file."""
+
+
+class ModelRef(FileName):
+    """A model file, or a name that is no file ('imagenet', 'imagenet:NAME', train's 'none')."""
+
+
+FILE_NAME = FileName()
+MODEL_REF = ModelRef()
+
+
 def finite_float(text: str) -> float:
     """float(text) for numbers inside text options (--split 0.8,0.1,0.1); ValueError for nan and inf."""
     number = float(text)
@@ -51,7 +64,20 @@ def config_type_error(param: click.Parameter, raw: Any) -> str | None:
     """Why a config file value cannot fill this option (a TOML value of the wrong type), or None.
 
     Click would convert anything (str(['a', 'b']) is a folder name, True is the integer 1), so the
-    TOML type is checked first; the option's own type then checks the value."""
+    TOML type is checked first; the option's own type then checks the value. A repeatable option
+    takes an array of such values."""
+    if getattr(param, "multiple", False):
+        if not isinstance(raw, list):
+            return f"expected an array, got {_toml_name(raw)}"
+        return next((f"in the array: {wrong}" for item in raw if (wrong := _scalar_type_error(param, item))), None)
+    return _scalar_type_error(param, raw)
+
+
+def _toml_name(raw: Any) -> str:
+    return next((name for t, name in _TOML_NAMES.items() if isinstance(raw, t)), type(raw).__name__)
+
+
+def _scalar_type_error(param: click.Parameter, raw: Any) -> str | None:
     kind = param.type
     if isinstance(param, click.Option) and param.is_flag or isinstance(kind, click.types.BoolParamType):
         wanted, ok = "a boolean (true or false)", isinstance(raw, bool)
@@ -63,5 +89,4 @@ def config_type_error(param: click.Parameter, raw: Any) -> str | None:
         wanted, ok = "a string", isinstance(raw, str)
     if ok:
         return None
-    got = next((name for t, name in _TOML_NAMES.items() if isinstance(raw, t)), type(raw).__name__)
-    return f"expected {wanted}, got {got}"
+    return f"expected {wanted}, got {_toml_name(raw)}"

@@ -61,8 +61,11 @@ def results(folder, model, out, quiet, verbose) -> None:
 def print_rows(table) -> None:
     """Tab-separated, under a header, one line per row: names escaped, so a tab or newline in one
     cannot shift a column or split a row."""
-    click.echo("path\tstatus\tlabel\tconfidence\tdetail")
-    for r in table.select(["path", "status", "label", "confidence", "duplicate_of", "error"]).to_pylist():
-        conf = f"{r['confidence']:.3f}" if r["confidence"] is not None else "-"
-        fields = (r["path"], r["status"], r["label"] or "-", conf, r["duplicate_of"] or r["error"] or "")
+    from dinobatch.schema import Col  # here: the schema module loads pyarrow, which --help does not need
+
+    shown = (Col.PATH, Col.STATUS, Col.LABEL, Col.CONFIDENCE)
+    click.echo("\t".join((*shown, "detail")))  # detail: duplicate_of or error, whichever the row has
+    for r in table.select([*shown, Col.DUPLICATE_OF, Col.ERROR]).to_pylist():
+        conf = f"{r[Col.CONFIDENCE]:.3f}" if r[Col.CONFIDENCE] is not None else "-"
+        fields = (r[Col.PATH], r[Col.STATUS], r[Col.LABEL] or "-", conf, r[Col.DUPLICATE_OF] or r[Col.ERROR] or "")
         click.echo("\t".join(printable(f) for f in fields))

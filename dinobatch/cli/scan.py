@@ -17,6 +17,7 @@ from dinobatch.cli.common import (
     setup_logging,
     verbosity,
 )
+from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
 from dinobatch.errors import EXIT_INTERRUPTED
 from dinobatch.io.terminal import printable
 
@@ -29,8 +30,10 @@ log = logging.getLogger("dinobatch")
               help="Parquet file to write (atomically): one row per file found.")
 @click.option("-j", "--workers", type=click.IntRange(min=0), default=None,
               help="Hashing processes [default: every usable core]; 0 hashes in this process.")
-@click.option("--phash-max", type=click.IntRange(0, 64), default=8, help="Near duplicate: pHash distance.")
-@click.option("--dhash-max", type=click.IntRange(0, 64), default=3, help="Near duplicate: dHash distance.")
+@click.option("--phash-max", type=click.IntRange(0, 64), default=DEFAULT_PHASH_MAX,
+              help="Near duplicate: pHash distance.")
+@click.option("--dhash-max", type=click.IntRange(0, 64), default=DEFAULT_DHASH_MAX,
+              help="Near duplicate: dHash distance.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the run summary to this file (atomically), for monitoring.")
 @verbosity
@@ -67,7 +70,9 @@ def _print_summary(s) -> None:
     print_counts(s)
     rate = f", {s.images_per_second} images/s" if s.images_per_second else ""
     click.echo(f"{s.seconds:.1f} s{rate}\nrows: {printable(s.output)}")
-    print_errors(s.errors, s.counts["error"])
+    from dinobatch.schema import STATUS_ERROR
+
+    print_errors(s.errors, s.counts[STATUS_ERROR])
 
 
 def _log_summary(s) -> None:
@@ -75,7 +80,9 @@ def _log_summary(s) -> None:
     ctx = click.get_current_context(silent=True)
     if ctx is None or ctx.meta.get("dinobatch.log_format") != "json":
         return
-    c = s.counts
+    from dinobatch.schema import STATUSES
+
+    counts = ", ".join(f"{s.counts[status]} {status}" for status in STATUSES)
     rate = f", {s.images_per_second} images/s" if s.images_per_second else ""
-    log.info("%d files: %d ok, %d duplicate, %d error (%d duplicate groups); %.1f s%s -> %s",
-             s.files, c["ok"], c["duplicate"], c["error"], s.duplicate_groups, s.seconds, rate, s.output)
+    log.info("%d files: %s (%d duplicate groups); %.1f s%s -> %s",
+             s.files, counts, s.duplicate_groups, s.seconds, rate, s.output)

@@ -7,8 +7,9 @@ import json
 import click
 
 from dinobatch.cli.common import DEVICE_HELP, INPUT_FOLDER, Progress, run, setup_logging, verbosity
-from dinobatch.cli.params import FINITE, SECONDS, finite_float
+from dinobatch.cli.params import FINITE, MODEL_REF, SECONDS, finite_float
 from dinobatch.config import MODEL_ENV
+from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
 from dinobatch.errors import ConfigError
 from dinobatch.io.terminal import printable
 from dinobatch.runtime.device import CPU_MAX_WORKERS, CUDA_MAX_WORKERS, PRECISIONS
@@ -37,8 +38,10 @@ def _ints(text: str) -> list[int]:
 @click.option("--split", "fractions", default="0.8,0.1,0.1", help="train,val,test fractions.")
 @click.option("--seed", type=int, default=0, help="Seed of the split.")
 @click.option("--kind", default=None, help="Value of the kind column for every row (e.g. photo, drawing).")
-@click.option("--phash-max", type=click.IntRange(0, 64), default=8, help="Near duplicate: pHash distance.")
-@click.option("--dhash-max", type=click.IntRange(0, 64), default=3, help="Near duplicate: dHash distance.")
+@click.option("--phash-max", type=click.IntRange(0, 64), default=DEFAULT_PHASH_MAX,
+              help="Near duplicate: pHash distance.")
+@click.option("--dhash-max", type=click.IntRange(0, 64), default=DEFAULT_DHASH_MAX,
+              help="Near duplicate: dHash distance.")
 @verbosity
 def manifest(folder, out, fractions, seed, kind, phash_max, dhash_max, quiet, verbose) -> None:
     """List FOLDER/<label>/... as a Parquet manifest with leak-free, stratified splits."""
@@ -57,12 +60,14 @@ def manifest(folder, out, fractions, seed, kind, phash_max, dhash_max, quiet, ve
         progress.close()
         write_manifest(table, out, folder)
         if not quiet:
+            from dinobatch.schema import SPLITS, STATUS_ERROR, Col
+
             rows = table.to_pylist()
-            splits = {s: sum(1 for r in rows if r["split"] == s) for s in ("train", "val", "test")}
-            groups = {r["group"] for r in rows if r["group"] is not None}
-            click.echo(f"{len(rows)} files, {len({r['label'] for r in rows})} labels: {splits['train']} train, "
+            splits = {s: sum(1 for r in rows if r[Col.SPLIT] == s) for s in SPLITS}
+            groups = {r[Col.GROUP] for r in rows if r[Col.GROUP] is not None}
+            click.echo(f"{len(rows)} files, {len({r[Col.LABEL] for r in rows})} labels: {splits['train']} train, "
                        f"{splits['val']} val, {splits['test']} test, "
-                       f"{sum(1 for r in rows if r['status'] == 'error')} error; "
+                       f"{sum(1 for r in rows if r[Col.STATUS] == STATUS_ERROR)} error; "
                        f"{len(groups)} duplicate groups kept within one split\nwrote {printable(out)}")
 
     run(body)
@@ -105,7 +110,8 @@ def augment(manifest_path, level, out, splits, seed, wait, quiet, verbose) -> No
 def _train_options(f):
     for decorator in reversed([
         click.option("--arch", default="resnet50", help="torchvision ResNet-family architecture."),
-        click.option("--pretrained", default="imagenet", help="imagenet, none, or a dinobatch model file."),
+        click.option("--pretrained", type=MODEL_REF, default="imagenet",
+                     help="imagenet, none, or a dinobatch model file."),
         click.option("--epochs", type=click.IntRange(min=0), default=10, help="Epochs at --lr."),
         click.option("--lr", type=FINITE, default=0.01, help="Learning rate."),
         click.option("--final-epochs", type=click.IntRange(min=0), default=1, help="Epochs at --final-lr after those."),
@@ -175,7 +181,7 @@ def _num(x) -> str:
 
 @click.command()
 @click.argument("manifest_path", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False))
-@click.option("-m", "--model", envvar=MODEL_ENV, required=True, help=f"Model file [env {MODEL_ENV}].")
+@click.option("-m", "--model", type=MODEL_REF, envvar=MODEL_ENV, required=True, help=f"Model file [env {MODEL_ENV}].")
 @click.option("--split", default="test", help="Split to evaluate (train, val, test, or 'all').")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
 @click.option("--device", default="auto", help=DEVICE_HELP)
@@ -212,7 +218,8 @@ def evaluate(manifest_path, model, split, out, device, precision, batch_size, wo
 @click.option("--augment-level", "levels", default="2", help="Comma-separated values.")
 @click.option("--epochs", "epoch_list", default="10", help="Comma-separated values.")
 @click.option("--arch", default="resnet50", help="torchvision ResNet-family architecture, every trial.")
-@click.option("--pretrained", default="imagenet", help="imagenet, none, or a dinobatch model file, every trial.")
+@click.option("--pretrained", type=MODEL_REF, default="imagenet",
+              help="imagenet, none, or a dinobatch model file, every trial.")
 @click.option("--final-epochs", type=click.IntRange(min=0), default=1, help="Epochs at lr/2 after --epochs.")
 @click.option("--image-size", type=click.IntRange(min=16), default=224, help="Model input size (crop).")
 @click.option("--freeze-backbone", is_flag=True, help="Train the classifier only.")

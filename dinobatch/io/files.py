@@ -88,7 +88,8 @@ def output_error(action: str, path: Path, exc: OSError) -> OutputError:
 
 
 def write_json(obj: Any, target: str | os.PathLike) -> Path:
-    """Write obj as indented JSON atomically, creating the folder (scan's --summary-json)."""
+    """Write obj as indented JSON with sorted keys, atomically, creating the folder: the one writer of
+    summaries (OUT/_summary.json, OUT/_runs/, classify's and scan's --summary-json)."""
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ __all__ = [
     "import_state_dict",
     "read_labels",
     "load_imagenet",
+    "imagenet_weights_name",
     "initial_module",
     "resolve_model",
     "file_sha256",
@@ -354,8 +355,9 @@ def initial_module(arch: str, labels: tuple[str, ...], pretrained: str):
 
     if pretrained == "none":
         return build_module(arch, len(labels)), {"pretrained": "none"}
-    if pretrained == "imagenet" or pretrained.startswith("imagenet:"):
-        weights, state_dict, _ = _imagenet_weights(arch, pretrained.partition(":")[2] or "DEFAULT")
+    weights_name = imagenet_weights_name(pretrained)
+    if weights_name is not None:
+        weights, state_dict, _ = _imagenet_weights(arch, weights_name)
         module = build_module(arch, len(weights.meta["categories"]))
         module.load_state_dict(state_dict)
         start = {"pretrained": f"torchvision:{type(weights).__name__}.{weights.name}"}
@@ -404,6 +406,13 @@ def _download(url: str, cached: Path) -> None:
 
 def resolve_model(ref: str) -> LoadedModel:
     """'imagenet', 'imagenet:<WEIGHTS_NAME>' or a path to a dinobatch model file."""
+    weights_name = imagenet_weights_name(ref)
+    return load_model(ref) if weights_name is None else load_imagenet(weights_name)
+
+
+def imagenet_weights_name(ref: str) -> str | None:
+    """The torchvision weights a model reference names ('imagenet' is 'DEFAULT', 'imagenet:NAME' is NAME),
+    or None when it is a file: the one place that reads the 'imagenet' spelling."""
     if ref == "imagenet" or ref.startswith("imagenet:"):
-        return load_imagenet(ref.partition(":")[2] or "DEFAULT")
-    return load_model(ref)
+        return ref.partition(":")[2] or "DEFAULT"
+    return None

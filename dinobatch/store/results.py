@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dinobatch.errors import OutputError
-from dinobatch.io.files import output_error, atomic_path
+from dinobatch.io.files import atomic_path, output_error, write_json
 from dinobatch.runtime import faults
 from dinobatch.schema import Col, cache_schema, file_index_schema
 
@@ -229,28 +229,21 @@ class ResultsDir:
         A _summary.json that describes an earlier run is never left claiming to be the latest when
         this one's cannot be written: it is removed (that run's copy stays in _runs/) and, as that
         frees about the space a summary needs on a full disk, the write is tried once more."""
-        text = json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n"
         latest = self.path / "_summary.json"
         try:
-            _write_text(self.path / "_runs" / f"{run_id}.json", text)
+            write_json(summary, self.path / "_runs" / f"{run_id}.json")
         except OutputError:
             if _summary_run_id(latest) != run_id:
                 _remove(latest)
             raise
         try:
-            _write_text(latest, text)
+            write_json(summary, latest)
         except OutputError:
             if _summary_run_id(latest) == run_id:  # this run's summary, written before, stands
                 raise
             _remove(latest)
-            _write_text(latest, text)
+            write_json(summary, latest)
         return latest
-
-
-def _write_text(target: Path, text: str) -> None:
-    """Write text to target atomically (an OutputError naming it when that fails)."""
-    with atomic_path(target, "write summary") as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def _remove(path: Path) -> None:

@@ -60,6 +60,13 @@ def test_quiet_run_prints_nothing_and_json_is_machine_readable(runner, folder, t
     assert summary["inferred"] == 0 and summary["reused"] == 3 and summary["counts"]["ok"] == 3
 
 
+def test_summary_json_is_the_same_file_as_the_output_folders_summary(runner, folder, tiny_model, tmp_path):
+    result = invoke(runner, "classify", folder, "-m", tiny_model, "-o", tmp_path / "out", "-j", "0", "-q",
+                    "--summary-json", tmp_path / "status" / "last.json")
+    assert result.exit_code == 0
+    assert (tmp_path / "status" / "last.json").read_bytes() == (tmp_path / "out" / "_summary.json").read_bytes()
+
+
 def test_model_from_environment_variable(runner, folder, tiny_model, tmp_path):
     result = invoke(runner, "classify", folder, "-o", tmp_path / "out", "-j", "0", "--json", "-q",
                     env={"DINOBATCH_MODEL": str(tiny_model)})
@@ -118,11 +125,13 @@ def test_readme_documents_every_option_of_every_command():
     readme = (REPO / "README.md").read_text()
     names = dict(_commands(cli))
     assert {"classify", "model import", "model info", "manifest", "augment", "train", "evaluate", "sweep"} <= set(names)
+    # --config is every command's (cli.main adds it): documented once, above the commands' sections
+    assert "--config" in readme.split("### `dinobatch ", 1)[0]
     for name, command in names.items():
         section = readme.split(f"### `dinobatch {name}", 1)
         assert len(section) == 2, f"README has no section for dinobatch {name}"
         body = section[1].split("\n### ", 1)[0]
         for param in command.params:
             for opt in getattr(param, "opts", []):
-                if opt.startswith("--") and opt != "--help":
+                if opt.startswith("--") and opt not in ("--help", "--config"):
                     assert opt in body, f"README's section on {name} does not document {opt}"
