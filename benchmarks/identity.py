@@ -241,7 +241,8 @@ def report(outcomes: list[Outcome]) -> bool:
         for d in o.differences:
             print(f"  {o.name}: {d}")
     print("not compared: " + "; ".join(f"column {k} ({v})" for k, v in EXCLUDED.items())
-          + "; summaries but " + ", ".join(SUMMARY_FACTS) + " (times, rates, config, error list)")
+          + "; summaries but " + ", ".join(SUMMARY_FACTS) + " (times, rates, config, error list). "
+          "Compared although time-like: mtime (the input file's, not the run's)")
     return not any(o.differences for o in outcomes)
 
 
