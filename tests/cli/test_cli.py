@@ -13,8 +13,7 @@ from click.testing import CliRunner
 from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_CONFIG, EXIT_DEVICE, EXIT_INPUT, EXIT_MODEL
 from dinobatch.models.file import build_module
-from tests.helpers import LABELS, REPO, picture, save
-from tests.helpers import cli_commands as _commands
+from tests.helpers import LABELS, picture, save
 
 
 @pytest.fixture
@@ -119,19 +118,3 @@ def test_model_import_with_wrong_labels_fails_clearly(runner, tmp_path):
                tmp_path / "labels.txt", "--out", tmp_path / "m.pt")
     assert r.exit_code == EXIT_MODEL and "3 outputs but 2 labels" in r.output
     assert not (tmp_path / "m.pt").exists()
-
-
-def test_readme_documents_every_option_of_every_command():
-    readme = (REPO / "README.md").read_text()
-    names = dict(_commands(cli))
-    assert {"classify", "model import", "model info", "manifest", "augment", "train", "evaluate", "sweep"} <= set(names)
-    # --config is every command's (cli.main adds it): documented once, above the commands' sections
-    assert "--config" in readme.split("### `dinobatch ", 1)[0]
-    for name, command in names.items():
-        section = readme.split(f"### `dinobatch {name}", 1)
-        assert len(section) == 2, f"README has no section for dinobatch {name}"
-        body = section[1].split("\n### ", 1)[0]
-        for param in command.params:
-            for opt in getattr(param, "opts", []):
-                if opt.startswith("--") and opt not in ("--help", "--config"):
-                    assert opt in body, f"README's section on {name} does not document {opt}"
