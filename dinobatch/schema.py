@@ -89,6 +89,27 @@ class Col:
     KIND = "kind"
     SOURCE = "source"
     VARIANT = "variant"
+    # curate's queue (queue.parquet, queue.csv)
+    GIVEN_LABEL = "given_label"
+    PREDICTED_LABEL = "predicted_label"
+    SUGGESTED_LABEL = "suggested_label"
+    SCORE = "score"
+    REASONS = "reasons"
+    DETAILS = "details"
+    # evaluate's predictions.parquet
+    PREDICTED = "predicted"
+    CORRECT = "correct"
+    LOSS = "loss"
+    # sweep's trials.parquet (the val_* figures are also train's per-epoch metrics)
+    TRIAL = "trial"
+    CONFIG = "config"
+    BEST_EPOCH = "best_epoch"
+    VAL_LOSS = "val_loss"
+    VAL_TOP1 = "val_top1"
+    VAL_TOP3 = "val_top3"
+    VAL_MACRO_F1 = "val_macro_f1"
+    UNREADABLE = "unreadable"
+    SECONDS = "seconds"
 
 
 _FLOATS = pa.list_(pa.float32())

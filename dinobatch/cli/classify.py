@@ -11,6 +11,7 @@ from dinobatch.cli.common import (
     DEVICE_HELP,
     INPUT_FOLDER,
     Progress,
+    predict_options,
     print_counts,
     print_errors,
     run,
@@ -18,10 +19,9 @@ from dinobatch.cli.common import (
     verbosity,
 )
 from dinobatch.cli.params import FILE_NAME, MODEL_REF, SECONDS
-from dinobatch.config import MAX_BATCH_SIZE, MODEL_ENV, ClassifyConfig
+from dinobatch.config import MODEL_ENV, ClassifyConfig
 from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
 from dinobatch.io.terminal import printable
-from dinobatch.runtime.device import CUDA_MAX_WORKERS, PRECISIONS
 
 
 @click.command()
@@ -30,14 +30,7 @@ from dinobatch.runtime.device import CUDA_MAX_WORKERS, PRECISIONS
 @click.option("-m", "--model", type=MODEL_REF, envvar=MODEL_ENV, default="imagenet",
               help=f"Model file, or 'imagenet' (torchvision ResNet50 weights) [env {MODEL_ENV}].")
 @click.option("--device", default="auto", help=DEVICE_HELP)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
-              help="auto: bf16/fp16 autocast on CUDA, fp32 on CPU.")
-@click.option("-b", "--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=None,
-              help="Images per batch [default: 32 on CPU, the largest that fits (<= 512) on CUDA].")
-@click.option("-j", "--workers", type=click.IntRange(min=0), default=None,
-              help=("How images are decoded [default: on CPU, between batches, a pool of one process per usable "
-                    f"core; on CUDA, cores-1 (at most {CUDA_MAX_WORKERS}) DataLoader workers]; N: N DataLoader "
-                    "workers beside the model; 0: in this process."))
+@predict_options
 @click.option("--compile", "compile", is_flag=True,
               help="torch.compile the model: faster batches after a one-off compile (worth it for large runs).")
 @click.option("--gpu-decode/--no-gpu-decode", default=True,

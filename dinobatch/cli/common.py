@@ -15,9 +15,10 @@ from typing import Any, Callable, Collection, NoReturn
 import click
 
 from dinobatch.cli.params import FileName, ModelRef, config_type_error
-from dinobatch.config import CONFIG_ENV, load_config_file
+from dinobatch.config import CONFIG_ENV, MAX_BATCH_SIZE, load_config_file
 from dinobatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, DinobatchError
 from dinobatch.io.terminal import printable
+from dinobatch.runtime.device import CUDA_MAX_WORKERS, PRECISIONS
 
 log = logging.getLogger("dinobatch")
 
@@ -27,6 +28,24 @@ _PROGRESS_LOG_EVERY_S = 10.0
 
 # The --device help of every command that runs a model.
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (asked for and missing: error)."
+# The help of the options every command that predicts as classify does has (classify, evaluate, similar).
+PRECISION_HELP = "auto: bf16/fp16 autocast on CUDA, fp32 on CPU."
+BATCH_SIZE_HELP = "Images per batch [default: 32 on CPU, the largest that fits (<= 512) on CUDA]."
+WORKERS_HELP = ("How images are decoded [default: on CPU, between batches, a pool of one process per usable core; "
+                f"on CUDA, cores-1 (at most {CUDA_MAX_WORKERS}) DataLoader workers]; N: N DataLoader workers beside "
+                "the model; 0: in this process.")
+
+
+def predict_options(f):
+    """--precision, -b/--batch-size and -j/--workers as classify has them: the commands that predict
+    as classify does (classify, evaluate, similar) take the same values with the same defaults."""
+    for decorator in reversed([
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=PRECISION_HELP),
+        click.option("-b", "--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=None, help=BATCH_SIZE_HELP),
+        click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=WORKERS_HELP),
+    ]):
+        f = decorator(f)
+    return f
 
 
 class _JsonFormatter(logging.Formatter):

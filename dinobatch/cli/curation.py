@@ -7,9 +7,10 @@ import sys
 
 import click
 
-from dinobatch.cli.common import DEVICE_HELP, INPUT_FOLDER, run, setup_logging, verbosity
+from dinobatch.cli.common import DEVICE_HELP, INPUT_FOLDER, predict_options, run, setup_logging, verbosity
 from dinobatch.cli.params import FINITE, FRACTION, MODEL_REF, SECONDS
 from dinobatch.config import MODEL_ENV
+from dinobatch.curation.reasons import ANY, Reason
 from dinobatch.errors import EXIT_THRESHOLD, ConfigError
 from dinobatch.io.terminal import printable
 
@@ -27,18 +28,16 @@ def _fail_on(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-class _FailOnOption(click.Option):
-    """--fail-on, whose help lists curate.REASONS: imported only when help is shown (curate loads numpy and Arrow)."""
+class _CurateCommand(click.Command):
+    """curate, whose --help ends with every reason, its score and what it means (curation.reasons)."""
 
-    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        from dinobatch.curation.curate import REASONS
-
-        self.help = ("Exit 8 (after writing everything) when the share of images flagged for REASON is above SHARE "
-                     f"(0.05 or 5%); repeatable. REASON: {', '.join(REASONS)}, or any.")
-        return super().get_help_record(ctx)
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Reasons (an image's score is its highest; most urgent first)"):
+            formatter.write_dl([(r.value, f"{r.scores()}: {r.description}.") for r in Reason])
+        super().format_epilog(ctx, formatter)
 
 
-@click.command()
+@click.command(cls=_CurateCommand)
 @click.argument("predictions", type=INPUT_FOLDER)
 @click.option("--manifest", "manifest_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The labels people gave (manifest or CSV); without it: confidence, duplicates, outliers.")
@@ -52,7 +51,9 @@ class _FailOnOption(click.Option):
 @click.option("--embedding-duplicate", type=FRACTION, default=0.97,
               help="Cosine similarity from which two embeddings are the same scene.")
 @click.option("--outlier-z", type=FINITE, default=3.5, help="Robust z-score from which an image is an outlier.")
-@click.option("--fail-on", "fail_on", multiple=True, metavar="REASON=SHARE", cls=_FailOnOption)
+@click.option("--fail-on", "fail_on", multiple=True, metavar="REASON=SHARE",
+              help="Exit 8 (after writing everything) when the share of images flagged for REASON is above SHARE "
+                   f"(0.05 or 5%); repeatable. REASON: {', '.join(Reason)}, or {ANY}.")
 @verbosity
 def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, method, embedding_duplicate,
            outlier_z, fail_on, quiet, verbose) -> None:
@@ -149,9 +150,11 @@ def export(predictions, to, min_confidence, copy_outside_links, quiet, verbose) 
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
               help="Folder for cached reference embeddings [default: ~/.cache/dinobatch/embeddings].")
 @click.option("--device", default="auto", help=DEVICE_HELP)
+@predict_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @verbosity
-def similar(images, model, reference, top_k, neighbours, species, cache, device, as_json, quiet, verbose) -> None:
+def similar(images, model, reference, top_k, neighbours, species, cache, device, precision, batch_size, workers,
+            as_json, quiet, verbose) -> None:
     """Which species each IMAGE (a child's drawing, say) looks like, by embedding similarity."""
     setup_logging(quiet, verbose)
 
@@ -161,7 +164,8 @@ def similar(images, model, reference, top_k, neighbours, species, cache, device,
         from dinobatch.curation.similar import similar as run_similar
 
         results = run_similar(list(images), model, reference, top_k=top_k, neighbours=neighbours, device=device,
-                              species_csv=species, cache_dir=Path(cache) if cache else None)
+                              precision=precision, batch_size=batch_size, workers=workers, species_csv=species,
+                              cache_dir=Path(cache) if cache else None)
         if as_json:
             click.echo(json.dumps(results, indent=2))
             return

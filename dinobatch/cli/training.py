@@ -6,7 +6,7 @@ import json
 
 import click
 
-from dinobatch.cli.common import DEVICE_HELP, INPUT_FOLDER, Progress, run, setup_logging, verbosity
+from dinobatch.cli.common import DEVICE_HELP, INPUT_FOLDER, Progress, predict_options, run, setup_logging, verbosity
 from dinobatch.cli.params import FINITE, MODEL_REF, SECONDS, finite_float
 from dinobatch.config import MODEL_ENV
 from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
@@ -185,9 +185,7 @@ def _num(x) -> str:
 @click.option("--split", default="test", help="Split to evaluate (train, val, test, or 'all').")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
 @click.option("--device", default="auto", help=DEVICE_HELP)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=_PRECISION_HELP)
-@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, help="Images per batch.")
-@click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=_WORKERS_HELP)
+@predict_options
 @_wait_option
 @verbosity
 def evaluate(manifest_path, model, split, out, device, precision, batch_size, workers, wait, quiet, verbose) -> None:

@@ -1,16 +1,7 @@
 """What a reviewer should look at first: a queue of images, most urgent first, with reasons.
 
-Reasons and their scores (the queue is ordered by the highest score of each image's reasons):
-
-    label_error               0.5 + 0.5 * (1 - self-confidence)   confident learning, needs a manifest
-    duplicate_split_leak      0.9    duplicates sitting in different splits (needs a manifest)
-    duplicate_label_conflict  0.85   duplicates carrying different labels (needs a manifest)
-    unknown_label             0.7    a given label the model does not know (a typo, or a new class)
-    unreadable                0.8    the file could not be decoded
-    low_confidence            0.5 * (1 - confidence)               below the threshold
-    embedding_near_duplicate  0.4 .. 0.6   same scene by embedding, not caught by the hashes
-    outlier                   0.3 .. 0.5   far from every class centre in embedding space
-    nearly_blank 0.3, tiny 0.25, extreme_aspect 0.2                image quality
+The reasons, their scores and what they mean are curation.reasons.Reason; the queue is ordered by
+the highest score among each image's reasons.
 """
 
 from __future__ import annotations
@@ -22,17 +13,16 @@ from typing import Any
 
 import numpy as np
 
+from dinobatch.curation.reasons import ANY, MAX_ASPECT, TINY_SIDE, Reason
 from dinobatch.errors import ConfigError, InputError
 from dinobatch.schema import STATUS_ERROR, STATUS_OK, Col, read_metadata
 from dinobatch.store.predictions import check_predictions
 
-__all__ = ["REASONS", "CurateConfig", "CurateResult", "curate", "confident_learning", "near_embedding_pairs"]
+__all__ = ["Reason", "REASONS", "CurateConfig", "CurateResult", "curate", "confident_learning", "near_embedding_pairs"]
 
 log = logging.getLogger(__name__)
 
-REASONS = ("label_error", "duplicate_split_leak", "duplicate_label_conflict", "unknown_label", "unreadable",
-           "low_confidence",
-           "embedding_near_duplicate", "outlier", "nearly_blank", "tiny", "extreme_aspect")
+REASONS = tuple(r.value for r in Reason)  # the names, in the summary's order
 
 
 @dataclass(frozen=True)
@@ -45,8 +35,8 @@ class CurateConfig:
     method: str = "prune_by_noise_rate"  # or confident_learning
     embedding_duplicate: float = 0.97  # cosine similarity
     outlier_z: float = 3.5  # robust z-score of the distance to the nearest class centre
-    tiny: int = 64  # shorter side in pixels
-    max_aspect: float = 4.0
+    tiny: int = TINY_SIDE  # shorter side in pixels
+    max_aspect: float = MAX_ASPECT
     blank_bits: int = 2  # dHash with at most this many bits set: almost no structure
     fail_on: tuple[tuple[str, float], ...] = ()
 
@@ -56,8 +46,8 @@ class CurateConfig:
         if self.method not in ("prune_by_noise_rate", "confident_learning"):
             raise ConfigError("method must be prune_by_noise_rate or confident_learning")
         for reason, share in self.fail_on:
-            if reason not in REASONS and reason != "any":
-                raise ConfigError(f"--fail-on: unknown reason {reason!r}; use one of {', '.join(REASONS)} or any")
+            if reason not in REASONS and reason != ANY:
+                raise ConfigError(f"--fail-on: unknown reason {reason!r}; use one of {', '.join(REASONS)} or {ANY}")
             if not 0 <= share <= 1:
                 raise ConfigError(f"--fail-on {reason}: the share must be between 0 and 1")
 
@@ -184,9 +174,10 @@ def curate(cfg: CurateConfig) -> CurateResult:
     index = _manifest_index(cfg.manifest)
     flags: dict[int, dict[str, tuple[float, str]]] = {}
 
-    def flag(i: int, reason: str, score: float, detail: str) -> None:
-        if score > flags.setdefault(i, {}).get(reason, (-1.0, ""))[0]:
-            flags[i][reason] = (float(score), detail)
+    def flag(i: int, reason: Reason, detail: str, strength: float = 0.0) -> None:
+        score = reason.score(strength)
+        if score > flags.setdefault(i, {}).get(reason.value, (-1.0, ""))[0]:
+            flags[i][reason.value] = (float(score), detail)
 
     folder = summary.get("config", {}).get("folder")
     given = [_given(r, index, folder) for r in rows]
@@ -211,23 +202,23 @@ def _manifest_copies(rows, index, flag) -> None:
         entries = index.get(r[Col.SHA256] or "", [])
         labels, splits = {e[1] for e in entries}, {e[2] for e in entries if e[2]}
         if len(labels) > 1:
-            flag(i, "duplicate_label_conflict", 0.85, f"the manifest lists copies as {', '.join(sorted(labels))}")
+            flag(i, Reason.DUPLICATE_LABEL_CONFLICT, f"the manifest lists copies as {', '.join(sorted(labels))}")
         if len(splits) > 1:
-            flag(i, "duplicate_split_leak", 0.9, f"the manifest has copies in {', '.join(sorted(splits))}")
+            flag(i, Reason.DUPLICATE_SPLIT_LEAK, f"the manifest has copies in {', '.join(sorted(splits))}")
 
 
 def _quality(rows, cfg: CurateConfig, flag) -> None:
     for i, r in enumerate(rows):
         if r[Col.STATUS] == STATUS_ERROR:
-            flag(i, "unreadable", 0.8, r[Col.ERROR] or "unreadable")
+            flag(i, Reason.UNREADABLE, r[Col.ERROR] or Reason.UNREADABLE.value)
             continue
         w, h = r[Col.WIDTH] or 0, r[Col.HEIGHT] or 0
         if min(w, h) < cfg.tiny:
-            flag(i, "tiny", 0.25, f"{w}x{h} pixels")
+            flag(i, Reason.TINY, f"{w}x{h} pixels")
         if min(w, h) and max(w, h) / min(w, h) > cfg.max_aspect:
-            flag(i, "extreme_aspect", 0.2, f"aspect ratio {max(w, h) / min(w, h):.1f}:1")
+            flag(i, Reason.EXTREME_ASPECT, f"aspect ratio {max(w, h) / min(w, h):.1f}:1")
         if r[Col.DHASH] and bin(int(r[Col.DHASH], 16)).count("1") <= cfg.blank_bits:
-            flag(i, "nearly_blank", 0.3, "almost no edges (dHash nearly empty)")
+            flag(i, Reason.NEARLY_BLANK, "almost no edges (dHash nearly empty)")
 
 
 def _confidence_and_labels(rows, given, labels, cfg: CurateConfig, flag, suggested) -> None:
@@ -235,11 +226,11 @@ def _confidence_and_labels(rows, given, labels, cfg: CurateConfig, flag, suggest
     for i in scored:
         conf = rows[i][Col.CONFIDENCE]
         if conf is not None and conf < cfg.low_confidence:
-            flag(i, "low_confidence", 0.5 * (1 - conf), f"confidence {conf:.2f} < {cfg.low_confidence}")
+            flag(i, Reason.LOW_CONFIDENCE, f"confidence {conf:.2f} < {cfg.low_confidence}", 1 - conf)
     lookup = {label: k for k, label in enumerate(labels)}
     unknown = [i for i in scored if given[i][0] and given[i][0] not in lookup]
     for i in unknown:
-        flag(i, "unknown_label", 0.7, f"labelled {given[i][0]}, a class the model does not have")
+        flag(i, Reason.UNKNOWN_LABEL, f"labelled {given[i][0]}, a class the model does not have")
     if unknown:
         log.warning("%d image(s) carry labels the model does not know (%s); they are left out of the label-error "
                     "check", len(unknown), ", ".join(sorted({given[i][0] for i in unknown})[:5]))
@@ -253,9 +244,8 @@ def _confidence_and_labels(rows, given, labels, cfg: CurateConfig, flag, suggest
     for k, i in enumerate(known):
         if issue[k]:
             suggested[i] = labels[confident[k]]
-            flag(i, "label_error", 0.5 + 0.5 * score[k],
-                 f"labelled {given[i][0]} (p={probs[k, y[k]]:.2f}), looks like {labels[confident[k]]} "
-                 f"(p={probs[k, confident[k]]:.2f})")
+            flag(i, Reason.LABEL_ERROR, f"labelled {given[i][0]} (p={probs[k, y[k]]:.2f}), looks like "
+                 f"{labels[confident[k]]} (p={probs[k, confident[k]]:.2f})", score[k])
 
 
 def _duplicates(rows, given, flag) -> list[list[dict[str, Any]]]:
@@ -270,11 +260,11 @@ def _duplicates(rows, given, flag) -> list[list[dict[str, Any]]]:
         splits = {given[i][1] for i in idx if given[i][1]}
         for i in idx:
             if len(splits) > 1:
-                flag(i, "duplicate_split_leak", 0.9, f"copies in splits {', '.join(sorted(splits))}")
+                flag(i, Reason.DUPLICATE_SPLIT_LEAK, f"copies in splits {', '.join(sorted(splits))}")
             if len(labels) > 1:
-                flag(i, "duplicate_label_conflict", 0.85, f"copies labelled {', '.join(sorted(labels))}")
-        groups.append([{"path": rows[i][Col.PATH], "sha256": rows[i][Col.SHA256], "label": given[i][0],
-                        "split": given[i][1], "kept": rows[i][Col.DUPLICATE_OF] is None} for i in idx])
+                flag(i, Reason.DUPLICATE_LABEL_CONFLICT, f"copies labelled {', '.join(sorted(labels))}")
+        groups.append([{Col.PATH: rows[i][Col.PATH], Col.SHA256: rows[i][Col.SHA256], Col.LABEL: given[i][0],
+                        Col.SPLIT: given[i][1], "kept": rows[i][Col.DUPLICATE_OF] is None} for i in idx])
     return groups
 
 
@@ -289,17 +279,17 @@ def _embeddings(rows, given, labels, cfg: CurateConfig, flag) -> None:
         ra, rb = rows[idx[a]], rows[idx[b]]
         if ra[Col.DUPLICATE_GROUP] is not None and ra[Col.DUPLICATE_GROUP] == rb[Col.DUPLICATE_GROUP]:
             continue
-        score = 0.4 + 0.2 * (sim - cfg.embedding_duplicate) / max(1 - cfg.embedding_duplicate, 1e-9)
-        flag(idx[a], "embedding_near_duplicate", score, f"looks like {rb[Col.PATH]} (cosine {sim:.3f})")
-        flag(idx[b], "embedding_near_duplicate", score, f"looks like {ra[Col.PATH]} (cosine {sim:.3f})")
+        closeness = (sim - cfg.embedding_duplicate) / max(1 - cfg.embedding_duplicate, 1e-9)
+        flag(idx[a], Reason.EMBEDDING_NEAR_DUPLICATE, f"looks like {rb[Col.PATH]} (cosine {sim:.3f})", closeness)
+        flag(idx[b], Reason.EMBEDDING_NEAR_DUPLICATE, f"looks like {ra[Col.PATH]} (cosine {sim:.3f})", closeness)
     x = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
     names = [given[i][0] or rows[i][Col.LABEL] for i in idx]  # the given label, else the predicted one
     z = _outlier_scores(x, names)
     if z is None:
         return
     for k in np.nonzero(z > cfg.outlier_z)[0]:
-        flag(idx[k], "outlier", 0.3 + 0.2 * min(1.0, (z[k] - cfg.outlier_z) / 10),
-             f"far from every class centre (robust z {z[k]:.1f})")
+        flag(idx[k], Reason.OUTLIER, f"far from every class centre (robust z {z[k]:.1f})",
+             min(1.0, (z[k] - cfg.outlier_z) / 10))
 
 
 def _outlier_scores(x: np.ndarray, names: list[str], min_class: int = 3):
@@ -324,24 +314,25 @@ def _outlier_scores(x: np.ndarray, names: list[str], min_class: int = 3):
 
 
 def _queue(rows, given, flags, suggested) -> list[dict[str, Any]]:
+    """One entry per flagged image, its reasons by score (highest first); most urgent image first."""
     queue = []
     for i, reasons in flags.items():
         r = rows[i]
         ordered = sorted(reasons.items(), key=lambda kv: -kv[1][0])
-        queue.append({"path": r[Col.PATH], "sha256": r[Col.SHA256], "status": r[Col.STATUS],
-                      "given_label": given[i][0], "split": given[i][1], "predicted_label": r[Col.LABEL],
-                      "suggested_label": suggested.get(i, r[Col.LABEL] if given[i][0] else None),
-                      "confidence": r[Col.CONFIDENCE], "score": round(ordered[0][1][0], 4),
-                      "reasons": [k for k, _ in ordered], "details": "; ".join(v[1] for _, v in ordered),
-                      "duplicate_group": r[Col.DUPLICATE_GROUP]})
-    queue.sort(key=lambda q: (-q["score"], q["path"]))
+        queue.append({Col.PATH: r[Col.PATH], Col.SHA256: r[Col.SHA256], Col.STATUS: r[Col.STATUS],
+                      Col.GIVEN_LABEL: given[i][0], Col.SPLIT: given[i][1], Col.PREDICTED_LABEL: r[Col.LABEL],
+                      Col.SUGGESTED_LABEL: suggested.get(i, r[Col.LABEL] if given[i][0] else None),
+                      Col.CONFIDENCE: r[Col.CONFIDENCE], Col.SCORE: round(ordered[0][1][0], 4),
+                      Col.REASONS: [k for k, _ in ordered], Col.DETAILS: "; ".join(v[1] for _, v in ordered),
+                      Col.DUPLICATE_GROUP: r[Col.DUPLICATE_GROUP]})
+    queue.sort(key=lambda q: (-q[Col.SCORE], q[Col.PATH]))
     return queue
 
 
 def _breaches(cfg: CurateConfig, counts: dict[str, int], images: int, flagged: int) -> list[str]:
     out = []
     for reason, share in cfg.fail_on:
-        n = flagged if reason == "any" else counts[reason]
+        n = flagged if reason == ANY else counts[reason]
         if images and n / images > share:
             out.append(f"{reason}: {n} of {images} images ({n / images:.1%}) > {share:.1%}")
     return out

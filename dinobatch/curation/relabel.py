@@ -42,11 +42,12 @@ _RECORD_MAX = 64 << 20  # a version's own audit lines: Parquet readers refuse me
 
 @dataclass(frozen=True)
 class Change:
-    path: str
+    path: str  # as tables show it (the manifest's path, normalised)
     action: str
     old_label: str
     new_label: str | None
     note: str
+    name: bytes = b""  # the row's exact name (normalised bytes): how the change finds its row
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def read_decisions(path: str | os.PathLike) -> list[dict[str, Any]]:
         _check_header(path, header)
         for line, r in enumerate(reader, 2):
             problems += _row_problems(line, r, len(header))
-            rows.append({"line": line, "path": (r.get("path") or "").strip(),
+            # the path as written: a name may end in a space or a control character (_row_for tries both)
+            rows.append({"line": line, "path": r.get("path") or "",
                          "action": (r.get("action") or "").strip().lower(), "label": (r.get("label") or "").strip(),
                          "note": (r.get("note") or "").strip()})
     except csv.Error as exc:
@@ -214,27 +216,58 @@ def _checked_new_labels(labels: Iterable[str]) -> set[str]:
 def _changes(decisions: list[dict[str, Any]], manifest, decisions_path, manifest_path,
              allowed: set[str]) -> list[Change]:
     """Each decision as a change to one manifest row; any that cannot be refuses them all."""
-    by_path = {_normalise(r[Col.PATH], manifest.root): r for r in manifest.table.to_pylist()}
-    known = {r[Col.LABEL] for r in by_path.values()} | allowed
+    by_name = _by_exact_name(manifest.table.to_pylist())
+    known = {r[Col.LABEL] for r in by_name.values()} | allowed
     changes, decided, problems = [], {}, []
     for d in decisions:
-        where, rel = f"line {d['line']}, column path", _normalise(d["path"], manifest.root)
-        if rel not in by_path and _guarded(d["path"]):  # copied from queue.csv, where '=x.png is =x.png
-            rel = _normalise(d["path"][1:], manifest.root)
-        if rel is None:
-            problems.append(f"{where}: {d['path']} is outside the dataset root {manifest.root}")
-        elif rel not in by_path:
-            problems.append(f"{where}: {d['path']} is not in the manifest {manifest_path}")
-        elif rel in decided:
-            problems.append(f"{where}: {d['path']} was already decided on line {decided[rel]}")
+        where = f"line {d['line']}, column path"
+        name, why = _row_for(d["path"], manifest.root, by_name, manifest_path)
+        if name is None:
+            problems.append(f"{where}: {d['path']} {why}")
+        elif name in decided:
+            problems.append(f"{where}: {d['path']} was already decided on line {decided[name]}")
         elif d["action"] == "relabel" and d["label"] not in known:
             problems.append(_unknown_label(d["line"], d["label"], manifest_path, known))
         else:
-            new = d["label"] if d["action"] == "relabel" else None
-            changes.append(Change(rel, d["action"], by_path[rel][Col.LABEL] or "", new, d["note"]))
-        decided.setdefault(rel, d["line"])
+            new, row = d["label"] if d["action"] == "relabel" else None, by_name[name]
+            changes.append(Change(_normalise(row[Col.PATH], manifest.root) or row[Col.PATH], d["action"],
+                                  row[Col.LABEL] or "", new, d["note"], name))
+        if name is not None:
+            decided.setdefault(name, d["line"])
     refuse(decisions_path, problems)
     return changes
+
+
+def _by_exact_name(rows: list[dict[str, Any]]) -> dict[bytes, dict[str, Any]]:
+    """Manifest rows by their exact name (normalised bytes): two files are told apart by their bytes,
+    whatever `path` shows (as export opens files by manifest.exact_name)."""
+    from dinobatch.training.manifest import exact_name
+
+    return {os.fsencode(os.path.normpath(exact_name(r))): r for r in rows}
+
+
+def _row_for(path: str, root: Path, by_name: dict[bytes, Any], manifest_path: str) -> tuple[bytes | None, str]:
+    """(exact name, "") of the row a decision's path names, or (None, why not). The path is read as
+    written, then stripped, then without the ' a spreadsheet guard added (queue.csv), each as tables
+    spell names (\\xNN a byte, a doubled backslash one) and as the file system does; the first
+    spelling that names a row wins, and one naming two different rows is refused."""
+    from dinobatch.training.manifest import unescape_name
+
+    texts = list(dict.fromkeys([path, path.strip()]))
+    texts += [t[1:] for t in texts if _guarded(t)]
+    outside = False
+    for text in texts:
+        rel = _normalise(text, root)
+        if rel is None:
+            outside = True
+            continue
+        hits = sorted({n for n in (unescape_name(rel), os.fsencode(rel)) if n in by_name})
+        if len(hits) > 1:
+            shown = " and ".join(repr(os.fsdecode(n)) for n in hits)
+            return None, f"could name two files, {shown}; write the one meant as its path column shows it"
+        if hits:
+            return hits[0], ""
+    return None, f"is outside the dataset root {root}" if outside else f"is not in the manifest {manifest_path}"
 
 
 def _guarded(path: str) -> bool:
@@ -258,9 +291,9 @@ def _applied(manifest, changes: list[Change]):
     import pyarrow as pa
 
     rows = manifest.table.to_pylist()
-    by_path = {_normalise(r[Col.PATH], manifest.root): r for r in rows}
+    by_name = _by_exact_name(rows)
     for c in changes:
-        row = by_path[c.path]
+        row = by_name[c.name]
         if c.action == "relabel":
             row[Col.LABEL] = c.new_label
         elif c.action == "remove":

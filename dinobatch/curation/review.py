@@ -9,17 +9,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dinobatch.curation.reasons import Reason
 from dinobatch.io.arrow import write_table
 from dinobatch.io.files import atomic_path
 from dinobatch.io.terminal import spreadsheet_safe
+from dinobatch.schema import Col
 
-__all__ = ["write_outputs", "QUEUE_COLUMNS"]
+__all__ = ["write_outputs", "queue_schema", "QUEUE_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
-QUEUE_COLUMNS = ("path", "sha256", "status", "given_label", "split", "predicted_label", "suggested_label",
-                 "confidence", "score", "reasons", "details", "duplicate_group")
+QUEUE_COLUMNS = (Col.PATH, Col.SHA256, Col.STATUS, Col.GIVEN_LABEL, Col.SPLIT, Col.PREDICTED_LABEL,
+                 Col.SUGGESTED_LABEL, Col.CONFIDENCE, Col.SCORE, Col.REASONS, Col.DETAILS, Col.DUPLICATE_GROUP)
 _THUMB = 160
+
+
+def queue_schema():
+    """queue.parquet's schema: one row per flagged image, most urgent first (QUEUE_COLUMNS)."""
+    import pyarrow as pa
+
+    types = {Col.CONFIDENCE: pa.float32(), Col.SCORE: pa.float32(), Col.REASONS: pa.list_(pa.string()),
+             Col.DUPLICATE_GROUP: pa.int64()}
+    return pa.schema([(name, types.get(name, pa.string())) for name in QUEUE_COLUMNS])
 
 
 def write_outputs(result, out: str | Path, *, html_page: bool) -> dict[str, Path]:
@@ -28,17 +39,14 @@ def write_outputs(result, out: str | Path, *, html_page: bool) -> dict[str, Path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("status", pa.string()),
-                        ("given_label", pa.string()), ("split", pa.string()), ("predicted_label", pa.string()),
-                        ("suggested_label", pa.string()), ("confidence", pa.float32()), ("score", pa.float32()),
-                        ("reasons", pa.list_(pa.string())), ("details", pa.string()), ("duplicate_group", pa.int64())])
-    paths = {"queue.parquet": write_table(pa.Table.from_pylist(result.queue, schema=schema), out / "queue.parquet")}
+    table = pa.Table.from_pylist(result.queue, schema=queue_schema())
+    paths = {"queue.parquet": write_table(table, out / "queue.parquet")}
     with atomic_path(out / "queue.csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=QUEUE_COLUMNS)
             writer.writeheader()
             for q in result.queue:
-                row = {**q, "reasons": ";".join(q["reasons"])}
+                row = {**q, Col.REASONS: ";".join(q[Col.REASONS])}
                 writer.writerow({k: spreadsheet_safe(v) if isinstance(v, str) else v for k, v in row.items()})
     paths["queue.csv"] = out / "queue.csv"
     summary = {"images": result.images, "flagged": len(result.queue), "counts": result.counts,
@@ -74,8 +82,8 @@ def _thumbs(result, out: Path) -> dict[str, str]:
     if not result.source_folder:
         return {}
     root = Path(result.source_folder)
-    wanted = {q["sha256"]: q["path"] for q in result.queue if q["sha256"]}
-    wanted.update({m["sha256"]: m["path"] for g in result.groups for m in g if m["sha256"]})
+    wanted = {q[Col.SHA256]: q[Col.PATH] for q in result.queue if q[Col.SHA256]}
+    wanted.update({m[Col.SHA256]: m[Col.PATH] for g in result.groups for m in g if m[Col.SHA256]})
     srcs = {}
     for sha, rel in wanted.items():
         name = f"thumbs/{sha[:16]}.jpg"
@@ -86,9 +94,10 @@ def _thumbs(result, out: Path) -> dict[str, str]:
 
 def _page(result, summary: dict[str, Any], out: Path) -> Path:
     srcs = _thumbs(result, out)
-    data = {"queue": [{**q, "thumb": srcs.get(q["sha256"] or "")} for q in result.queue],
-            "groups": [[{**m, "thumb": srcs.get(m["sha256"] or "")} for m in g] for g in result.groups],
-            "summary": summary, "confusion": result.confusion}
+    data = {"queue": [{**q, "thumb": srcs.get(q[Col.SHA256] or "")} for q in result.queue],
+            "groups": [[{**m, "thumb": srcs.get(m[Col.SHA256] or "")} for m in g] for g in result.groups],
+            "summary": summary, "confusion": result.confusion,
+            "reasons": {r.value: f"{r.description} (score {r.scores()})" for r in Reason}}
     payload = json.dumps(data).replace("<", "\\u003c")  # no '</script>' or '<!--' can reach the HTML parser
     page = _TEMPLATE.replace("__TITLE__", html.escape(f"dinobatch review: {out}")).replace("__DATA__", payload)
     with atomic_path(out / "review.html") as tmp:
@@ -126,8 +135,9 @@ const img = (src, alt) => src ? `<img loading="lazy" src="${esc(src)}" alt="${es
 const S = D.summary;
 document.getElementById('summary').innerHTML =
   `<p><b>${S.images}</b> images, <b>${S.flagged}</b> to review, <b>${S.duplicate_groups}</b> duplicate groups</p>` +
-  '<table><tr><th>reason</th><th>images</th></tr>' +
-  Object.entries(S.counts).map(([k, v]) => `<tr><td style="text-align:left">${esc(k)}</td><td>${v}</td></tr>`).join('') + '</table>' +
+  '<table><tr><th>reason</th><th>images</th><th>what it means</th></tr>' +
+  Object.entries(S.counts).map(([k, v]) => `<tr><td style="text-align:left">${esc(k)}</td><td>${v}</td>` +
+    `<td style="text-align:left">${esc(D.reasons[k])}</td></tr>`).join('') + '</table>' +
   (S.breaches.length ? `<p style="color:#b00">Thresholds passed: ${S.breaches.map(esc).join('; ')}</p>` : '');
 const C = D.confusion;
 document.getElementById('confusion').innerHTML = C.labels.length ?
@@ -142,7 +152,7 @@ const PAGE = 100;
 function card(q) {
   return `<div class="card">${img(q.thumb, q.path)}<div><b>${esc(q.path)}</b></div>` +
     `<div>given: <b>${esc(q.given_label ?? '-')}</b></div><div>suggested: <b>${esc(q.suggested_label ?? '-')}</b></div>` +
-    `<div>score ${Number(q.score).toFixed(2)}</div>` + q.reasons.map(r => `<span class="reason">${esc(r)}</span>`).join('') +
+    `<div>score ${Number(q.score).toFixed(2)}</div>` + q.reasons.map(r => `<span class="reason" title="${esc(D.reasons[r])}">${esc(r)}</span>`).join('') +
     `<div title="${esc(q.details)}">${esc(String(q.details ?? '').slice(0, 160))}</div></div>`;
 }
 function render(reset) {

@@ -11,6 +11,7 @@ import numpy as np
 
 from dinobatch.errors import InputError
 from dinobatch.io.arrow import read_table, write_table
+from dinobatch.jobs.predict import WorkItem, predict
 from dinobatch.schema import Col
 
 __all__ = ["similar", "reference_embeddings", "default_cache_dir"]
@@ -23,9 +24,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dinobatch" / "embeddings"
 
 
-def _embed(model, runtime, paths_by_sha: dict[str, list[str]], batch_size: int, workers: int):
-    from dinobatch.jobs.predict import WorkItem, predict
-
+def _embed(model, runtime, paths_by_sha: dict[str, list[str]], batch_size: int | None, workers: int | None):
+    """sha256 -> the model's result (with its embedding) for each content, read from any of its files;
+    decoded and batched as classify does (batch_size and workers None: its defaults)."""
     items = [WorkItem(tuple(p), sha) for sha, p in paths_by_sha.items()]
     out: dict[str, Any] = {}
     for batch in predict(model, runtime, items, batch_size=batch_size, workers=workers, embeddings=True):
@@ -33,8 +34,8 @@ def _embed(model, runtime, paths_by_sha: dict[str, list[str]], batch_size: int, 
     return out
 
 
-def reference_embeddings(manifest_path: str, model, runtime, *, cache_dir: Path, batch_size: int = 32,
-                         workers: int = 0):
+def reference_embeddings(manifest_path: str, model, runtime, *, cache_dir: Path, batch_size: int | None = None,
+                         workers: int | None = None):
     """(labels, L2-normalised embeddings, paths) of the manifest's usable images, cached on disk
     under the manifest's and the model's fingerprints once every image was read."""
     import hashlib
@@ -73,8 +74,9 @@ def reference_embeddings(manifest_path: str, model, runtime, *, cache_dir: Path,
 
 
 def similar(images: Sequence[str], model_ref: str, reference: str, *, top_k: int = 3, neighbours: int = 3,
-            device: str = "auto", species_csv: str | None = None, cache_dir: Path | None = None,
-            batch_size: int = 32, workers: int = 0) -> list[dict[str, Any]]:
+            device: str = "auto", precision: str = "auto", species_csv: str | None = None,
+            cache_dir: Path | None = None, batch_size: int | None = None,
+            workers: int | None = None) -> list[dict[str, Any]]:
     """For each image: the top-k species by embedding similarity, its nearest reference images, and
     the species facts; an unreadable image gets its error."""
     from dinobatch.io.walk import sha256_file
@@ -82,7 +84,7 @@ def similar(images: Sequence[str], model_ref: str, reference: str, *, top_k: int
     from dinobatch.runtime.device import resolve_runtime
     from dinobatch.store.species import default_species_csv, load_species
 
-    runtime = resolve_runtime(device, "auto")
+    runtime = resolve_runtime(device, precision)
     model = resolve_model(model_ref)
     labels, ref, ref_paths = reference_embeddings(reference, model, runtime, cache_dir=cache_dir or default_cache_dir(),
                                                   batch_size=batch_size, workers=workers)

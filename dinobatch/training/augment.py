@@ -138,14 +138,15 @@ def materialize(manifest, level: int, out: str | Path, *, splits: Sequence[str] 
             new_rows.append(_passed_through(row, manifest.abspath(row), out))
             continue
         try:
-            rgb = decode(read_bytes(manifest.abspath(row))).image
+            rgb, why = decode(read_bytes(manifest.abspath(row))).image, None
         except OSError as exc:
-            unreadable[row[Col.PATH]] = read_error(exc)
+            why = read_error(exc)
         except DecodeError as exc:
-            unreadable[row[Col.PATH]] = str(exc)
-        if row[Col.PATH] in unreadable:
+            why = str(exc)
+        if why is not None:
+            unreadable[row[Col.PATH]] = why
             new_rows.append({**_passed_through(row, manifest.abspath(row), out), Col.STATUS: STATUS_ERROR,
-                             Col.ERROR: unreadable[row[Col.PATH]], Col.SPLIT: None})
+                             Col.ERROR: why, Col.SPLIT: None})
         else:
             group = row[Col.GROUP]
             if group is None:

@@ -16,7 +16,7 @@ from dinobatch.io.files import atomic_path, json_plain
 from dinobatch.io.lock import exclusive
 from dinobatch.jobs.predict import WorkItem, predict
 from dinobatch.models.file import resolve_model
-from dinobatch.runtime.device import default_workers, resolve_runtime
+from dinobatch.runtime.device import resolve_runtime
 from dinobatch.schema import Col
 from dinobatch.training.manifest import describe_unreadable, load_manifest
 from dinobatch.training.metrics import report
@@ -35,10 +35,11 @@ class Evaluation:
 
 
 def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None = "test", device: str = "auto",
-             precision: str = "auto", batch_size: int = 32, workers: int | None = None, wait: float = 0.0,
+             precision: str = "auto", batch_size: int | None = None, workers: int | None = None, wait: float = 0.0,
              progress: Callable[[str, int, int], None] | None = None) -> Evaluation:
     """Predict every usable row of the split; write metrics.json, predictions.parquet and .json, confusion.png.
 
+    Images are decoded and batched as classify does: batch_size and workers None take its defaults.
     One run at a time writes OUT (a second exits with LockedError, after `wait` seconds)."""
     out_dir = Path(out)
     with exclusive(out_dir / ".lock", wait=wait):
@@ -74,7 +75,9 @@ def _evaluate(manifest_path, model_ref, out_dir: Path, split, device, precision,
     kinds = sorted({r.get(Col.KIND) for r in scored if r.get(Col.KIND)})
     if len(kinds) > 1:
         metrics["by_kind"] = {k: _subset_report(scored, y, probs, labels, k) for k in kinds}
-    _write_report(out_dir, metrics, _predictions_table(known, results, labels), labels)
+    scored_losses = iter(_losses(probs, y))  # in the order of scored, a subset of known
+    losses = [next(scored_losses) if results[r[Col.SHA256]].error is None else None for r in known]
+    _write_report(out_dir, metrics, _predictions_table(known, results, losses), labels)
     return Evaluation(metrics, out_dir, unreadable)
 
 
@@ -85,8 +88,7 @@ def _predict(manifest, rows, model, runtime, batch_size, workers, progress) -> d
         paths.setdefault(r[Col.SHA256], []).append(manifest.abspath(r))
     items = [WorkItem(tuple(p), sha) for sha, p in paths.items()]
     results: dict[str, Any] = {}
-    for batch in predict(model, runtime, items, batch_size=batch_size,
-                         workers=default_workers(runtime.device.type, workers), embeddings=False):
+    for batch in predict(model, runtime, items, batch_size=batch_size, workers=workers, embeddings=False):
         results.update({r.sha256: r for r in batch})
         if progress:
             progress("evaluate", len(results), len(items))
@@ -116,21 +118,27 @@ def _subset_report(rows, y, probs, labels, kind) -> dict[str, Any]:
     return {k: sub[k] for k in ("count", "loss", "top1", "top3", "macro_f1", "micro_f1")}
 
 
-def _predictions_table(rows, results, labels):
-    """One row per image of the split the model knows, in manifest order: its label, the prediction,
-    whether it was right and its loss, or why it could not be read."""
+def _losses(probs: np.ndarray, y: list[int]) -> list[float]:
+    """Each image's cross-entropy: -log of the probability the model gave its true label."""
+    return (-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))).tolist()
+
+
+def _predictions_table(rows, results, losses: list[float | None]):
+    """One row per image of the split the model knows, in manifest order: its label, the model's
+    prediction (label and confidence as classify reports them), whether it was right and its loss
+    (losses: one per row, None where unreadable), or why it could not be read."""
     import pyarrow as pa
 
     out = []
-    for r in rows:
+    for r, loss in zip(rows, losses):
         res = results[r[Col.SHA256]]
         row = {Col.PATH: r[Col.PATH], Col.PATH_BYTES: r.get(Col.PATH_BYTES), Col.LABEL: r[Col.LABEL],
                Col.KIND: r.get(Col.KIND), Col.SPLIT: r[Col.SPLIT], Col.ERROR: res.error}
         if res.error is None:
-            probs = np.asarray(res.prediction[Col.PROBS], dtype=np.float64)
-            k, t = int(probs.argmax()), labels.index(r[Col.LABEL])
-            row.update({"predicted": labels[k], Col.CONFIDENCE: float(probs[k]), "correct": k == t,
-                        "loss": float(-np.log(max(probs[t], 1e-12))), Col.PROBS: probs.tolist()})
+            pred = res.prediction
+            row.update({Col.PREDICTED: pred[Col.LABEL], Col.CONFIDENCE: pred[Col.CONFIDENCE],
+                        Col.CORRECT: pred[Col.LABEL] == r[Col.LABEL], Col.LOSS: loss,
+                        Col.PROBS: pred[Col.PROBS]})
         out.append(row)
     return pa.Table.from_pylist(out, schema=_predictions_schema())
 
@@ -140,8 +148,8 @@ def _predictions_schema():
 
     return pa.schema([
         pa.field(Col.PATH, pa.string()), pa.field(Col.PATH_BYTES, pa.binary()), pa.field(Col.LABEL, pa.string()),
-        pa.field(Col.KIND, pa.string()), pa.field(Col.SPLIT, pa.string()), pa.field("predicted", pa.string()),
-        pa.field(Col.CONFIDENCE, pa.float32()), pa.field("correct", pa.bool_()), pa.field("loss", pa.float32()),
+        pa.field(Col.KIND, pa.string()), pa.field(Col.SPLIT, pa.string()), pa.field(Col.PREDICTED, pa.string()),
+        pa.field(Col.CONFIDENCE, pa.float32()), pa.field(Col.CORRECT, pa.bool_()), pa.field(Col.LOSS, pa.float32()),
         pa.field(Col.PROBS, pa.list_(pa.float32())), pa.field(Col.ERROR, pa.string()),
     ])
 

@@ -30,7 +30,7 @@ from dinobatch.io.walk import name_and_bytes, read_bytes, read_error, sha256_fil
 from dinobatch.schema import SPLITS, STATUS_ERROR, STATUS_OK, Col, manifest_schema
 
 __all__ = ["Manifest", "build_manifest", "write_manifest", "load_manifest", "assign_splits", "name_columns",
-           "exact_name", "describe_unreadable", "label_folder"]
+           "exact_name", "unescape_name", "describe_unreadable", "label_folder"]
 
 log = logging.getLogger(__name__)
 _ROOT_KEY = b"dinobatch.root"
@@ -227,7 +227,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 _ESCAPE = re.compile(rb"\\(\\|x[0-9a-f]{2})")
 
 
-def _unescape(shown: str) -> bytes:
+def unescape_name(shown: str) -> bytes:
     """The bytes of a name scan.display_path showed: a doubled backslash is one, \\xNN is byte NN."""
     return _ESCAPE.sub(lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1][1:], 16)]), shown.encode())
 
@@ -237,7 +237,7 @@ def _legacy_names(table: pa.Table, root: Path) -> pa.Array:
     ones kept a backslash as it was), so a row whose unescaped name is a file there gets it."""
     out: list[bytes | None] = []
     for shown in table.column(Col.PATH).to_pylist():
-        raw = _unescape(shown) if "\\" in shown else None
+        raw = unescape_name(shown) if "\\" in shown else None
         keep = raw is not None and raw != shown.encode() and os.path.isfile(os.path.join(os.fsencode(root), raw))
         out.append(raw if keep else None)
     return pa.array(out, pa.binary())

@@ -15,6 +15,7 @@ from dinobatch.errors import DinobatchError
 from dinobatch.io.arrow import read_table, write_table
 from dinobatch.io.lock import exclusive
 from dinobatch.io.walk import sha256_file
+from dinobatch.schema import STATUS_ERROR, STATUS_OK, Col
 from dinobatch.training.train import TrainConfig, train
 
 __all__ = ["trials", "sweep", "best_trial"]
@@ -28,8 +29,9 @@ def trials(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-_COLUMNS = ("trial", "status", "error", "config", "model", "best_epoch", "val_loss", "val_top1", "val_top3",
-            "val_macro_f1", "unreadable", "seconds")
+_COLUMNS = (Col.TRIAL, Col.STATUS, Col.ERROR, Col.CONFIG, Col.MODEL, Col.BEST_EPOCH, Col.VAL_LOSS, Col.VAL_TOP1,
+            Col.VAL_TOP3, Col.VAL_MACRO_F1, Col.UNREADABLE, Col.SECONDS)
+_FIGURES = (Col.VAL_LOSS, Col.VAL_TOP1, Col.VAL_TOP3, Col.VAL_MACRO_F1)  # of the best epoch's metrics row
 
 
 def _trial_ids(base: TrainConfig, overrides: dict[str, Any], manifest_sha: str) -> tuple[str, str]:
@@ -59,30 +61,30 @@ def _sweep(base: TrainConfig, grid: dict[str, Sequence[Any]], out: Path, progres
     for overrides in trials(grid):
         trial, legacy = _trial_ids(base, overrides, manifest_sha)
         seen.update((trial, legacy))
-        finished = [r for r in earlier if r["trial"] in (trial, legacy) and r["status"] == "ok"]
+        finished = [r for r in earlier if r[Col.TRIAL] in (trial, legacy) and r[Col.STATUS] == STATUS_OK]
         if finished:  # failed trials are tried again
             rows.append(finished[-1])
             continue
         log.info("trial %s: %s", trial, json.dumps(overrides, sort_keys=True))
         t0 = time.monotonic()
-        row: dict[str, Any] = {"trial": trial, "config": json.dumps(overrides, sort_keys=True),
+        row: dict[str, Any] = {Col.TRIAL: trial, Col.CONFIG: json.dumps(overrides, sort_keys=True),
                                **{k: str(v) for k, v in overrides.items()}}
         try:
             cfg = dataclasses.replace(base, out=str(out / "trials" / trial / "model.pt"), **overrides)
-            row["config"] = json.dumps(cfg.to_dict(), sort_keys=True)
+            row[Col.CONFIG] = json.dumps(cfg.to_dict(), sort_keys=True)
             result = train(cfg, resume=True, progress=progress)
             best = result.metrics[result.best_epoch - 1]
-            row.update(status="ok", error=None, model=result.model, best_epoch=result.best_epoch,
-                       val_loss=best["val_loss"], val_top1=best["val_top1"], val_top3=best["val_top3"],
-                       val_macro_f1=best["val_macro_f1"], unreadable=len(result.unreadable))
+            row.update({Col.STATUS: STATUS_OK, Col.ERROR: None, Col.MODEL: result.model,
+                        Col.BEST_EPOCH: result.best_epoch, **{k: best[k] for k in _FIGURES},
+                        Col.UNREADABLE: len(result.unreadable)})
         except DinobatchError as exc:
-            row.update(status="error", error=str(exc))
+            row.update({Col.STATUS: STATUS_ERROR, Col.ERROR: str(exc)})
         except Exception as exc:  # a trial that crashes is recorded; the sweep goes on
             log.exception("trial %s failed", trial)
-            row.update(status="error", error=f"{type(exc).__name__}: {exc}")
-        row["seconds"] = round(time.monotonic() - t0, 2)
+            row.update({Col.STATUS: STATUS_ERROR, Col.ERROR: f"{type(exc).__name__}: {exc}"})
+        row[Col.SECONDS] = round(time.monotonic() - t0, 2)
         rows.append({**dict.fromkeys(_COLUMNS), **row})
-        kept = [r for r in earlier if r["trial"] not in seen]
+        kept = [r for r in earlier if r[Col.TRIAL] not in seen]
         write_table(_table(kept + rows), table_path)  # after every trial: a kill loses one at most
     return rows
 
@@ -97,5 +99,5 @@ def _table(rows: list[dict[str, Any]]):
 
 def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Highest validation macro F1, then lowest validation loss, among the trials that finished."""
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("val_macro_f1") is not None]
-    return max(ok, key=lambda r: (r["val_macro_f1"], -(r["val_loss"] or 0.0)), default=None)
+    ok = [r for r in rows if r.get(Col.STATUS) == STATUS_OK and r.get(Col.VAL_MACRO_F1) is not None]
+    return max(ok, key=lambda r: (r[Col.VAL_MACRO_F1], -(r[Col.VAL_LOSS] or 0.0)), default=None)

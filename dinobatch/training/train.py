@@ -352,14 +352,14 @@ def _train_one_epoch(cfg, epoch, module, optimizer, scaler, train_set, val_set, 
     loader = _loader(train_set, cfg, runtime, order.tolist(), True)
     tr = _run_epoch(module, loader, runtime, prep, optimizer, scaler, progress, stage)
     module.eval()
-    val = _evaluate(module, val_set, cfg, runtime, prep, labels)
-    bad = {**tr.unreadable, **val["_unreadable"]}
+    val, figures = _validate(module, val_set, cfg, runtime, prep, labels)
+    bad = {**tr.unreadable, **val.unreadable}
     row = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "train_loss": tr.loss, "train_acc": tr.accuracy,
-           "val_loss": val.get("loss"), "val_top1": val.get("top1"), "val_top3": val.get("top3"),
-           "val_macro_f1": val.get("macro_f1"), "train_samples": tr.images, "val_images": val["_images"],
-           "unreadable": len(bad), "seconds": round(time.monotonic() - t0, 2)}
+           Col.VAL_LOSS: figures.get("loss"), Col.VAL_TOP1: figures.get("top1"), Col.VAL_TOP3: figures.get("top3"),
+           Col.VAL_MACRO_F1: figures.get("macro_f1"), "train_samples": tr.images, "val_images": val.images,
+           Col.UNREADABLE: len(bad), Col.SECONDS: round(time.monotonic() - t0, 2)}
     log.info("%s: train loss %.4f acc %.3f | val loss %s top-1 %s top-3 %s", stage, tr.loss, tr.accuracy,
-             _fmt(row["val_loss"]), _fmt(row["val_top1"]), _fmt(row["val_top3"]))
+             _fmt(row[Col.VAL_LOSS]), _fmt(row[Col.VAL_TOP1]), _fmt(row[Col.VAL_TOP3]))
     if bad:
         log.warning("%s: %s; left out of this epoch", stage, describe_unreadable(bad))
     return row, bad
@@ -369,16 +369,14 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _evaluate(module, samples: _Samples, cfg, runtime, prep, labels) -> dict[str, Any]:
-    """Metrics of the module on level-0 samples (none when no sample was read), with the logits and
-    targets they came from, how many images were read and which could not be."""
+def _validate(module, samples: _Samples, cfg, runtime, prep, labels) -> tuple[_Pass, dict[str, Any]]:
+    """The module's pass over level-0 samples (logits, targets, images read, which could not be) and
+    its metrics.report, {} when no sample was read: the report alone is what metrics rows show."""
     if len(samples) == 0:
-        return {"_images": 0, "_unreadable": {}}
+        return _Pass(float("nan"), 0.0, None, None, 0, {}), {}
     done = _run_epoch(module, _loader(samples, cfg, runtime, list(range(len(samples)))), runtime, prep)
-    out: dict[str, Any] = {"_images": done.images, "_unreadable": done.unreadable}
-    if done.logits is not None:
-        out.update(report(done.targets, softmax(done.logits), labels), _logits=done.logits, _y=done.targets)
-    return out
+    figures = report(done.targets, softmax(done.logits), labels) if done.logits is not None else {}
+    return done, figures
 
 
 def _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep, start, splits,
@@ -388,14 +386,14 @@ def _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep
     if best["state_dict"] is not None:  # None only if every epoch's loss was NaN: keep the last weights
         module.load_state_dict(best["state_dict"])
     module.eval()
-    val = _evaluate(module, val_set, cfg, runtime, prep, labels)
-    unreadable = {**unreadable, **val["_unreadable"]}
+    val, _ = _validate(module, val_set, cfg, runtime, prep, labels)
+    unreadable = {**unreadable, **val.unreadable}
     calibration: dict[str, Any] = {"temperature": 1.0}
-    if "_logits" in val:
-        t = fit_temperature(val["_logits"], val["_y"])
-        calibration = {"temperature": t, "ece_before": expected_calibration_error(softmax(val["_logits"]), val["_y"]),
-                       "ece_after": expected_calibration_error(softmax(val["_logits"], t), val["_y"]),
-                       "fitted_on": f"val ({len(val['_y'])} images)"}
+    if val.logits is not None:
+        t = fit_temperature(val.logits, val.targets)
+        calibration = {"temperature": t, "ece_before": expected_calibration_error(softmax(val.logits), val.targets),
+                       "ece_after": expected_calibration_error(softmax(val.logits, t), val.targets),
+                       "fitted_on": f"val ({len(val.targets)} images)"}
         log.info("calibration: temperature %.3f, ECE %.4f -> %.4f", t, calibration["ece_before"],
                  calibration["ece_after"])
     else:

@@ -15,17 +15,17 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.jobs.classify import classify, new_run_id
 from dinobatch.cli.main import cli
 from dinobatch.config import ClassifyConfig
 from dinobatch.curation.curate import CurateConfig, confident_learning, curate
 from dinobatch.curation.relabel import relabel
-from dinobatch.errors import EXIT_THRESHOLD, DataError
-from dinobatch.training.manifest import build_manifest, load_manifest, write_manifest
-from dinobatch.store.results import ResultsDir
 from dinobatch.curation.review import write_outputs
+from dinobatch.errors import EXIT_THRESHOLD, DataError
 from dinobatch.io.walk import sha256_file
+from dinobatch.jobs.classify import classify, new_run_id
 from dinobatch.schema import row_schema, schema_metadata
+from dinobatch.store.results import ResultsDir
+from dinobatch.training.manifest import build_manifest, load_manifest, write_manifest
 from tests.helpers import REPO, picture, save, tree_digest
 
 LABELS = ["stegosaurus", "triceratops", "velociraptor"]

@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from dinobatch.training.augment import LEVELS, materialize, multiplier
 from dinobatch.cli.main import cli
+from dinobatch.models.file import load_model
+from dinobatch.training.augment import LEVELS, materialize, multiplier
 from dinobatch.training.evaluate import evaluate
 from dinobatch.training.manifest import assign_splits, build_manifest, load_manifest, write_manifest
-from dinobatch.models.file import load_model
 from dinobatch.training.sweep import sweep
 from dinobatch.training.train import TrainConfig, checkpoint_path, metrics_path, train
 from tests.helpers import picture, save, tree_digest
@@ -157,6 +157,9 @@ def test_training_writes_a_model_classify_takes_with_metrics_and_calibration(tmp
         assert m["train_loss"] > 0 and 0 <= m["val_top1"] <= m["val_top3"] <= 1
     lines = [json.loads(x) for x in metrics_path(cfg.out).read_text().splitlines()]
     assert lines == result.metrics
+    public = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top3", "val_macro_f1",
+              "train_samples", "val_images", "unreadable", "seconds"]  # nothing of validation's internals
+    assert all(list(m) == public for m in lines)
     model = load_model(cfg.out)
     assert model.spec.labels == LABELS and model.spec.preprocessing.crop == 32
     src = model.spec.source
@@ -203,8 +206,11 @@ def test_evaluate_metrics_equal_those_computed_by_hand_from_an_independent_forwa
     confusion = [[int(sum(1 for t, p in zip(y, pred) if t == a and p == b)) for b in range(2)] for a in range(2)]
     assert result.metrics["confusion"] == confusion
     written = {p["path"]: p for p in pq.read_table(tmp_path / "eval" / "predictions.parquet").to_pylist()}
-    for r, p in zip(rows, pred):
-        assert written[r["path"]]["predicted"] == LABELS[p]
+    for i, (r, p) in enumerate(zip(rows, pred)):
+        w = written[r["path"]]
+        assert w["predicted"] == LABELS[p] and w["correct"] == (p == y[i])
+        assert w["confidence"] == pytest.approx(probs[i].max(), rel=1e-4)
+        assert w["loss"] == pytest.approx(losses[i], rel=1e-3, abs=1e-6)
     per_image = json.loads((tmp_path / "eval" / "predictions.json").read_text())
     assert len(per_image) == len(rows) == result.metrics["count"]
     assert Image.open(tmp_path / "eval" / "confusion.png").size[0] > 60
@@ -272,6 +278,9 @@ def test_sweep_records_every_trial_failures_included_and_resumes(tmp_path, manif
     assert {r["status"] for r in rows if r["image_size"] == "8"} == {"error"}
     ok = [r for r in rows if r["status"] == "ok"]
     assert len(ok) == 2 and all(r["val_top1"] is not None and r["model"] for r in ok)
+    assert pq.read_table(tmp_path / "sweep" / "trials.parquet").column_names == [
+        "trial", "status", "error", "config", "model", "best_epoch", "val_loss", "val_top1", "val_top3",
+        "val_macro_f1", "unreadable", "seconds", "augment_level", "image_size", "lr"]
     table = pq.read_table(tmp_path / "sweep" / "trials.parquet").to_pylist()
     assert [r["trial"] for r in table] == [r["trial"] for r in rows]
     again = sweep(base, grid, tmp_path / "sweep")

@@ -189,3 +189,53 @@ def test_an_interrupt_just_after_the_audit_log_is_written_keeps_the_version_it_n
         relabel(str(dataset / "d.csv"), str(dataset / "m.parquet"))
     assert [a["new_manifest"] for a in _audit(dataset)] == [str(dataset / "m.v2.parquet")]
     assert _labels(dataset / "m.v2.parquet")["stegosaurus/a.png"] == "triceratops"
+
+
+def _odd_names(tmp_path, names):
+    """m.parquet over data/stegosaurus/<each name>, names given as the file system's bytes."""
+    root = tmp_path / "data"
+    (root / "stegosaurus").mkdir(parents=True)
+    for i, name in enumerate(names):
+        save(picture(70 + i), root / "stegosaurus" / os.fsdecode(name), "PNG")
+    save(picture(90), root / "triceratops" / "t.png")
+    write_manifest(build_manifest(root, seed=0), tmp_path / "m.parquet", root)
+    return {bytes(r["path_bytes"] or r["path"].encode()): r["path"] for r in load_manifest(tmp_path / "m.parquet").table.to_pylist()}
+
+
+def _decide(tmp_path, *paths):
+    with open(tmp_path / "d.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "action", "label"])
+        writer.writerows([p, "relabel", "triceratops"] for p in paths)
+    return _relabel_cli(tmp_path / "d.csv", "--manifest", tmp_path / "m.parquet")
+
+
+def _relabelled(tmp_path, shown):
+    """The exact names (bytes) of the rows whose label changed."""
+    new = {r["path"]: r["label"] for r in load_manifest(tmp_path / "m.v2.parquet").table.to_pylist()}
+    return {name for name, path in shown.items() if new[path] == "triceratops" and not path.startswith("triceratops")}
+
+
+def test_a_name_ending_in_a_control_character_is_its_own_file_not_its_neighbour(tmp_path):
+    # \x1f is whitespace to str.strip: read loosely, the decision would relabel a.png instead
+    shown = _odd_names(tmp_path, [b"a.png", b"a.png\x1f"])
+    result = _decide(tmp_path, "stegosaurus/a.png\x1f")
+    assert result.exit_code == 0, result.output
+    assert _relabelled(tmp_path, shown) == {b"stegosaurus/a.png\x1f"}
+
+
+def test_odd_names_are_matched_by_their_exact_bytes_however_they_are_written(tmp_path):
+    shown = _odd_names(tmp_path, [b"b\xff.png", b"c\x01.png", b"d\\e.png"])
+    # as tables show them (\xNN a byte), as a terminal prints a control character, as the file system spells them
+    result = _decide(tmp_path, "stegosaurus/b\\xff.png", "stegosaurus/c\\x01.png", "stegosaurus/d\\e.png")
+    assert result.exit_code == 0, result.output
+    assert _relabelled(tmp_path, shown) == {b"stegosaurus/b\xff.png", b"stegosaurus/c\x01.png", b"stegosaurus/d\\e.png"}
+    audit = [a["path"] for a in _audit(tmp_path)]
+    assert audit == [shown[b"stegosaurus/b\xff.png"], shown[b"stegosaurus/c\x01.png"], shown[b"stegosaurus/d\\e.png"]]
+
+
+def test_a_path_that_could_name_two_files_is_refused(tmp_path):
+    _odd_names(tmp_path, [b"f\x01.png", b"f\\x01.png"])  # a control character, and a backslash then 'x01'
+    result = _decide(tmp_path, "stegosaurus/f\\x01.png")
+    assert result.exit_code == EXIT_DATA and "could name two files" in result.output
+    assert not (tmp_path / "m.v2.parquet").exists()
