@@ -125,6 +125,26 @@ def default_workers(device_type: str, requested: int | None) -> int:
     return max(1, min(CPU_MAX_WORKERS, cores // 2))
 
 
+# Images per batch when none is asked for (classify, evaluate, similar). On CPU a batch of 32
+# already keeps every core's threads busy; on CUDA the largest power of two up to CUDA_MAX_BATCH_SIZE
+# whose forward pass fits in the device's memory (runtime.memory.fit_batch_size tries them).
+CPU_BATCH_SIZE = 32
+CUDA_MAX_BATCH_SIZE = 512
+BATCH_SIZE_RULE = f"{CPU_BATCH_SIZE} on CPU, the largest that fits (<= {CUDA_MAX_BATCH_SIZE}) on CUDA"
+
+
+def default_batch_size(runtime: Runtime, *, module: Any = None, crop: int = 0) -> int:
+    """The batch size when none is asked for (BATCH_SIZE_RULE); on CUDA it tries module, already on
+    the device, at crop x crop, so both are required there."""
+    if not runtime.is_cuda:
+        return CPU_BATCH_SIZE
+    if module is None or crop < 1:
+        raise ValueError("on CUDA the batch size is sized by trying the model: pass module and crop")
+    from dinobatch.runtime.memory import fit_batch_size  # memory imports this module
+
+    return fit_batch_size(module, runtime, crop, largest=CUDA_MAX_BATCH_SIZE)
+
+
 def _resolve_device(device: str, torch: Any):
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
