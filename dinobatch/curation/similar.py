@@ -9,10 +9,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dinobatch.engines.local import predict
 from dinobatch.errors import InputError
 from dinobatch.io.arrow import read_table, write_table
-from dinobatch.jobs.predict import WorkItem, predict
 from dinobatch.schema import Col
+from dinobatch.stages.decode import WorkItem
 
 __all__ = ["similar", "reference_embeddings", "default_cache_dir"]
 

@@ -1,4 +1,6 @@
-"""The classify job: scan -> fingerprint -> infer what is new -> dedupe -> write rows and summary."""
+"""The classify job: under the output's lock, list -> fingerprint -> decode+infer what is new -> group ->
+rows -> summary. The stages (dinobatch.stages) do the work, an engine schedules them; the job owns the
+lock, the run id, the content cache and file index (and their commit order) and the summary."""
 
 from __future__ import annotations
 
@@ -9,49 +11,33 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from dinobatch import __version__
 from dinobatch.config import ClassifyConfig
-from dinobatch.dedupe.groups import Groups, group_among
+from dinobatch.engines.local import LocalEngine, Progress
 from dinobatch.errors import OutputError
 from dinobatch.imaging import decode_budget
 from dinobatch.io.lock import exclusive
-from dinobatch.io.walk import check_folder, read_error, sha256_file, walk_table
-from dinobatch.jobs.predict import WorkItem, predict
-from dinobatch.models.file import resolve_model
+from dinobatch.io.walk import check_folder, walk_table
+from dinobatch.models.file import LoadedModel, resolve_model
 from dinobatch.runtime import faults
-from dinobatch.runtime.device import resolve_runtime
+from dinobatch.runtime.device import Runtime, default_batch_size, resolve_runtime
 from dinobatch.runtime.memory import release_memory, tune_process
-from dinobatch.schema import (
-    DUPLICATE_EXACT,
-    DUPLICATE_NEAR,
-    FACT_COLUMNS,
-    PREDICTION_COLUMNS,
-    SPECIES_COLUMNS,
-    STATUS_DUPLICATE,
-    STATUS_ERROR,
-    STATUS_OK,
-    Col,
-    file_index_schema,
-    row_schema,
-    schema_metadata,
-)
+from dinobatch.schema import Col, file_index_schema, row_schema, schema_metadata
+from dinobatch.stages.decode import Contents
+from dinobatch.stages.group import duplicates
+from dinobatch.stages.infer import Predictor
+from dinobatch.stages.rows import FileOutcomes, RowContext, file_errors, path_order, row_batches, row_stats
 from dinobatch.store.results import ResultsDir
 from dinobatch.store.species import default_species_csv, load_species
 
 __all__ = ["classify", "RunSummary", "Progress"]
 
 log = logging.getLogger(__name__)
-
-# progress(stage, done, total): stage is "fingerprint" or "infer"
-Progress = Callable[[str, int, int], None]
-_ROWS_PER_BATCH = 2048
-_ERRORS_KEPT = 20  # errors listed in the summary (all of them are in the rows)
 
 
 @dataclass
@@ -88,66 +74,6 @@ def new_run_id(now: datetime) -> str:
     return now.strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
 
 
-def _known_shas(files: pa.Table, index: pa.Table) -> pa.ChunkedArray:
-    """Per file, the sha256 the file index holds for it where size, mtime, ctime and inode all match
-    what the walk saw (null elsewhere): those files are not read again."""
-    at = pc.index_in(files[Col.ABSPATH], value_set=index[Col.ABSPATH].combine_chunks())
-    same = pa.chunked_array([pa.array(np.ones(files.num_rows, bool))])
-    for c in (Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE):  # a column at a time: no copy of the index
-        same = pc.and_(same, pc.fill_null(pc.equal(files[c], index[c].take(at)), False))
-    return pc.if_else(same, index[Col.SHA256].take(at), pa.scalar(None, pa.string()))
-
-
-def _fingerprint(files: pa.Table, index: pa.Table, progress: Progress | None
-                 ) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """sha256 of each readable file, and the reason for each file that could not be read (null
-    elsewhere), aligned with files; a file whose stat matches the index is not read again."""
-    shas, errors, done = [], [], 0
-    columns = pa.table([files[Col.ABSPATH], files[Col.ERROR], _known_shas(files, index)], names=["a", "e", "k"])
-    for batch in columns.to_batches(max_chunksize=4096):  # Python values for one batch at a time
-        sha_part, error_part = [], []
-        for abspath, error, sha in zip(*(c.to_pylist() for c in batch.columns)):
-            if error is None and sha is None:
-                try:
-                    sha = sha256_file(os.fsdecode(abspath))
-                except OSError as exc:
-                    error = read_error(exc)
-            sha_part.append(None if error else sha)
-            error_part.append(error)
-            done += 1
-            faults.point("fingerprint")
-            if progress:
-                progress("fingerprint", done, files.num_rows)
-        shas.append(pa.array(sha_part, pa.string()))
-        errors.append(pa.array(error_part, pa.string()))
-    return pa.chunked_array(shas, pa.string()), pa.chunked_array(errors, pa.string())
-
-
-class _Todo(Sequence[WorkItem]):
-    """The contents to infer, first seen first, each with every file that holds it: WorkItems made
-    on demand from arrays, so that the list of work holds no Python object per file."""
-
-    def __init__(self, abspaths: pa.ChunkedArray, shas: pa.ChunkedArray, cached: pa.Array):
-        new = np.flatnonzero(pc.and_(shas.is_valid(), pc.invert(pc.is_in(shas, value_set=cached))).to_numpy(
-            zero_copy_only=False))
-        new_shas = shas.take(pa.array(new, pa.int64()))
-        self.shas = pc.unique(new_shas)  # in order of first appearance
-        content = pc.index_in(new_shas, value_set=self.shas).to_numpy(zero_copy_only=False)
-        by_content = new[np.argsort(content, kind="stable")]  # files of each content together, in walk order
-        self.abspaths = abspaths.take(pa.array(by_content, pa.int64())).combine_chunks()
-        self.starts = np.concatenate([[0], np.cumsum(np.bincount(content, minlength=len(self.shas)))])
-
-    def __len__(self) -> int:
-        return len(self.shas)
-
-    def __getitem__(self, i):
-        i = range(len(self))[i]  # negative indices and IndexError as a list has them
-        if isinstance(i, range):
-            return [self[j] for j in i]
-        paths = self.abspaths[self.starts[i]:self.starts[i + 1]].to_pylist()
-        return WorkItem(tuple(os.fsdecode(p) for p in paths), self.shas[i].as_py())
-
-
 def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummary:
     """Run the classify job over cfg.folder and write its rows and summary under cfg.out."""
     t0 = time.monotonic()
@@ -166,12 +92,44 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
         # run that scanned last, even after a --wait or a clock stepped back
         started = max(datetime.now(timezone.utc), out.newest_run_time() + timedelta(microseconds=1))
         out.remove_leftovers()
-        return _classify_locked(cfg, out, new_run_id(started), t0, started, runtime, model, species, progress,
-                                process)
+        metadata = schema_metadata(version=__version__, model_name=model.name, model_fingerprint=model.fingerprint,
+                                   labels=list(model.spec.labels), folder=cfg.folder)
+        run = _Run(cfg=cfg, out=out, run_id=new_run_id(started), t0=t0, started=started, runtime=runtime,
+                   model=model, species=species, process=process, metadata=metadata,
+                   engine=LocalEngine(runtime, workers=cfg.workers, progress=progress))
+        return _classify_locked(run)
 
 
-def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, progress, process) -> RunSummary:
-    """The run itself, while this process alone writes to cfg.out."""
+@dataclass(frozen=True)
+class _Run:
+    """One run's fixed parts, while this process alone writes to cfg.out."""
+
+    cfg: ClassifyConfig
+    out: ResultsDir
+    run_id: str
+    t0: float  # time.monotonic() at the start, for the summary's seconds
+    started: datetime
+    runtime: Runtime
+    model: LoadedModel
+    species: dict[str, dict[str, Any]]
+    process: dict[str, Any]  # what tune_process applied
+    metadata: dict[bytes, bytes]  # the rows' and cache parts' schema metadata
+    engine: LocalEngine
+
+
+@dataclass(frozen=True)
+class _Inferred:
+    """What the decode+infer stages left besides the cache parts they committed."""
+
+    failed: dict[str, str]  # sha256 -> why the content could not be decoded or inferred
+    changed: set[str]  # files whose bytes were not their sha256 any more when they were read
+    seconds: float
+    batch_size: int | None  # None: nothing to infer, so no batch was sized
+
+
+def _classify_locked(run: _Run) -> RunSummary:
+    """The run itself: list -> fingerprint -> decode+infer what is new -> group -> rows -> summary."""
+    cfg, out, model = run.cfg, run.out, run.model
     files = walk_table(cfg.folder, exclude=cfg.out)  # an --out inside the folder is not input
     log.info("found %d files under %s", files.num_rows, cfg.folder)
     if not files.num_rows:  # a quiet night in cron, or a newcomer's first run: not an error, but say so
@@ -179,50 +137,93 @@ def _classify_locked(cfg, out, run_id, t0, started, runtime, model, species, pro
                  "put the images there, in any sub-folders, and run again", cfg.folder)
     hashed_at = time.time_ns()
     index = file_index_schema().empty_table() if cfg.force else out.read_file_index()
-    shas, errors = _fingerprint(files, index, progress)
+    shas, errors = run.engine.fingerprint(files, index)
     del index
 
     cached = pa.array([], pa.string()) if cfg.force else out.cached_shas(model.fingerprint,
                                                                           with_embeddings=cfg.embeddings)
-    todo = _Todo(files[Col.ABSPATH], shas, cached)
+    todo = Contents(files[Col.ABSPATH], shas, cached)
     reused = pc.count_distinct(shas.filter(pc.is_in(shas, value_set=cached))).as_py()
     del cached
     log.info("%d unique contents to decode and infer, %d already have predictions from this model",
              len(todo), reused)
     release_memory()  # here and below: one stage's freed temporaries never add to the next one's peak
 
-    metadata = schema_metadata(version=__version__, model_name=model.name, model_fingerprint=model.fingerprint,
-                               labels=list(model.spec.labels), folder=cfg.folder)
-    decode_errors, changed, infer_seconds = _infer(cfg, out, model, runtime, todo, run_id, metadata, progress)
+    inferred = _infer(run, todo)
     # contents that fail to decode are not cached, so each run counts them again among those to infer
     log.info("inferred %d new contents, %d could not be decoded (rows with status error; tried again next run)",
-             len(todo) - len(decode_errors), len(decode_errors))
+             len(todo) - len(inferred.failed), len(inferred.failed))
     release_memory()
-    changed_mask = pc.is_in(files[Col.ABSPATH], value_set=pa.array([os.fsencode(p) for p in changed], pa.binary()))
-    errors = pc.if_else(changed_mask, "file changed while dinobatch was reading it; the next run classifies it",
-                        errors)
-
-    failed = pa.array(list(decode_errors), pa.string())
+    failed = pa.array(list(inferred.failed), pa.string())
     wanted = pc.unique(shas.drop_null())
     content = out.read_cache(model.fingerprint, wanted.filter(pc.invert(pc.is_in(wanted, value_set=failed))),
                              with_embeddings=cfg.embeddings)
     release_memory()
-    stats: dict[str, Any] = {}
-    rows = _row_batches(files, shas, errors, decode_errors, content, species, cfg, model, run_id, stats)
-    rows_file = out.write_rows(run_id, rows, row_schema(metadata))
+    outcomes = _outcomes(run, files, shas, errors, inferred, content)
+    stats = row_stats(outcomes)
+    rows_file = out.write_rows(run.run_id, row_batches(outcomes, content, _row_context(run)),
+                               row_schema(run.metadata))
     release_memory()
-    inferred = len(todo) - len(decode_errors)
+    n_inferred = len(todo) - len(inferred.failed)
     summary = RunSummary(
-        run_id=run_id, rows_file=str(rows_file), files=files.num_rows, counts=stats["counts"],
-        inferred=inferred, reused=reused, duplicate_groups=stats["groups"],
-        seconds=round(time.monotonic() - t0, 3),
-        images_per_second=round(inferred / infer_seconds, 2) if inferred and infer_seconds > 0 else None,
+        run_id=run.run_id, rows_file=str(rows_file), files=files.num_rows, counts=stats.counts,
+        inferred=n_inferred, reused=reused, duplicate_groups=stats.groups,
+        seconds=round(time.monotonic() - run.t0, 3),
+        images_per_second=round(n_inferred / inferred.seconds, 2) if n_inferred and inferred.seconds > 0 else None,
         model={"name": model.name, "fingerprint": model.fingerprint, "arch": model.spec.arch,
                "classes": len(model.spec.labels)},
-        runtime=runtime.describe(), config=cfg.to_dict(), process=process, started=started.isoformat(),
-        finished=datetime.now(timezone.utc).isoformat(), errors=stats["errors"])
+        runtime=run.runtime.describe(), config=_resolved_config(run, inferred), process=run.process,
+        started=run.started.isoformat(), finished=datetime.now(timezone.utc).isoformat(), errors=stats.errors)
     seen = files.select([Col.ABSPATH, Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE]).append_column(Col.SHA256, shas)
-    return _record(out, summary, seen.filter(shas.is_valid()), hashed_at, metadata)
+    return _record(out, summary, seen.filter(shas.is_valid()), hashed_at, run.metadata)
+
+
+def _infer(run: _Run, todo: Contents) -> _Inferred:
+    """Decode and infer each new content through the engine; commit every batch to the cache as it
+    finishes, so that a run killed midway keeps what it had inferred."""
+    cfg = run.cfg
+    writer = run.out.cache_writer(run.model.fingerprint, run.run_id, run.metadata)
+    failed: dict[str, str] = {}
+    changed: set[str] = set()
+    t = time.monotonic()
+    if not todo:
+        return _Inferred(failed, changed, time.monotonic() - t, None)
+    predictor = Predictor(run.model, run.runtime, batch_size=cfg.batch_size, embeddings=cfg.embeddings,
+                          compile=cfg.compile)
+    for results in run.engine.infer(todo, predictor, jpeg_on_device=cfg.gpu_decode and run.runtime.is_cuda):
+        writer.write([{Col.SHA256: r.sha256, **r.facts, **r.prediction} for r in results if r.error is None])
+        failed.update({r.sha256: r.error for r in results if r.error is not None})
+        changed.update(p for r in results for p in r.changed)
+        faults.point("batch")
+    return _Inferred(failed, changed, time.monotonic() - t, predictor.batch_size)
+
+
+def _outcomes(run: _Run, files: pa.Table, shas: pa.ChunkedArray, errors: pa.ChunkedArray, inferred: _Inferred,
+              content: pa.Table) -> FileOutcomes:
+    """Each file's final error, prediction row and duplicate group (the group stage), in path order."""
+    failed = pa.table({Col.SHA256: pa.array(list(inferred.failed), pa.string()),
+                       Col.ERROR: pa.array(list(inferred.failed.values()), pa.string())})
+    changed = pa.array([os.fsencode(p) for p in inferred.changed], pa.binary())
+    errors, own = file_errors(shas, errors, abspaths=files[Col.ABSPATH], changed=changed, failed=failed,
+                              content=content)
+    order = path_order(files)
+    groups = duplicates(content, own, order, phash_max=run.cfg.phash_max, dhash_max=run.cfg.dhash_max)
+    return FileOutcomes(files=files, shas=shas, errors=errors, own=own, groups=groups, order=order)
+
+
+def _row_context(run: _Run) -> RowContext:
+    return RowContext(run_id=run.run_id, model_name=run.model.name, model_fingerprint=run.model.fingerprint,
+                      labels=run.model.spec.labels, top_k=run.cfg.top_k, embeddings=run.cfg.embeddings,
+                      species=run.species)
+
+
+def _resolved_config(run: _Run, inferred: _Inferred) -> dict[str, Any]:
+    """The configuration as it ran: the batch size used (with nothing to infer, the rule's where it
+    needs no model: on CPU) and the decode workers chosen (None: a burst pool of every core)."""
+    batch_size = inferred.batch_size or run.cfg.batch_size
+    if batch_size is None and not run.runtime.is_cuda:
+        batch_size = default_batch_size(run.runtime)
+    return {**run.cfg.to_dict(), "batch_size": batch_size, "workers": run.engine.resolved_workers()}
 
 
 def _record(out: ResultsDir, summary: RunSummary, seen: pa.Table, hashed_at: int,
@@ -269,128 +270,3 @@ def _after_commit(out: ResultsDir, seen: pa.Table, hashed_at: int, fingerprint: 
     return warnings
 
 
-def _infer(cfg, out, model, runtime, items: Sequence[WorkItem], run_id, metadata,
-           progress) -> tuple[dict[str, str], set[str], float]:
-    """Decode and infer each new content; commit every batch to the cache as it finishes."""
-    writer = out.cache_writer(model.fingerprint, run_id, metadata)
-    decode_errors: dict[str, str] = {}
-    changed: set[str] = set()
-    t, done = time.monotonic(), 0
-    for results in predict(model, runtime, items, batch_size=cfg.batch_size,
-                           workers=cfg.workers, embeddings=cfg.embeddings,
-                           compile=cfg.compile, jpeg_on_device=cfg.gpu_decode and runtime.is_cuda):
-        writer.write([{Col.SHA256: r.sha256, **r.facts, **r.prediction} for r in results if r.error is None])
-        decode_errors.update({r.sha256: r.error for r in results if r.error is not None})
-        changed.update(p for r in results for p in r.changed)
-        faults.point("batch")
-        done += len(results)
-        if progress:
-            progress("infer", done, len(items))
-    return decode_errors, changed, time.monotonic() - t
-
-
-def _hex64(hashes: pa.ChunkedArray) -> np.ndarray:
-    """16-hex-digit hash strings as uint64, converted a slice at a time."""
-    out = np.zeros(len(hashes), np.uint64)
-    for lo in range(0, len(hashes), 4096):
-        out[lo:lo + 4096] = [int(h, 16) for h in hashes.slice(lo, 4096).to_pylist()]
-    return out
-
-
-def _duplicates(path_order: np.ndarray, own: np.ndarray, content: pa.Table, cfg) -> Groups:
-    """Duplicate groups over the files that have a prediction (own: their row in content, -1 for a
-    file in error, which is in no group), as arrays over all files; keeper holds a file index."""
-    ok = path_order[own[path_order] >= 0]  # in path order, as group_arrays wants them
-    rows = own[ok]
-    pixels = content[Col.WIDTH].to_numpy().astype(np.int64) * content[Col.HEIGHT].to_numpy()
-    return group_among(len(own), ok, rows, _hex64(content[Col.PHASH])[rows], _hex64(content[Col.DHASH])[rows],
-                       pixels[rows], phash_max=cfg.phash_max, dhash_max=cfg.dhash_max)
-
-
-def _top_k(probs: list[list[float] | None], labels: Sequence[str], k: int) -> tuple[list, list]:
-    """topk_labels and topk_probs from probs, best first (null where probs is null)."""
-    import numpy as np
-
-    names, values = [], []
-    for p in probs:
-        if p is None:
-            names.append(None)
-            values.append(None)
-            continue
-        order = np.argsort(-np.asarray(p, dtype=np.float32), kind="stable")[:k]
-        names.append([labels[i] for i in order])
-        values.append([p[i] for i in order])
-    return names, values
-
-
-def _final_errors(shas, errors, decode_errors: dict[str, str], content: pa.Table) -> tuple[pa.ChunkedArray, np.ndarray]:
-    """Every file's error (its own, its content's, or a missing prediction) and, for the files
-    without one, their row in content (-1 for the others)."""
-    failed = pa.array(list(decode_errors.values()), pa.string()).take(
-        pc.index_in(shas, value_set=pa.array(list(decode_errors), pa.string())))
-    row = pc.index_in(shas, value_set=content[Col.SHA256].combine_chunks())
-    missing = pc.if_else(row.is_null(), "no prediction was produced for this file; rerun", pa.scalar(None, pa.string()))
-    errors = pc.coalesce(errors, failed, missing)
-    own = pc.if_else(errors.is_null(), pc.fill_null(row, -1), -1)
-    return errors, own.to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _row_batches(files: pa.Table, shas, errors, decode_errors, content, species, cfg, model, run_id,
-                 stats: dict[str, Any]) -> Iterator:
-    """Per-file rows in path order, built in slices; duplicates carry the kept file's prediction.
-
-    Fills stats with counts, duplicate groups and errors as the rows are produced."""
-    errors, own = _final_errors(shas, errors, decode_errors, content)
-    order = pc.sort_indices(files[Col.PATH]).to_numpy()  # code point order, as sorted() on str
-    groups = _duplicates(order, own, content, cfg)
-    stats.update(counts={STATUS_OK: 0, STATUS_DUPLICATE: 0, STATUS_ERROR: 0}, errors=[],
-                 groups=int(groups.group.max(initial=-1)) + 1)
-    for lo in range(0, len(order), _ROWS_PER_BATCH):
-        chunk = order[lo:lo + _ROWS_PER_BATCH]
-        yield from _row_batch(chunk, files, shas, errors, own, groups, content, species, cfg, model, run_id, stats)
-
-
-def _row_batch(chunk: np.ndarray, files, shas, errors, own, groups: Groups, content, species, cfg, model, run_id,
-               stats: dict[str, Any]) -> Iterator:
-    """The rows of the files at chunk (indices into files), in that order."""
-    take = pa.array(chunk, pa.int64())
-    error = errors.take(take)
-    keeper = groups.keeper[chunk]
-    duplicate = keeper >= 0
-    status = np.where(error.is_null().to_numpy(zero_copy_only=False),
-                      np.where(duplicate, STATUS_DUPLICATE, STATUS_OK), STATUS_ERROR)
-    for name, count in zip(*np.unique(status, return_counts=True)):
-        stats["counts"][str(name)] += int(count)
-    if len(stats["errors"]) < _ERRORS_KEPT:  # the summary shows the first few
-        stats["errors"].extend({"path": p, "error": e} for p, e in zip(files[Col.PATH].take(take).to_pylist(),
-                                                                       error.to_pylist()) if e is not None)
-        del stats["errors"][_ERRORS_KEPT:]
-    own_rows = own[chunk]
-    pred_rows = np.where(duplicate, own[np.maximum(keeper, 0)], own_rows)
-    facts = content.select(list(FACT_COLUMNS)).take(pa.array(own_rows, pa.int64(), mask=own_rows < 0))
-    preds = content.select(list(PREDICTION_COLUMNS)).take(pa.array(pred_rows, pa.int64(), mask=pred_rows < 0))
-    labels = preds[Col.LABEL].to_pylist()
-    topk_labels, topk_probs = _top_k(preds[Col.PROBS].to_pylist(), model.spec.labels, cfg.top_k)
-    in_group = groups.group[chunk] >= 0
-    arrays = {
-        Col.RUN_ID: [run_id] * len(chunk), Col.PATH: files[Col.PATH].take(take),
-        Col.PATH_BYTES: files[Col.PATH_BYTES].take(take), Col.BYTES: files[Col.BYTES].take(take),
-        Col.MTIME: [_utc(ns) for ns in files[Col.MTIME_NS].take(take).to_pylist()], Col.SHA256: shas.take(take),
-        Col.STATUS: status.tolist(), Col.ERROR: error,
-        Col.DUPLICATE_OF: files[Col.PATH].take(pa.array(keeper, pa.int64(), mask=~duplicate)),
-        Col.DUPLICATE_KIND: pa.array(np.where(groups.exact[chunk], DUPLICATE_EXACT, DUPLICATE_NEAR), pa.string(),
-                                     mask=~duplicate),
-        Col.DUPLICATE_GROUP: pa.array(groups.group[chunk], pa.int64(), mask=~in_group),
-        **{c: facts[c] for c in FACT_COLUMNS}, **{c: preds[c] for c in PREDICTION_COLUMNS},
-        Col.TOPK_LABELS: topk_labels, Col.TOPK_PROBS: topk_probs,
-        Col.MODEL: [model.name] * len(chunk), Col.MODEL_FINGERPRINT: [model.fingerprint] * len(chunk)}
-    if not cfg.embeddings:
-        arrays[Col.EMBEDDING] = pa.nulls(len(chunk), pa.list_(pa.float32()))
-    for c in SPECIES_COLUMNS:
-        arrays[c] = [species.get(label, {}).get(c) if label else None for label in labels]
-    schema = row_schema()
-    yield from pa.Table.from_pydict({f.name: arrays[f.name] for f in schema}, schema=schema).to_batches()
-
-
-def _utc(mtime_ns: int | None) -> datetime | None:
-    return datetime.fromtimestamp(mtime_ns / 1e9, timezone.utc) if mtime_ns is not None else None

@@ -1,10 +1,6 @@
-"""The model's forward pass: logits and features, compiled or not, and their post-processing."""
+"""The model's forward pass: logits and features in one pass, compiled or not."""
 
 from __future__ import annotations
-
-from typing import Any, Sequence
-
-from dinobatch.schema import Col
 
 
 def forward_with_features(module, x):
@@ -32,24 +28,3 @@ def compiled(module, batch_size: int):
         return logits[:n], features[:n]
 
     return forward
-
-
-def postprocess(logits, features, labels: Sequence[str], temperature: float,
-                 embeddings: bool) -> list[dict[str, Any] | str]:
-    """Probabilities (temperature-scaled softmax), margin and entropy per row; a reason where not finite."""
-    import torch
-
-    probs = torch.softmax(logits.float() / temperature, dim=1).cpu()  # one device-to-host copy per batch
-    feats = features.float().cpu() if embeddings else None
-    top_p, top_i = probs.topk(min(2, probs.shape[1]), dim=1)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
-    finite = torch.isfinite(probs).all(dim=1).tolist()
-    out: list[dict[str, Any] | str] = []
-    for row, (p, i, ok) in enumerate(zip(top_p.tolist(), top_i.tolist(), finite)):
-        if not ok:
-            out.append("the model produced non-finite outputs (NaN or infinity) for this image")
-            continue
-        out.append({Col.LABEL: labels[i[0]], Col.CONFIDENCE: p[0], Col.PROBS: probs[row].tolist(),
-                    Col.MARGIN: p[0] - p[1] if len(p) > 1 else p[0], Col.ENTROPY: float(entropy[row]),
-                    Col.EMBEDDING: feats[row].tolist() if feats is not None else None})
-    return out

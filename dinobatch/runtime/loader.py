@@ -13,7 +13,7 @@ from dinobatch.runtime.burst import BURST_IMAGES, burst_batches
 from dinobatch.runtime.workers import loader_context, loader_worker_init, this_process
 
 if TYPE_CHECKING:
-    from dinobatch.jobs.predict import ImageDataset
+    from dinobatch.engines.local import ImageDataset
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +29,6 @@ def collate(records: list[dict[str, Any]]):
     return records, batch
 
 
-def decoded_batches(dataset: "ImageDataset", runtime, batch_size: int, workers: int | None) -> Iterator:
-    """(records, batch) per batch: a burst pool on CPU by default, else a DataLoader with workers."""
-    from torch.utils.data import DataLoader
-
-    from dinobatch.runtime.device import default_workers, usable_cores
-
-    if workers is None and not runtime.is_cuda and usable_cores() > 1:
-        return burst_batches(dataset, batch_size, usable_cores())
-    workers = default_workers(runtime.device.type, workers)
-    if workers == 0:
-        return iter(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                               pin_memory=runtime.pin_memory))  # decoding in this process: nothing to recover
-    return _loader_batches(dataset, batch_size, workers, runtime.pin_memory)
-
-
 # Batches a DataLoader worker decodes ahead (its prefetch_factor): with `workers` of them, the
 # batches in flight when one dies are at most _PREFETCH x workers from the first not yet handed out.
 _PREFETCH = 4
@@ -54,7 +39,7 @@ _PREFETCH = 4
 _DEATH_GRACE_S = 5.0
 
 
-def _loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_memory: bool) -> Iterator:
+def loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_memory: bool) -> Iterator:
     """DataLoader batches in order; a worker that dies (a C decoder crashing on a hostile file, the
     OOM killer) costs the file it was decoding, not the run. The batches the loader had in flight
     are decoded again by burst_batches, which finds the file and makes it an error record, and a

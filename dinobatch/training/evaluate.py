@@ -10,14 +10,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dinobatch.engines.local import predict
 from dinobatch.errors import InputError
 from dinobatch.io.arrow import write_table
 from dinobatch.io.files import atomic_path, json_plain
 from dinobatch.io.lock import exclusive
-from dinobatch.jobs.predict import WorkItem, predict
 from dinobatch.models.file import resolve_model
 from dinobatch.runtime.device import resolve_runtime
 from dinobatch.schema import Col
+from dinobatch.stages.decode import WorkItem
 from dinobatch.training.manifest import describe_unreadable, load_manifest
 from dinobatch.training.metrics import report
 

@@ -18,8 +18,9 @@ from dinobatch.runtime import faults
 from dinobatch.jobs.classify import classify
 from dinobatch.config import ClassifyConfig
 from dinobatch.runtime.device import usable_cores
-from dinobatch.jobs.predict import ImageDataset, WorkItem
-from dinobatch.runtime.loader import _loader_batches
+from dinobatch.engines.local import ImageDataset
+from dinobatch.stages.decode import WorkItem
+from dinobatch.runtime.loader import loader_batches
 from dinobatch.models.file import Preprocessing
 from dinobatch.jobs.scan import ScanConfig, scan_folder
 from tests.helpers import REPO, picture, save
@@ -96,7 +97,7 @@ def test_loader_recovery_with_jpeg_bytes_and_after_another_loader(tmp_path, monk
     items = [WorkItem((str(f),), hashlib.sha256(f.read_bytes()).hexdigest()) for f in files]
     dataset = ImageDataset(items, Preprocessing(resize=64, crop=56), jpeg_to_device=jpeg_to_device)
     records = []
-    for batch_records, _ in _loader_batches(dataset, 2, 2, False):
+    for batch_records, _ in loader_batches(dataset, 2, 2, False):
         records += batch_records
         time.sleep(0.3)  # the model's forward pass, where torch's handler would strike
     assert [r["sha256"] for r in records] == [item.sha256 for item in items]

@@ -7,7 +7,7 @@ import time
 
 import pyarrow.parquet as pq
 
-import dinobatch.jobs.classify as classify_module
+import dinobatch.stages.fingerprint as fingerprint_stage
 from dinobatch.store import results
 
 from tests.helpers import picture, save
@@ -17,13 +17,13 @@ from tests.helpers import run_classify as run
 def _count_hashing(monkeypatch) -> list[str]:
     """Record every file classify reads to fingerprint it."""
     read: list[str] = []
-    real = classify_module.sha256_file
+    real = fingerprint_stage.sha256_file
 
     def counting(path):
         read.append(os.path.basename(path))
         return real(path)
 
-    monkeypatch.setattr(classify_module, "sha256_file", counting)
+    monkeypatch.setattr(fingerprint_stage, "sha256_file", counting)
     return read
 
 

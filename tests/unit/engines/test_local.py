@@ -1,4 +1,4 @@
-"""The GPU-side model input (device JPEG decode, orientation, resize) checked on the CPU, and the
+"""The local engine: the GPU-side model input (device JPEG decode, orientation, resize) checked on the CPU, and the
 speed-ups that must not change a prediction."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from dinobatch.runtime.device import resolve_runtime
-from dinobatch.runtime.burst import balanced_shares
-from dinobatch.jobs.predict import ImageDataset, WorkItem, device_batch, predict
-from dinobatch.runtime.loader import collate
+from dinobatch.engines.local import ImageDataset, device_batch, predict
 from dinobatch.imaging.preprocess import orient_tensor
 from dinobatch.models.file import Preprocessing, load_model
-
+from dinobatch.runtime.burst import balanced_shares
+from dinobatch.runtime.device import resolve_runtime
+from dinobatch.runtime.loader import collate
+from dinobatch.stages.decode import WorkItem
 from tests.helpers import picture, save
 
 
