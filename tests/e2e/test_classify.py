@@ -207,3 +207,16 @@ def test_special_and_hostile_files_are_rows_with_reasons(tmp_path, tiny_model):
     _, rows = run(root, tmp_path / "out", tiny_model)
     assert rows["good.png"]["status"] == "ok" and rows["strip.png"]["status"] == "ok"
     assert "FIFO" in rows["pipe.jpg"]["error"] and "broken symbolic link" in rows["dangling.png"]["error"]
+
+
+def test_the_saved_config_records_the_batch_size_the_rule_chose(tmp_path, inbox, tiny_model):
+    from dinobatch.runtime.device import CPU_BATCH_SIZE
+
+    out = tmp_path / "out"
+    summary, _ = run(inbox["a.jpg"].parent, out, tiny_model, batch_size=None, device="cpu")
+    saved = json.loads((out / "_summary.json").read_text())["config"]
+    # the size that ran, so that the saved config reruns the same batches; workers as asked (0)
+    assert saved["batch_size"] == summary.config["batch_size"] == CPU_BATCH_SIZE
+    assert saved["workers"] == 0
+    run(inbox["a.jpg"].parent, out, tiny_model, batch_size=None, device="cpu")  # nothing new to infer
+    assert json.loads((out / "_summary.json").read_text())["config"]["batch_size"] == CPU_BATCH_SIZE
