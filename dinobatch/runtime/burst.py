@@ -2,17 +2,18 @@
 
 On a CPU the model's threads use every core; decode workers running beside them (a DataLoader's)
 take cores away at random moments and stall the threads at each barrier. Alternating gives each
-phase all the cores: decoding costs its own time divided by the cores. Workers are forked once;
-they write each model input straight into a shared buffer, channels-last, where the parent's
-batch tensor is a view: no pickling of pixels, no stacking copy, no layout conversion.
+phase all the cores: decoding costs its own time divided by the cores. Workers are forked once
+(runtime.workers.IsolatingPool: a decoder that crashes its process costs only its file); they
+write each model input straight into a shared buffer, channels-last, where the parent's batch
+tensor is a view: no pickling of pixels, no stacking copy, no layout conversion.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import mmap
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from dinobatch.imaging import decode_budget
 from dinobatch.imaging.decode import quiet_decoding
-from dinobatch.runtime.workers import fork_pool, kill_broken_pool, run_isolated
+from dinobatch.runtime.workers import Crashed, IsolatingPool
 
 __all__ = ["burst_batches", "balanced_shares"]
 
@@ -49,49 +50,29 @@ def burst_batches(dataset, batch_size: int, processes: int) -> Iterator[tuple[li
     crop = dataset.prep.crop
     buffer = mmap.mmap(-1, burst * crop * crop * 3)  # MAP_SHARED: the workers' writes are seen here
     _SHARED = _Shared(dataset, np.frombuffer(buffer, np.uint8).reshape(burst, crop, crop, 3))
-    pool = _pool(processes)
     try:
-        for lo in range(0, len(dataset), burst):
-            hi = min(len(dataset), lo + burst)
-            try:
-                records = _decode_burst(pool, dataset, lo, hi, processes)
-            except BrokenProcessPool:  # a decoder crashed: find the file, make it a row, go on
-                kill_broken_pool(pool)
-                log.warning("a decoding process died; decoding these %d files one at a time", hi - lo)
-                records = [_isolated(dataset, i, burst) for i in range(lo, hi)]
-                pool = _pool(processes)
-            for b in range(0, len(records), batch_size):
-                yield _collate(records[b:b + batch_size], _SHARED.slots)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    else:
-        pool.shutdown(wait=True)
+        # A fresh budget for each pool: see _init. Leaving early (an interrupt, the consumer done
+        # with the batches) kills the workers; they hold nothing the run still needs.
+        with IsolatingPool(processes, _init, _fresh_budget, task="decoding") as pool:
+            for lo in range(0, len(dataset), burst):
+                records = _decode_burst(pool, dataset, lo, min(len(dataset), lo + burst), processes)
+                for b in range(0, len(records), batch_size):
+                    yield _collate(records[b:b + batch_size], _SHARED.slots)
     finally:
         _SHARED = None
 
 
-def _pool(processes: int):
-    return fork_pool(processes, _init, (decode_budget.from_env(),))  # a fresh budget: see _init
+def _fresh_budget() -> tuple:
+    return (decode_budget.from_env(),)
 
 
 def _init(budget: decode_budget.DecodeBudget | None = None) -> None:
-    """A burst worker: one torch thread, signals left to the parent (it decides how to stop), and
-    the pool's decode budget (none for a file decoded alone; each pool its own, so that a worker
-    that crashed holding a share leaks nothing into the next).
-
-    gc.freeze(): the objects inherited from the parent (torch's, the model's) are never garbage
-    here; not traversing them spares each collection, and the copy-on-write of every page it
-    touches, as in scan's workers."""
-    import gc
-    import signal
-
+    """A burst worker (after runtime.workers' own start: signals, gc): one torch thread, and the
+    pool's decode budget (none for a file decoded alone; each pool its own, so that a worker that
+    crashed holding a share leaks nothing into the next)."""
     import torch
 
-    gc.freeze()
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     decode_budget.install(budget)
 
 
@@ -112,22 +93,20 @@ def _items(indices: Sequence[int], burst: int) -> list[dict[str, Any]]:
     return records
 
 
-def _decode_burst(pool, dataset, lo: int, hi: int, processes: int) -> list[dict[str, Any]]:
-    """Decode items lo..hi-1, one share per process balanced by file size; their records, in order."""
+def _decode_burst(pool: IsolatingPool, dataset, lo: int, hi: int, processes: int) -> list[dict[str, Any]]:
+    """Decode items lo..hi-1, one share per process balanced by file size; their records, in order
+    (a file whose decoder crashed its process, and again alone, is an error record)."""
     indices = range(lo, hi)
     burst = len(_SHARED.slots)
-    shares = balanced_shares(indices, [dataset.cost(i) for i in indices], processes)
-    futures = [(share, pool.submit(_items, share, burst)) for share in shares if share]
-    done = {i: r for share, future in futures for i, r in zip(share, future.result())}
-    return [done[i] for i in indices]
+    shares = [share for share in balanced_shares(indices, [dataset.cost(i) for i in indices], processes) if share]
+    done = {}
+    for share, records in pool.map(functools.partial(_items, burst=burst), shares, in_flight=len(shares)):
+        done.update(zip(share, records))
+    return [_crashed(dataset, i, done[i].reason) if isinstance(done[i], Crashed) else done[i] for i in indices]
 
 
-def _isolated(dataset, index: int, burst: int) -> dict[str, Any]:
-    """Item index decoded in a process of its own; if that process dies too, the file's error."""
-    ok, result = run_isolated(lambda i: _items([i], burst), index, initializer=_init)
-    if ok:
-        return result[0]
-    return {"sha256": dataset.items[index].sha256, "error": result, "changed": ()}
+def _crashed(dataset, index: int, reason: str) -> dict[str, Any]:
+    return {"sha256": dataset.items[index].sha256, "error": reason, "changed": ()}
 
 
 def _collate(records: list[dict[str, Any]], slots: np.ndarray):
