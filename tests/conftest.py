@@ -12,6 +12,15 @@ from PIL import Image
 
 from tests.helpers import LABELS, jpeg_bytes, picture, save
 
+_E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Every test under tests/e2e/ is a whole run and marked slow, so `pytest -m "not slow"` is the quick loop."""
+    for item in items:
+        if _E2E in item.path.parents:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from dinobatch.imaging.decode import decode
@@ -16,7 +15,6 @@ def _without_run_id(rows):
     return {p: {k: v for k, v in r.items() if k != "run_id"} for p, r in rows.items()}
 
 
-@pytest.mark.slow
 def test_default_burst_decoding_writes_the_same_rows_as_decoding_in_process(tmp_path, inbox, tiny_model, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the operator did not choose: every usable core
     root = inbox["a.jpg"].parent
