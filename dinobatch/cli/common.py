@@ -18,7 +18,7 @@ from dinobatch.cli.params import FileName, ModelRef, config_type_error
 from dinobatch.config import CONFIG_ENV, MAX_BATCH_SIZE, load_config_file
 from dinobatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, DinobatchError
 from dinobatch.io.terminal import printable
-from dinobatch.runtime.device import CUDA_MAX_WORKERS, PRECISIONS
+from dinobatch.runtime.device import BATCH_SIZE_RULE, CUDA_MAX_WORKERS, PRECISIONS
 
 log = logging.getLogger("dinobatch")
 
@@ -30,7 +30,7 @@ _PROGRESS_LOG_EVERY_S = 10.0
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (asked for and missing: error)."
 # The help of the options every command that predicts as classify does has (classify, evaluate, similar).
 PRECISION_HELP = "auto: bf16/fp16 autocast on CUDA, fp32 on CPU."
-BATCH_SIZE_HELP = "Images per batch [default: 32 on CPU, the largest that fits (<= 512) on CUDA]."
+BATCH_SIZE_HELP = f"Images per batch [default: {BATCH_SIZE_RULE}]."
 WORKERS_HELP = ("How images are decoded [default: on CPU, between batches, a pool of one process per usable core; "
                 f"on CUDA, cores-1 (at most {CUDA_MAX_WORKERS}) DataLoader workers]; N: N DataLoader workers beside "
                 "the model; 0: in this process.")
