@@ -114,7 +114,7 @@ def main() -> None:
 
     from dinobatch.runtime.device import resolve_runtime
     from dinobatch.runtime.memory import tune_process
-    from dinobatch.runtime.memory import fit_batch_size
+    from dinobatch.runtime.device import default_batch_size
     from dinobatch.models.file import load_model
 
     runtime = resolve_runtime(args.device, "auto")
@@ -128,8 +128,7 @@ def main() -> None:
         generate(tmp / "in", args.files, size)
         print(f"generated {args.files} JPEGs {args.size} in {time.perf_counter() - t:.0f} s", flush=True)
         model = make_model(tmp / "resnet50.pt")
-        batch = (fit_batch_size(runtime.prepare(load_model(model).module), runtime, 224)
-                 if runtime.is_cuda else 32)
+        batch = default_batch_size(runtime, module=runtime.prepare(load_model(model).module), crop=224)
         figures["batch"] = batch
         rows = []
         for compile in (False, True):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CUDA figures for the README's performance table, in one call on a lent GPU machine (< 8 min).
+# CUDA figures for docs/performance.md, in one call on a lent GPU machine (< 8 min).
 #
 #   here, once:        bash benchmarks/gpu.sh prepare   # fetch the wheels the GPU image lacks into .whl/
 #   on the device:     bash benchmarks/gpu.sh           # device tool: run with carry [".whl"]

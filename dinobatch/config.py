@@ -18,7 +18,7 @@ __all__ = ["ClassifyConfig", "load_config_file", "MODEL_ENV", "CONFIG_ENV", "MAX
 
 MODEL_ENV = "DINOBATCH_MODEL"
 CONFIG_ENV = "DINOBATCH_CONFIG"
-# Images per classify batch at most: twice the largest batch auto-sizing picks on CUDA (512). The
+# Images per classify batch at most: twice the largest batch auto-sizing picks on CUDA (runtime.device.CUDA_MAX_BATCH_SIZE). The
 # batch's buffers are allocated up front, so -b 1000000000 ended in an ENOMEM traceback.
 MAX_BATCH_SIZE = 1024
 

@@ -3,7 +3,7 @@
 __all__ = ["DEFAULT_PHASH_MAX", "DEFAULT_DHASH_MAX"]
 
 # The near-duplicate limits, here (numpy-free) so the command line's defaults cost no import; groups
-# re-exports them. Chosen on ../shared/data (README, "Duplicates"): both distances must be within these.
+# re-exports them. Chosen on the development set (docs/duplicates.md): both distances must be within these.
 # dHash is the one that separates the look-alike corythosaurus/parasaurolophus renders (dHash 4-5 apart).
 DEFAULT_PHASH_MAX = 8
 DEFAULT_DHASH_MAX = 3

@@ -36,7 +36,7 @@ BURST_IMAGES = 128
 class _Shared:
     """What the forked workers inherit: the dataset, and the model-input slots of one burst."""
 
-    dataset: Any  # infer.ImageDataset
+    dataset: Any  # engines.local.ImageDataset
     slots: np.ndarray  # (burst, crop, crop, 3) uint8 in an anonymous shared mapping
 
 

@@ -14,7 +14,7 @@ _INT_MAX = 2**31 - 1
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
-def fit_batch_size(module, runtime, crop: int, largest: int = 512) -> int:
+def fit_batch_size(module, runtime, crop: int, largest: int) -> int:
     """On CUDA, the largest power-of-two batch up to `largest` whose forward pass fits in memory."""
     import torch
 
@@ -45,7 +45,7 @@ def tune_process(runtime: Runtime) -> dict[str, Any]:
 
     On CPU, glibc's default allocator returns every large tensor buffer to the kernel with munmap
     and maps it again for the next batch: a third of ResNet50's CPU time went to page faults
-    (measured: README, "Performance"). Keeping freed memory in the heap (no mmap for large blocks,
+    (measured: docs/performance.md). Keeping freed memory in the heap (no mmap for large blocks,
     no trimming) removes them; the same as GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
     glibc.malloc.trim_threshold=..., but applied at run time, so no wrapper script is needed.
     Forked decode workers inherit it. Torch's threads are set to the cores this process may use."""

@@ -1,2 +1,2 @@
-"""Classify's stages as plain functions over batches (fingerprint, decode, infer, group, rows), with no
-knowledge of how they are scheduled: the engines in dinobatch.engines decide that (docs/architecture.md)."""
+"""The pipeline's stages as plain functions over batches (classify: fingerprint, decode, infer, group,
+rows; scan: hashes), with no knowledge of how they are scheduled: engines decide that (docs/architecture.md)."""

@@ -78,6 +78,8 @@ def _default_mismatch(param: click.Option, cell: str) -> str | None:
     literal = re.match(r"`([^`]+)`", cell)
     if concrete and not param.is_flag and param.default != () and literal is None:
         return f"Click's default is {param.default!r}, the docs show none"
+    if not concrete and literal and not param.is_flag and cell.startswith("`"):  # "auto: `x`" says computed
+        return f"documented default {literal.group(1)!r}, Click has none (auto or unset)"
     if concrete and literal and not _same_value(literal.group(1), param.default):
         return f"documented default {literal.group(1)!r}, Click's default {param.default!r}"
     return None
