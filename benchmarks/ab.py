@@ -79,7 +79,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folder = args.folder
+        folder = args.folder.resolve() if args.folder is not None else None  # the trees run from another folder
         if folder is None:
             from gpu import generate
 
