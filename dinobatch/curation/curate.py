@@ -174,8 +174,8 @@ def curate(cfg: CurateConfig) -> CurateResult:
     index = _manifest_index(cfg.manifest)
     flags: dict[int, dict[str, tuple[float, str]]] = {}
 
-    def flag(i: int, reason: Reason, detail: str, strength: float = 0.0) -> None:
-        score = reason.score(strength)
+    def flag(i: int, reason: Reason, detail: str, strength: float = 0.0, per: float = 1.0) -> None:
+        score = reason.score(strength, per)
         if score > flags.setdefault(i, {}).get(reason.value, (-1.0, ""))[0]:
             flags[i][reason.value] = (float(score), detail)
 
@@ -279,9 +279,9 @@ def _embeddings(rows, given, labels, cfg: CurateConfig, flag) -> None:
         ra, rb = rows[idx[a]], rows[idx[b]]
         if ra[Col.DUPLICATE_GROUP] is not None and ra[Col.DUPLICATE_GROUP] == rb[Col.DUPLICATE_GROUP]:
             continue
-        closeness = (sim - cfg.embedding_duplicate) / max(1 - cfg.embedding_duplicate, 1e-9)
-        flag(idx[a], Reason.EMBEDDING_NEAR_DUPLICATE, f"looks like {rb[Col.PATH]} (cosine {sim:.3f})", closeness)
-        flag(idx[b], Reason.EMBEDDING_NEAR_DUPLICATE, f"looks like {ra[Col.PATH]} (cosine {sim:.3f})", closeness)
+        above, scale = sim - cfg.embedding_duplicate, max(1 - cfg.embedding_duplicate, 1e-9)
+        flag(idx[a], Reason.EMBEDDING_NEAR_DUPLICATE, f"looks like {rb[Col.PATH]} (cosine {sim:.3f})", above, scale)
+        flag(idx[b], Reason.EMBEDDING_NEAR_DUPLICATE, f"looks like {ra[Col.PATH]} (cosine {sim:.3f})", above, scale)
     x = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
     names = [given[i][0] or rows[i][Col.LABEL] for i in idx]  # the given label, else the predicted one
     z = _outlier_scores(x, names)

@@ -55,10 +55,11 @@ class Reason(StrEnum):
         """What the reason means, for a person (help, review page)."""
         return _TABLE[self].description
 
-    def score(self, strength: float = 0.0) -> float:
-        """The score of a case of this strength, 0 (mildest) to 1 (worst); fixed-score reasons ignore it."""
+    def score(self, strength: float = 0.0, per: float = 1.0) -> float:
+        """The score of a case of strength strength/per, 0 (mildest) to 1 (worst); fixed-score reasons
+        ignore it. base + span * strength / per, in that order: the scores' last bits stay as they were."""
         entry = _TABLE[self]
-        return entry.base + entry.span * strength if entry.span else entry.base
+        return entry.base + entry.span * strength / per if entry.span else entry.base
 
     def scores(self) -> str:
         """The score, or its range, as help text shows it: '0.9', '0.4-0.6'."""

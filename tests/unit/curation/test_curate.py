@@ -98,3 +98,19 @@ def test_curate_help_lists_each_reason_with_its_score_and_meaning():
     for reason in Reason:
         assert f"{reason.value} {reason.scores()}: {reason.description}." in text, reason
     assert "0.5-1: the given label looks wrong" in text and "tiny 0.25:" in text
+
+
+def test_embedding_scores_keep_their_last_bits():
+    """The queue's scores are written rounded, and ties between reasons are broken by score: the
+    reasons table must compute base + span * above / scale in the order curate always did, or about
+    one score in sixteen changes in its last bit."""
+    import random
+
+    from dinobatch.curation.reasons import Reason
+
+    rng = random.Random(0)
+    for _ in range(20000):
+        threshold = rng.uniform(0.5, 0.999)
+        sim = rng.uniform(threshold, 1.0)
+        scale = max(1 - threshold, 1e-9)
+        assert Reason.EMBEDDING_NEAR_DUPLICATE.score(sim - threshold, scale) == 0.4 + 0.2 * (sim - threshold) / scale
