@@ -60,7 +60,8 @@ print(json.dumps({"seconds": time.perf_counter() - t, "cpu": time.process_time()
 """
 _LIBRARY = """
 import json, os, sys, time
-from dinobatch.jobs.scan import ScanConfig, scan_folder
+from dinobatch.config import ScanConfig
+from dinobatch.jobs.scan import scan_folder
 workers = None if sys.argv[3] == "auto" else int(sys.argv[3])
 c, t = os.times(), time.perf_counter()
 s = scan_folder(ScanConfig(folder=sys.argv[1], output=sys.argv[2], workers=workers))

@@ -1,5 +1,6 @@
-"""classify's resolved configuration (ClassifyConfig), the environment variables the CLI reads, and the
-TOML --config file that fills every command's defaults (load_config_file)."""
+"""The commands' resolved configurations (ClassifyConfig, ScanConfig, TrainConfig: each field's default is
+the one its option shows), the environment variables the CLI reads, and the TOML --config file that fills
+every command's defaults (load_config_file). Torch- and numpy-free, so `dinobatch --help` can read it."""
 
 from __future__ import annotations
 
@@ -9,18 +10,23 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
-from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
+from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, HASH_BITS
 from dinobatch.errors import ConfigError
+from dinobatch.runtime.device import CUDA_MAX_BATCH_SIZE
 
-__all__ = ["ClassifyConfig", "load_config_file", "MODEL_ENV", "CONFIG_ENV", "MAX_BATCH_SIZE"]
+if TYPE_CHECKING:
+    from dinobatch.models.file import Preprocessing
+
+__all__ = ["ClassifyConfig", "ScanConfig", "TrainConfig", "load_config_file", "MODEL_ENV", "CONFIG_ENV",
+           "MAX_BATCH_SIZE"]
 
 MODEL_ENV = "DINOBATCH_MODEL"
 CONFIG_ENV = "DINOBATCH_CONFIG"
-# Images per classify batch at most: twice the largest batch auto-sizing picks on CUDA (runtime.device.CUDA_MAX_BATCH_SIZE). The
-# batch's buffers are allocated up front, so -b 1000000000 ended in an ENOMEM traceback.
-MAX_BATCH_SIZE = 1024
+# Images per classify batch at most: twice the largest batch auto-sizing picks on CUDA. The batch's
+# buffers are allocated up front, so -b 1000000000 ended in an ENOMEM traceback.
+MAX_BATCH_SIZE = 2 * CUDA_MAX_BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,7 @@ class ClassifyConfig:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int | None = None  # None: runtime.device.default_batch_size; the summary saves the size used
-    workers: int | None = None  # None: chosen for the device (device.default_workers)
+    workers: int | None = None  # None: chosen for the device (engines.local.decode_workers)
     top_k: int = 3
     embeddings: bool = False
     force: bool = False
@@ -51,10 +57,75 @@ class ClassifyConfig:
             raise ConfigError("top_k must be at least 1")
         if self.workers is not None and self.workers < 0:
             raise ConfigError("workers must be 0 or more")
-        if not (0 <= self.phash_max <= 64 and 0 <= self.dhash_max <= 64):
-            raise ConfigError("phash_max and dhash_max must be between 0 and 64")
+        if not (0 <= self.phash_max <= HASH_BITS and 0 <= self.dhash_max <= HASH_BITS):
+            raise ConfigError(f"phash_max and dhash_max must be between 0 and {HASH_BITS}")
         if not (math.isfinite(self.wait) and self.wait >= 0):
             raise ConfigError(f"wait must be a finite number of seconds >= 0, got {self.wait}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """The resolved options of one scan."""
+
+    folder: str
+    output: str = "scan.parquet"
+    workers: int | None = None  # None: every usable core; 0: hash in this process
+    phash_max: int = DEFAULT_PHASH_MAX
+    dhash_max: int = DEFAULT_DHASH_MAX
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; the defaults are the seed's (batch 128, lr 0.01 x10 then 0.005 x1, level 2)."""
+
+    manifest: str
+    out: str
+    arch: str = "resnet50"
+    pretrained: str = "imagenet"  # imagenet | none | a dinobatch model file
+    epochs: int = 10
+    lr: float = 0.01
+    final_epochs: int = 1
+    final_lr: float | None = None  # None: half of lr
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    augment_level: int = 2
+    freeze_backbone: bool = False
+    image_size: int = 224
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None  # None: runtime.device.default_workers
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from dinobatch.models.file import ARCHS  # here: --help reads the defaults without these modules
+        from dinobatch.training.augment import multiplier
+
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHS)}")
+        if self.epochs < 0 or self.final_epochs < 0 or self.epochs + self.final_epochs < 1:
+            raise ConfigError("training needs at least one epoch")
+        if self.batch_size < 1 or self.lr <= 0 or self.image_size < 16:
+            raise ConfigError("batch_size >= 1, lr > 0 and image_size >= 16 are required")
+        if (self.final_lr is not None and self.final_lr <= 0) or not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ConfigError("final_lr > 0, 0 <= momentum < 1 and weight_decay >= 0 are required")
+        multiplier(self.augment_level)  # validates the level
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of a 0-based epoch: lr, then final_lr for the final epochs."""
+        return self.lr if epoch < self.epochs else (self.final_lr if self.final_lr is not None else self.lr / 2)
+
+    def preprocessing(self) -> Preprocessing:
+        """The model's resize and crop for this image size."""
+        from dinobatch.models.file import Preprocessing
+
+        return Preprocessing(resize=round(self.image_size * 256 / 224), crop=self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,7 +140,7 @@ def load_config_file(path: str | os.PathLike, section: str, allowed: Collection[
     tables the file may hold (every command's). `allowed` maps each key ('-' and '_' both accepted) to
     its parameter, or lists the parameters; unknown keys and tables are errors. Relative `paths` are
     made relative to the file, except `models` values that name a model rather than a file ('imagenet').
-    The defaults are classify's, the file's first table."""
+    The defaults of `paths` and `models` are classify's options."""
     data = _read_toml(path)
     known = {section, *sections}
     unknown = _unknown_tables(data, known)

@@ -11,6 +11,7 @@ from dinobatch.cli.common import (
     DEVICE_HELP,
     INPUT_FOLDER,
     Progress,
+    default_of,
     predict_options,
     print_counts,
     print_errors,
@@ -20,31 +21,33 @@ from dinobatch.cli.common import (
 )
 from dinobatch.cli.params import FILE_NAME, MODEL_REF, SECONDS
 from dinobatch.config import MODEL_ENV, ClassifyConfig
-from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
+from dinobatch.dedupe import HASH_BITS
 from dinobatch.io.terminal import printable
 
 
 @click.command()
 @click.argument("folder", type=INPUT_FOLDER)
-@click.option("-o", "--out", type=FILE_NAME, default="results", help="Output folder for Parquet rows and summaries.")
-@click.option("-m", "--model", type=MODEL_REF, envvar=MODEL_ENV, default="imagenet",
+@click.option("-o", "--out", type=FILE_NAME, default=default_of(ClassifyConfig, "out"),
+              help="Output folder for Parquet rows and summaries.")
+@click.option("-m", "--model", type=MODEL_REF, envvar=MODEL_ENV, default=default_of(ClassifyConfig, "model"),
               help=f"Model file, or 'imagenet' (torchvision ResNet50 weights) [env {MODEL_ENV}].")
-@click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option("--device", default=default_of(ClassifyConfig, "device"), help=DEVICE_HELP)
 @predict_options
 @click.option("--compile", "compile", is_flag=True,
               help="torch.compile the model: faster batches after a one-off compile (worth it for large runs).")
-@click.option("--gpu-decode/--no-gpu-decode", default=True,
+@click.option("--gpu-decode/--no-gpu-decode", default=default_of(ClassifyConfig, "gpu_decode"),
               help="On CUDA, decode JPEGs on the GPU (nvjpeg); other formats always on the CPU.")
-@click.option("-k", "--top-k", type=click.IntRange(min=1), default=3, help="Labels kept in topk_labels.")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=default_of(ClassifyConfig, "top_k"),
+              help="Labels kept in topk_labels.")
 @click.option("--embeddings", is_flag=True, help="Also store the 2048-d penultimate features per image.")
 @click.option("--force", is_flag=True, help="Recompute every prediction, ignoring earlier results.")
 @click.option("--species", type=click.Path(dir_okay=False), default=None,
               help="Species facts CSV [default: manifests/species.csv].")
-@click.option("--phash-max", type=click.IntRange(0, 64), default=DEFAULT_PHASH_MAX,
+@click.option("--phash-max", type=click.IntRange(0, HASH_BITS), default=default_of(ClassifyConfig, "phash_max"),
               help="Near duplicate: pHash distance.")
-@click.option("--dhash-max", type=click.IntRange(0, 64), default=DEFAULT_DHASH_MAX,
+@click.option("--dhash-max", type=click.IntRange(0, HASH_BITS), default=default_of(ClassifyConfig, "dhash_max"),
               help="Near duplicate: dHash distance.")
-@click.option("--wait", type=SECONDS, default=0.0,
+@click.option("--wait", type=SECONDS, default=default_of(ClassifyConfig, "wait"),
               help="Seconds to wait for another run on the same --out before exiting with code 9.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,

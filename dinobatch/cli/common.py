@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -15,8 +16,8 @@ from typing import Any, Callable, Collection, NoReturn
 import click
 
 from dinobatch.cli.params import FileName, ModelRef, config_type_error
-from dinobatch.config import CONFIG_ENV, MAX_BATCH_SIZE, load_config_file
-from dinobatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, ConfigError, DinobatchError
+from dinobatch.config import CONFIG_ENV, MAX_BATCH_SIZE, ClassifyConfig, load_config_file
+from dinobatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError, DinobatchError
 from dinobatch.io.terminal import printable
 from dinobatch.runtime.device import BATCH_SIZE_RULE, CUDA_MAX_WORKERS, PRECISIONS
 
@@ -26,10 +27,19 @@ log = logging.getLogger("dinobatch")
 _PROGRESS_LOG_EVERY_S = 10.0
 
 
+def default_of(config: type, name: str) -> Any:
+    """The default of a config dataclass's field: an option's default is read from there, its one home."""
+    field = next((f for f in dataclasses.fields(config) if f.name == name), None)
+    if field is None or field.default is dataclasses.MISSING:
+        raise TypeError(f"{config.__name__}.{name} is not a field with a default")
+    return field.default
+
+
 # The --device help of every command that runs a model.
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (asked for and missing: error)."
-# The help of the options every command that predicts as classify does has (classify, evaluate, similar).
+# The --precision help of every command that runs a model (train and sweep autocast as classify does).
 PRECISION_HELP = "auto: bf16/fp16 autocast on CUDA, fp32 on CPU."
+# The help of the options every command that predicts as classify does has (classify, evaluate, similar).
 BATCH_SIZE_HELP = f"Images per batch [default: {BATCH_SIZE_RULE}]."
 WORKERS_HELP = ("How images are decoded [default: on CPU, between batches, a pool of one process per usable core; "
                 f"on CUDA, cores-1 (at most {CUDA_MAX_WORKERS}) DataLoader workers]; N: N DataLoader workers beside "
@@ -40,7 +50,8 @@ def predict_options(f):
     """--precision, -b/--batch-size and -j/--workers as classify has them: the commands that predict
     as classify does (classify, evaluate, similar) take the same values with the same defaults."""
     for decorator in reversed([
-        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=PRECISION_HELP),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=default_of(ClassifyConfig, "precision"),
+                     help=PRECISION_HELP),
         click.option("-b", "--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=None, help=BATCH_SIZE_HELP),
         click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=WORKERS_HELP),
     ]):
@@ -115,7 +126,7 @@ def run(action: Callable[[], Any]) -> Any:
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:  # `dinobatch results DIR | head`: the reader has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+        sys.exit(EXIT_OK)
     except Exception:  # a bug: say so plainly, with the traceback, and a distinct exit code
         log.exception("unexpected error (please report it with this traceback)")
         sys.exit(EXIT_FAILED)

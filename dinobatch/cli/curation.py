@@ -162,6 +162,7 @@ def similar(images, model, reference, top_k, neighbours, species, cache, device,
         from pathlib import Path
 
         from dinobatch.curation.similar import similar as run_similar
+        from dinobatch.schema import Col
 
         results = run_similar(list(images), model, reference, top_k=top_k, neighbours=neighbours, device=device,
                               precision=precision, batch_size=batch_size, workers=workers, species_csv=species,
@@ -174,7 +175,7 @@ def similar(images, model, reference, top_k, neighbours, species, cache, device,
                 click.echo(printable(f"{r['image']}: error: {r['error']}"))
                 continue
             best = r["species"][0]
-            facts = ", ".join(str(best[k]) for k in ("species_scientific_name", "species_period", "species_diet")
+            facts = ", ".join(str(best[k]) for k in (Col.SPECIES_SCIENTIFIC_NAME, Col.SPECIES_PERIOD, Col.SPECIES_DIET)
                               if best.get(k))
             click.echo(printable(f"{r['image']}: looks like {best['label']} ({best['similarity']:.3f})" + (f" - {facts}" if facts else "")))
             for s in r["species"][1:]:

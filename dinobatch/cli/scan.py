@@ -10,6 +10,7 @@ import click
 from dinobatch.cli.common import (
     INPUT_FOLDER,
     Progress,
+    default_of,
     print_counts,
     print_errors,
     run,
@@ -17,7 +18,8 @@ from dinobatch.cli.common import (
     setup_logging,
     verbosity,
 )
-from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
+from dinobatch.config import ScanConfig
+from dinobatch.dedupe import HASH_BITS
 from dinobatch.errors import EXIT_INTERRUPTED
 from dinobatch.io.terminal import printable
 
@@ -26,13 +28,13 @@ log = logging.getLogger("dinobatch")
 
 @click.command()
 @click.argument("folder", type=INPUT_FOLDER)
-@click.option("-o", "--output", default="scan.parquet", type=click.Path(dir_okay=False),
+@click.option("-o", "--output", default=default_of(ScanConfig, "output"), type=click.Path(dir_okay=False),
               help="Parquet file to write (atomically): one row per file found.")
 @click.option("-j", "--workers", type=click.IntRange(min=0), default=None,
               help="Hashing processes [default: every usable core]; 0 hashes in this process.")
-@click.option("--phash-max", type=click.IntRange(0, 64), default=DEFAULT_PHASH_MAX,
+@click.option("--phash-max", type=click.IntRange(0, HASH_BITS), default=default_of(ScanConfig, "phash_max"),
               help="Near duplicate: pHash distance.")
-@click.option("--dhash-max", type=click.IntRange(0, 64), default=DEFAULT_DHASH_MAX,
+@click.option("--dhash-max", type=click.IntRange(0, HASH_BITS), default=default_of(ScanConfig, "dhash_max"),
               help="Near duplicate: dHash distance.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the run summary to this file (atomically), for monitoring.")
@@ -44,7 +46,7 @@ def scan(folder: str, output: str, workers: int | None, phash_max: int, dhash_ma
 
     def body():
         from dinobatch.io.files import write_json
-        from dinobatch.jobs.scan import ScanConfig, scan_folder
+        from dinobatch.jobs.scan import scan_folder
 
         cfg = ScanConfig(folder=folder, output=output, workers=workers, phash_max=phash_max,
                          dhash_max=dhash_max)

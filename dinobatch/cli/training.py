@@ -6,17 +6,26 @@ import json
 
 import click
 
-from dinobatch.cli.common import DEVICE_HELP, INPUT_FOLDER, Progress, predict_options, run, setup_logging, verbosity
+from dinobatch.cli.common import (
+    DEVICE_HELP,
+    INPUT_FOLDER,
+    PRECISION_HELP,
+    Progress,
+    default_of,
+    predict_options,
+    run,
+    setup_logging,
+    verbosity,
+)
 from dinobatch.cli.params import FINITE, MODEL_REF, SECONDS, finite_float
-from dinobatch.config import MODEL_ENV
-from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX
+from dinobatch.config import MODEL_ENV, ClassifyConfig, TrainConfig
+from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, HASH_BITS
 from dinobatch.errors import ConfigError
 from dinobatch.io.terminal import printable
 from dinobatch.runtime.device import CPU_MAX_WORKERS, CUDA_MAX_WORKERS, PRECISIONS
 
 _WORKERS_HELP = (f"Data loader workers [default: half the usable cores (at most {CPU_MAX_WORKERS}) on CPU, "
                  f"cores-1 (at most {CUDA_MAX_WORKERS}) on CUDA]; 0 loads in this process.")
-_PRECISION_HELP = "auto: bf16/fp16 mixed precision on CUDA, fp32 on CPU."
 
 
 def _wait_option(f):
@@ -38,9 +47,9 @@ def _ints(text: str) -> list[int]:
 @click.option("--split", "fractions", default="0.8,0.1,0.1", help="train,val,test fractions.")
 @click.option("--seed", type=int, default=0, help="Seed of the split.")
 @click.option("--kind", default=None, help="Value of the kind column for every row (e.g. photo, drawing).")
-@click.option("--phash-max", type=click.IntRange(0, 64), default=DEFAULT_PHASH_MAX,
+@click.option("--phash-max", type=click.IntRange(0, HASH_BITS), default=DEFAULT_PHASH_MAX,
               help="Near duplicate: pHash distance.")
-@click.option("--dhash-max", type=click.IntRange(0, 64), default=DEFAULT_DHASH_MAX,
+@click.option("--dhash-max", type=click.IntRange(0, HASH_BITS), default=DEFAULT_DHASH_MAX,
               help="Near duplicate: dHash distance.")
 @verbosity
 def manifest(folder, out, fractions, seed, kind, phash_max, dhash_max, quiet, verbose) -> None:
@@ -107,25 +116,47 @@ def augment(manifest_path, level, out, splits, seed, wait, quiet, verbose) -> No
     run(body)
 
 
+def _train(name: str):
+    """TrainConfig's default of a field: an option's default is read from its one home."""
+    return default_of(TrainConfig, name)
+
+
+_image_size = click.option("--image-size", type=click.IntRange(min=16), default=_train("image_size"),
+                           help="Model input size (crop).")
+
+
+def _run_options(f):
+    """The options train and sweep share, every trial of a sweep taking the same value."""
+    for decorator in reversed([
+        click.option("--device", default=_train("device"), help=DEVICE_HELP),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=_train("precision"), help=PRECISION_HELP),
+        click.option("-j", "--workers", type=click.IntRange(min=0), default=_train("workers"), help=_WORKERS_HELP),
+        click.option("--seed", type=int, default=_train("seed"), help="Seed of initialisation, order and augmentation."),
+    ]):
+        f = decorator(f)
+    return f
+
+
 def _train_options(f):
     for decorator in reversed([
-        click.option("--arch", default="resnet50", help="torchvision ResNet-family architecture."),
-        click.option("--pretrained", type=MODEL_REF, default="imagenet",
+        click.option("--arch", default=_train("arch"), help="torchvision ResNet-family architecture."),
+        click.option("--pretrained", type=MODEL_REF, default=_train("pretrained"),
                      help="imagenet, none, or a dinobatch model file."),
-        click.option("--epochs", type=click.IntRange(min=0), default=10, help="Epochs at --lr."),
-        click.option("--lr", type=FINITE, default=0.01, help="Learning rate."),
-        click.option("--final-epochs", type=click.IntRange(min=0), default=1, help="Epochs at --final-lr after those."),
-        click.option("--final-lr", type=FINITE, default=None, help="Learning rate of the final epochs [default: lr/2]."),
-        click.option("-b", "--batch-size", type=click.IntRange(min=1), default=128, help="Images per training step."),
-        click.option("--momentum", type=FINITE, default=0.9, help="SGD momentum, 0 <= M < 1."),
-        click.option("--weight-decay", type=FINITE, default=1e-4, help="SGD weight decay (L2), >= 0."),
-        click.option("--augment-level", type=click.IntRange(0, 6), default=2, help="On-the-fly augmentation."),
+        click.option("--epochs", type=click.IntRange(min=0), default=_train("epochs"), help="Epochs at --lr."),
+        click.option("--lr", type=FINITE, default=_train("lr"), help="Learning rate."),
+        click.option("--final-epochs", type=click.IntRange(min=0), default=_train("final_epochs"),
+                     help="Epochs at --final-lr after those."),
+        click.option("--final-lr", type=FINITE, default=_train("final_lr"),
+                     help="Learning rate of the final epochs [default: lr/2]."),
+        click.option("-b", "--batch-size", type=click.IntRange(min=1), default=_train("batch_size"),
+                     help="Images per training step."),
+        click.option("--momentum", type=FINITE, default=_train("momentum"), help="SGD momentum, 0 <= M < 1."),
+        click.option("--weight-decay", type=FINITE, default=_train("weight_decay"), help="SGD weight decay (L2), >= 0."),
+        click.option("--augment-level", type=click.IntRange(0, 6), default=_train("augment_level"),
+                     help="On-the-fly augmentation."),
         click.option("--freeze-backbone", is_flag=True, help="Train the classifier only."),
-        click.option("--image-size", type=click.IntRange(min=16), default=224, help="Model input size (crop)."),
-        click.option("--device", default="auto", help=DEVICE_HELP),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=_PRECISION_HELP),
-        click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=_WORKERS_HELP),
-        click.option("--seed", type=int, default=0, help="Seed of initialisation, order and augmentation."),
+        _image_size,
+        _run_options,
     ]):
         f = decorator(f)
     return f
@@ -144,7 +175,6 @@ def train(manifest_path, out, resume, print_config, wait, quiet, verbose, **opti
     setup_logging(quiet, verbose)
 
     def body():
-        from dinobatch.training.train import TrainConfig
         from dinobatch.training.train import train as run_train
 
         cfg = TrainConfig(manifest=manifest_path, out=out, **options)
@@ -157,10 +187,12 @@ def train(manifest_path, out, resume, print_config, wait, quiet, verbose, **opti
         finally:
             progress.close()
         if not quiet:
+            from dinobatch.schema import Col
+
             for m in result.metrics:
                 click.echo(f"epoch {m['epoch']:>2}: lr {m['lr']:.4g}  train loss {m['train_loss']:.4f} "
-                           f"acc {m['train_acc']:.3f}  val loss {_num(m['val_loss'])} top-1 {_num(m['val_top1'])} "
-                           f"top-3 {_num(m['val_top3'])}")
+                           f"acc {m['train_acc']:.3f}  val loss {_num(m[Col.VAL_LOSS])} "
+                           f"top-1 {_num(m[Col.VAL_TOP1])} top-3 {_num(m[Col.VAL_TOP3])}")
             cal = result.calibration
             if "ece_before" in cal:
                 click.echo(f"calibration: temperature {cal['temperature']:.3f}, ECE {cal['ece_before']:.4f} -> "
@@ -184,7 +216,7 @@ def _num(x) -> str:
 @click.option("-m", "--model", type=MODEL_REF, envvar=MODEL_ENV, required=True, help=f"Model file [env {MODEL_ENV}].")
 @click.option("--split", default="test", help="Split to evaluate (train, val, test, or 'all').")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
-@click.option("--device", default="auto", help=DEVICE_HELP)
+@click.option("--device", default=default_of(ClassifyConfig, "device"), help=DEVICE_HELP)
 @predict_options
 @_wait_option
 @verbosity
@@ -211,20 +243,18 @@ def evaluate(manifest_path, model, split, out, device, precision, batch_size, wo
 @click.command()
 @click.argument("manifest_path", metavar="MANIFEST", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for trials.")
-@click.option("--batch-size", "batch_sizes", default="128", help="Comma-separated values.")
-@click.option("--lr", "lrs", default="0.01", help="Comma-separated values.")
-@click.option("--augment-level", "levels", default="2", help="Comma-separated values.")
-@click.option("--epochs", "epoch_list", default="10", help="Comma-separated values.")
-@click.option("--arch", default="resnet50", help="torchvision ResNet-family architecture, every trial.")
-@click.option("--pretrained", type=MODEL_REF, default="imagenet",
+@click.option("--batch-size", "batch_sizes", default=str(_train("batch_size")), help="Comma-separated values.")
+@click.option("--lr", "lrs", default=str(_train("lr")), help="Comma-separated values.")
+@click.option("--augment-level", "levels", default=str(_train("augment_level")), help="Comma-separated values.")
+@click.option("--epochs", "epoch_list", default=str(_train("epochs")), help="Comma-separated values.")
+@click.option("--arch", default=_train("arch"), help="torchvision ResNet-family architecture, every trial.")
+@click.option("--pretrained", type=MODEL_REF, default=_train("pretrained"),
               help="imagenet, none, or a dinobatch model file, every trial.")
-@click.option("--final-epochs", type=click.IntRange(min=0), default=1, help="Epochs at lr/2 after --epochs.")
-@click.option("--image-size", type=click.IntRange(min=16), default=224, help="Model input size (crop).")
+@click.option("--final-epochs", type=click.IntRange(min=0), default=_train("final_epochs"),
+              help="Epochs at lr/2 after --epochs.")
+@_image_size
 @click.option("--freeze-backbone", is_flag=True, help="Train the classifier only.")
-@click.option("--device", default="auto", help=DEVICE_HELP)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", help=_PRECISION_HELP)
-@click.option("-j", "--workers", type=click.IntRange(min=0), default=None, help=_WORKERS_HELP)
-@click.option("--seed", type=int, default=0, help="Seed of initialisation, order and augmentation.")
+@_run_options
 @_wait_option
 @verbosity
 def sweep(manifest_path, out, batch_sizes, lrs, levels, epoch_list, wait, quiet, verbose, **options) -> None:
@@ -232,9 +262,9 @@ def sweep(manifest_path, out, batch_sizes, lrs, levels, epoch_list, wait, quiet,
     setup_logging(quiet, verbose)
 
     def body():
+        from dinobatch.schema import STATUS_OK, Col
         from dinobatch.training.sweep import best_trial
         from dinobatch.training.sweep import sweep as run_sweep
-        from dinobatch.training.train import TrainConfig
 
         try:
             grid = {"batch_size": _ints(batch_sizes), "lr": _floats(lrs), "augment_level": _ints(levels),
@@ -247,12 +277,13 @@ def sweep(manifest_path, out, batch_sizes, lrs, levels, epoch_list, wait, quiet,
         progress.close()
         if not quiet:
             for r in rows:
-                detail = (f"val loss {_num(r['val_loss'])} top-1 {_num(r['val_top1'])} macro F1 {_num(r['val_macro_f1'])}"
-                          if r["status"] == "ok" else f"error: {r['error']}")
-                if r.get("unreadable"):
-                    detail += f"; {r['unreadable']} image(s) could not be read (named in the trial's model)"
-                click.echo(printable(f"{r['trial']}: {detail} ({r['seconds']} s)"))
+                detail = (f"val loss {_num(r[Col.VAL_LOSS])} top-1 {_num(r[Col.VAL_TOP1])} "
+                          f"macro F1 {_num(r[Col.VAL_MACRO_F1])}" if r[Col.STATUS] == STATUS_OK
+                          else f"error: {r[Col.ERROR]}")
+                if r.get(Col.UNREADABLE):
+                    detail += f"; {r[Col.UNREADABLE]} image(s) could not be read (named in the trial's model)"
+                click.echo(printable(f"{r[Col.TRIAL]}: {detail} ({r[Col.SECONDS]} s)"))
             best = best_trial(rows)
-            click.echo(printable(f"best: {best['trial']} {best['model']}") if best else "no trial finished")
+            click.echo(printable(f"best: {best[Col.TRIAL]} {best[Col.MODEL]}") if best else "no trial finished")
 
     run(body)

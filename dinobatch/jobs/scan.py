@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dinobatch import __version__
-from dinobatch.dedupe.groups import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, Groups, group_among
+from dinobatch.config import ScanConfig
+from dinobatch.dedupe.groups import Groups, group_among
 from dinobatch.imaging.decode import HASH_MIN_SIDE, SCAN_MIN_SIDE, quiet_decoding
 from dinobatch.io.arrow import (
     ascii_array,
@@ -58,7 +59,7 @@ from dinobatch.schema import (
 )
 from dinobatch.stages.hashes import Record, hash_file
 
-__all__ = ["ScanConfig", "ScanSummary", "scan_folder", "hash_file", "default_scan_workers", "HEAVY_BYTES"]
+__all__ = ["ScanSummary", "scan_folder", "hash_file", "default_scan_workers", "HEAVY_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +71,6 @@ HEAVY_BYTES = 64 * 1024 * 1024
 _MAX_CHUNK = 16  # files per task: enough to amortise the hand-over, few enough to end together
 _CHUNKS_PER_WORKER = 16
 _BLOCK = 8192  # files whose paths, or records, are Python objects at once in the parent
-
-
-@dataclass(frozen=True)
-class ScanConfig:
-    """The resolved options of one scan."""
-
-    folder: str
-    output: str = "scan.parquet"
-    workers: int | None = None  # None: every usable core; 0: hash in this process
-    phash_max: int = DEFAULT_PHASH_MAX
-    dhash_max: int = DEFAULT_DHASH_MAX
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass

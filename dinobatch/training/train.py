@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from dinobatch import __version__
+from dinobatch.config import TrainConfig
 from dinobatch.errors import ConfigError, InputError
 from dinobatch.imaging.decode import DecodeError, decode
 from dinobatch.imaging.preprocess import model_input
 from dinobatch.io.lock import exclusive
 from dinobatch.io.walk import read_bytes, read_error
-from dinobatch.models.file import ARCHS, ModelSpec, Preprocessing, initial_module, save_model, torch_save_atomic
+from dinobatch.models.file import ModelSpec, Preprocessing, initial_module, save_model, torch_save_atomic
 from dinobatch.models.forward import forward_with_features
 from dinobatch.runtime import faults
 from dinobatch.runtime.device import default_workers, resolve_runtime
@@ -31,55 +32,10 @@ from dinobatch.training.augment import augment_image, multiplier
 from dinobatch.training.manifest import Manifest, describe_unreadable, load_manifest
 from dinobatch.training.metrics import expected_calibration_error, fit_temperature, report, softmax
 
-__all__ = ["TrainConfig", "TrainResult", "train", "checkpoint_path", "metrics_path", "lock_path"]
+__all__ = ["TrainResult", "train", "checkpoint_path", "metrics_path", "lock_path"]
 
 log = logging.getLogger(__name__)
 _NAMED = 20  # unreadable images named in a model's source (all are counted)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The training recipe; the defaults are the seed's (batch 128, lr 0.01 x10 then 0.005 x1, level 2)."""
-
-    manifest: str
-    out: str
-    arch: str = "resnet50"
-    pretrained: str = "imagenet"  # imagenet | none | a dinobatch model file
-    epochs: int = 10
-    lr: float = 0.01
-    final_epochs: int = 1
-    final_lr: float | None = None  # None: half of lr
-    batch_size: int = 128
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    augment_level: int = 2
-    freeze_backbone: bool = False
-    image_size: int = 224
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHS)}")
-        if self.epochs < 0 or self.final_epochs < 0 or self.epochs + self.final_epochs < 1:
-            raise ConfigError("training needs at least one epoch")
-        if self.batch_size < 1 or self.lr <= 0 or self.image_size < 16:
-            raise ConfigError("batch_size >= 1, lr > 0 and image_size >= 16 are required")
-        if (self.final_lr is not None and self.final_lr <= 0) or not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise ConfigError("final_lr > 0, 0 <= momentum < 1 and weight_decay >= 0 are required")
-        multiplier(self.augment_level)  # validates the level
-
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of a 0-based epoch: lr, then final_lr for the final epochs."""
-        return self.lr if epoch < self.epochs else (self.final_lr if self.final_lr is not None else self.lr / 2)
-
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(resize=round(self.image_size * 256 / 224), crop=self.image_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -8,8 +8,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dinobatch.config import ScanConfig
 from dinobatch.io.walk import walk_table
-from dinobatch.jobs.scan import ScanConfig, scan_folder
+from dinobatch.jobs.scan import scan_folder
 from dinobatch.schema import Col, scan_schema
 from dinobatch.stages.hashes import HASH_COLUMNS, hash_batch, hash_file
 from tests.helpers import jpeg_bytes, picture, save
