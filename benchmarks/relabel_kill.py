@@ -16,7 +16,7 @@ a rerun (plain, no strace) must exit 0 with exactly one new version, every decis
 and in that version, no .tmp file left, and the earlier files untouched.
 
 Without strace (or where ptrace is not allowed) it says so and falls back to the DINOBATCH_CRASH_AT
-points of dinobatch/faults.py that relabel passes (write:N, relabel:1:published). --baseline REF
+points of dinobatch/runtime/faults.py that relabel passes (write:N, relabel:1:published). --baseline REF
 runs the same on REF's dinobatch, e.g. --baseline 34317db (the code before the fix).
 """
 

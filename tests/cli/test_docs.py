@@ -235,3 +235,29 @@ def test_classify_workers_help_states_the_real_default():
     workers = next(line for line in out.splitlines() if "--workers" in line)
     assert "half the cores" not in workers
     assert "one process per usable core" in workers and f"at most {CUDA_MAX_WORKERS}" in workers
+
+
+def _exit_code_problems(output_md: str) -> list[str]:
+    """Where docs/output.md's exit-code table and dinobatch.errors disagree, both ways."""
+    import dinobatch.errors as errors
+
+    table = output_md.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)]
+    codes = {getattr(errors, name): name for name in errors.__all__ if name.startswith("EXIT_")}
+    raised = {cls.__name__: cls.exit_code for cls in vars(errors).values()
+              if isinstance(cls, type) and issubclass(cls, errors.DinobatchError)}
+    problems = [f"{code} ({name}) is not in the table" for code, name in codes.items() if code not in documented]
+    problems += [f"{code} is documented but errors.py has no EXIT_ for it" for code in documented if code not in codes]
+    problems += [f"{code} is documented twice" for code in set(documented) if documented.count(code) > 1]
+    problems += [f"{cls} exits {code}, undocumented" for cls, code in raised.items() if code not in documented]
+    return problems
+
+
+def test_output_md_exit_codes_are_errors_py_exit_codes():
+    text = (REPO / "docs" / "output.md").read_text(encoding="utf-8")
+    assert _exit_code_problems(text) == []
+    row_9 = next(line for line in text.splitlines() if line.startswith("| 9 |"))
+    assert _exit_code_problems(text.replace(row_9 + "\n", "")) == [  # a code dropped from the table
+        "9 (EXIT_LOCKED) is not in the table", "LockedError exits 9, undocumented"]
+    assert _exit_code_problems(text.replace("| 130 |", "| 131 |")) == [  # a code errors.py does not have
+        "130 (EXIT_INTERRUPTED) is not in the table", "131 is documented but errors.py has no EXIT_ for it"]

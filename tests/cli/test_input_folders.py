@@ -1,5 +1,5 @@
 """A FOLDER argument that is missing or is a file: exit 6 (InputError) with a message naming it, for
-every command that takes a folder, as the README's exit-code table says (not Click's usage code 2)."""
+every command that takes a folder, as docs/output.md's exit-code table says (not Click's usage code 2)."""
 
 from __future__ import annotations
 

@@ -14,12 +14,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dinobatch.cli.main import cli
+from dinobatch.config import TrainConfig
 from dinobatch.models.file import load_model
 from dinobatch.training.augment import LEVELS, materialize, multiplier
 from dinobatch.training.evaluate import evaluate
 from dinobatch.training.manifest import assign_splits, build_manifest, load_manifest, write_manifest
 from dinobatch.training.sweep import sweep
-from dinobatch.training.train import TrainConfig, checkpoint_path, metrics_path, train
+from dinobatch.training.train import checkpoint_path, metrics_path, train
 from tests.helpers import picture, save, tree_digest
 
 LABELS = ("stegosaurus", "triceratops")

@@ -12,11 +12,12 @@ from click.testing import CliRunner
 
 from dinobatch.training.augment import augment
 from dinobatch.cli.main import cli
+from dinobatch.config import TrainConfig
 from dinobatch.errors import EXIT_LOCKED, ConfigError, LockedError
 from dinobatch.io.lock import exclusive
 from dinobatch.training.manifest import build_manifest, write_manifest
 from dinobatch.training.sweep import sweep
-from dinobatch.training.train import TrainConfig, checkpoint_path, train
+from dinobatch.training.train import checkpoint_path, train
 from tests.helpers import picture, save
 
 LABELS = ("stegosaurus", "triceratops")

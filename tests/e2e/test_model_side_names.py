@@ -16,10 +16,11 @@ from click.testing import CliRunner
 
 from dinobatch.training.augment import materialize
 from dinobatch.cli.main import cli
+from dinobatch.config import TrainConfig
 from dinobatch.training.evaluate import evaluate
 from dinobatch.training.manifest import build_manifest, load_manifest, write_manifest
 from dinobatch.io.walk import display_path
-from dinobatch.training.train import TrainConfig, train
+from dinobatch.training.train import train
 from tests.helpers import picture, save
 
 LABELS = ("stegosaurus", "triceratops")  # both known to the tiny_model fixture

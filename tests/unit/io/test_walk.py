@@ -81,16 +81,16 @@ def test_undecodable_file_name_is_kept_printable(tmp_path):
 
 
 def test_walk_table_holds_what_walk_yields_in_the_same_order(tmp_path, monkeypatch):
-    import dinobatch.io.walk as scan
+    import dinobatch.io.walk as walk  # the module: walk.walk is the function
 
-    monkeypatch.setattr(scan, "_TABLE_CHUNK", 3)  # several chunks from a small folder
+    monkeypatch.setattr(walk, "_TABLE_CHUNK", 3)  # several chunks from a small folder
     for i in range(7):
         save(picture(i), tmp_path / f"d{i % 2}" / f"{i}.png")
     (tmp_path / "empty.jpg").write_bytes(b"")
     os.symlink(tmp_path / "missing.jpg", tmp_path / "broken.jpg")
     (tmp_path / os.fsdecode(b"caf\xe9.png")).write_bytes(b"x")
-    table = scan.walk_table(tmp_path)
+    table = walk.walk_table(tmp_path)
     expected = [(e.path, e.raw, os.fsencode(e.abspath), e.size, e.mtime_ns, e.ctime_ns, e.inode, e.error)
-                for e in walk(tmp_path)]
+                for e in walk.walk(tmp_path)]
     assert list(zip(*(table[c].to_pylist() for c in table.column_names))) == expected
     assert table.num_rows == 10 and sum(e[-1] is not None for e in expected) == 2
