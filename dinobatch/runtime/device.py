@@ -111,7 +111,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 CUDA_MAX_WORKERS = 16
 
 
-# On CPU the model's threads need the other cores (train, evaluate and sweep; classify uses the burst pool).
+# On CPU the model's threads need the other cores (train and sweep; classify, evaluate and similar decode in
+# the burst pool unless -j is given: engines.local.decode_workers).
 CPU_MAX_WORKERS = 4
 
 
