@@ -44,11 +44,14 @@ def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None 
     One run at a time writes OUT (a second exits with LockedError, after `wait` seconds)."""
     out_dir = Path(out)
     with exclusive(out_dir / ".lock", wait=wait):
-        return _evaluate(manifest_path, model_ref, out_dir, split, device, precision, batch_size, workers, progress)
+        return _evaluate(manifest_path, model_ref, out_dir, split=split, device=device, precision=precision,
+                         batch_size=batch_size, workers=workers, progress=progress)
 
 
-def _evaluate(manifest_path, model_ref, out_dir: Path, split, device, precision, batch_size, workers,
-              progress) -> Evaluation:
+def _evaluate(manifest_path: str, model_ref: str, out_dir: Path, *, split: str | None, device: str, precision: str,
+              batch_size: int | None, workers: int | None,
+              progress: Callable[[str, int, int], None] | None) -> Evaluation:
+    """evaluate's work, under its lock."""
     manifest = load_manifest(manifest_path)
     rows = manifest.rows(split)
     if not rows:
@@ -60,7 +63,7 @@ def _evaluate(manifest_path, model_ref, out_dir: Path, split, device, precision,
     if len(known) < len(rows):
         log.warning("%d image(s) have labels the model does not know; they are left out of the metrics",
                     len(rows) - len(known))
-    results = _predict(manifest, known, model, runtime, batch_size, workers, progress)
+    results = _predict(manifest, known, model, runtime, batch_size=batch_size, workers=workers, progress=progress)
     scored = [r for r in known if results[r[Col.SHA256]].error is None]
     unreadable = {r[Col.PATH]: results[r[Col.SHA256]].error for r in known if results[r[Col.SHA256]].error}
     if unreadable:
@@ -82,7 +85,8 @@ def _evaluate(manifest_path, model_ref, out_dir: Path, split, device, precision,
     return Evaluation(metrics, out_dir, unreadable)
 
 
-def _predict(manifest, rows, model, runtime, batch_size, workers, progress) -> dict[str, Any]:
+def _predict(manifest, rows, model, runtime, *, batch_size: int | None, workers: int | None,
+             progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
     """sha256 -> the model's result for each content among the rows (read from any of its files)."""
     paths: dict[str, list[str]] = {}
     for r in rows:  # any copy of the same bytes will do

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from dinobatch.config import TrainConfig
 from dinobatch.errors import DinobatchError
 from dinobatch.io.arrow import read_table, write_table
 from dinobatch.io.lock import exclusive
 from dinobatch.io.walk import sha256_file
 from dinobatch.schema import STATUS_ERROR, STATUS_OK, Col
-from dinobatch.training.train import TrainConfig, train
+from dinobatch.training.train import train
 
 __all__ = ["trials", "sweep", "best_trial"]
 

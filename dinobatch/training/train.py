@@ -106,9 +106,28 @@ def _collate(samples):
     return torch.stack([s[0] for s in good]), torch.tensor([s[1] for s in good]), bad
 
 
-def _loader(samples: _Samples, cfg: TrainConfig, runtime, order, training: bool = False):
+@dataclass(frozen=True)
+class _Run:
+    """What every epoch of one training run works with (the network, optimizer and scaler change in
+    place; which ones they are does not)."""
+
+    cfg: TrainConfig
+    module: Any
+    optimizer: Any
+    scaler: Any
+    runtime: Any
+    prep: Preprocessing
+    labels: list[str]
+    train_set: _Samples
+    val_set: _Samples
+    progress: Callable[[str, int, int], None] | None
+
+
+def _loader(run: _Run, samples: _Samples, order, *, training: bool = False):
+    """Batches of the samples in `order`, decoded by the run's workers."""
     from torch.utils.data import DataLoader
 
+    cfg, runtime = run.cfg, run.runtime
     workers = default_workers(runtime.device.type, cfg.workers)
     # a last training batch of one image would break batch norm at small image sizes: drop it
     drop_last = training and len(order) > cfg.batch_size and len(order) % cfg.batch_size == 1
@@ -138,10 +157,13 @@ class _Pass(NamedTuple):
     unreadable: dict[str, str]
 
 
-def _run_epoch(module, loader, runtime, prep, optimizer=None, scaler=None, progress=None, stage="") -> _Pass:
-    """One pass over the loader; trains when an optimizer is given."""
+def _run_epoch(run: _Run, loader, *, training: bool = False, stage: str = "") -> _Pass:
+    """One pass over the loader; trains (and reports progress) when `training`, else keeps the logits."""
     import torch
 
+    module, runtime, prep = run.module, run.runtime, run.prep
+    optimizer, scaler = (run.optimizer, run.scaler) if training else (None, None)
+    progress = run.progress if training else None
     total, correct, loss_sum, all_logits, all_y, unreadable = 0, 0, 0.0, [], [], {}
     grad = torch.enable_grad() if optimizer else torch.inference_mode()
     with grad:
@@ -237,8 +259,9 @@ def _train(cfg: TrainConfig, resume: bool, progress, stop_after_epoch: int | Non
     module, optimizer, start = _module_and_optimizer(cfg, labels, runtime)
     scaler = runtime.grad_scaler()
     index = {label: i for i, label in enumerate(labels)}
-    train_set = _Samples(manifest, train_rows, index, prep, cfg.augment_level, cfg.seed)
-    val_set = _Samples(manifest, val_rows, index, prep, 0, cfg.seed)
+    run = _Run(cfg=cfg, module=module, optimizer=optimizer, scaler=scaler, runtime=runtime, prep=prep, labels=labels,
+               train_set=_Samples(manifest, train_rows, index, prep, cfg.augment_level, cfg.seed),
+               val_set=_Samples(manifest, val_rows, index, prep, 0, cfg.seed), progress=progress)
     ckpt = checkpoint_path(cfg.out)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     state = _load_checkpoint(ckpt, cfg, manifest.sha256) if resume else None
@@ -253,8 +276,7 @@ def _train(cfg: TrainConfig, resume: bool, progress, stop_after_epoch: int | Non
         log.info("resuming %s after epoch %d", cfg.out, first)
     total_epochs = cfg.epochs + cfg.final_epochs
     for epoch in range(first, total_epochs):
-        row, bad = _train_one_epoch(cfg, epoch, module, optimizer, scaler, train_set, val_set, runtime, prep, labels,
-                                    progress)
+        row, bad = _train_one_epoch(run, epoch)
         metrics.append(row)
         unreadable.update(bad)
         score = row["val_loss"] if row["val_loss"] is not None else row["train_loss"]
@@ -269,8 +291,8 @@ def _train(cfg: TrainConfig, resume: bool, progress, stop_after_epoch: int | Non
         faults.point("epoch")
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < total_epochs:
             return None
-    return _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep, start,
-                   {"train": len(train_rows), "val": len(val_rows)}, unreadable)
+    return _finish(run, best=best, metrics=metrics, manifest=manifest, start=start,
+                   splits={"train": len(train_rows), "val": len(val_rows)}, unreadable=unreadable)
 
 
 def _module_and_optimizer(cfg: TrainConfig, labels, runtime):
@@ -288,12 +310,12 @@ def _module_and_optimizer(cfg: TrainConfig, labels, runtime):
     return module, optimizer, start
 
 
-def _train_one_epoch(cfg, epoch, module, optimizer, scaler, train_set, val_set, runtime, prep, labels,
-                     progress) -> tuple[dict[str, Any], dict[str, str]]:
+def _train_one_epoch(run: _Run, epoch: int) -> tuple[dict[str, Any], dict[str, str]]:
     """One epoch of training at its learning rate, then validation: the epoch's metrics row, and the
     images it could not read (path -> why)."""
     import torch
 
+    cfg, module, optimizer, train_set = run.cfg, run.module, run.optimizer, run.train_set
     t0 = time.monotonic()
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr_at(epoch)
@@ -305,10 +327,9 @@ def _train_one_epoch(cfg, epoch, module, optimizer, scaler, train_set, val_set, 
             if name and not name.startswith("fc"):
                 m.eval()
     stage = f"epoch {epoch + 1}/{cfg.epochs + cfg.final_epochs}"
-    loader = _loader(train_set, cfg, runtime, order.tolist(), True)
-    tr = _run_epoch(module, loader, runtime, prep, optimizer, scaler, progress, stage)
+    tr = _run_epoch(run, _loader(run, train_set, order.tolist(), training=True), training=True, stage=stage)
     module.eval()
-    val, figures = _validate(module, val_set, cfg, runtime, prep, labels)
+    val, figures = _validate(run)
     bad = {**tr.unreadable, **val.unreadable}
     row = {"epoch": epoch + 1, "lr": cfg.lr_at(epoch), "train_loss": tr.loss, "train_acc": tr.accuracy,
            Col.VAL_LOSS: figures.get("loss"), Col.VAL_TOP1: figures.get("top1"), Col.VAL_TOP3: figures.get("top3"),
@@ -325,24 +346,26 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _validate(module, samples: _Samples, cfg, runtime, prep, labels) -> tuple[_Pass, dict[str, Any]]:
-    """The module's pass over level-0 samples (logits, targets, images read, which could not be) and
-    its metrics.report, {} when no sample was read: the report alone is what metrics rows show."""
+def _validate(run: _Run) -> tuple[_Pass, dict[str, Any]]:
+    """The module's pass over the level-0 validation samples (logits, targets, images read, which could
+    not be) and its metrics.report, {} when no sample was read: the report alone is what metrics rows show."""
+    samples = run.val_set
     if len(samples) == 0:
         return _Pass(float("nan"), 0.0, None, None, 0, {}), {}
-    done = _run_epoch(module, _loader(samples, cfg, runtime, list(range(len(samples)))), runtime, prep)
-    figures = report(done.targets, softmax(done.logits), labels) if done.logits is not None else {}
+    done = _run_epoch(run, _loader(run, samples, list(range(len(samples)))))
+    figures = report(done.targets, softmax(done.logits), run.labels) if done.logits is not None else {}
     return done, figures
 
 
-def _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep, start, splits,
-            unreadable: dict[str, str]) -> TrainResult:
+def _finish(run: _Run, *, best: dict[str, Any], metrics: list[dict[str, Any]], manifest: Manifest,
+            start: dict[str, Any], splits: dict[str, int], unreadable: dict[str, str]) -> TrainResult:
     """Restore the best epoch, fit the temperature on validation, write the model file (its source
     names the images that could not be read)."""
+    cfg, module = run.cfg, run.module
     if best["state_dict"] is not None:  # None only if every epoch's loss was NaN: keep the last weights
         module.load_state_dict(best["state_dict"])
     module.eval()
-    val, _ = _validate(module, val_set, cfg, runtime, prep, labels)
+    val, _ = _validate(run)
     unreadable = {**unreadable, **val.unreadable}
     calibration: dict[str, Any] = {"temperature": 1.0}
     if val.logits is not None:
@@ -358,7 +381,7 @@ def _finish(cfg, module, best, metrics, manifest, labels, val_set, runtime, prep
               "config": cfg.to_dict(), "metrics": metrics, "best_epoch": best["epoch"], "calibration": calibration,
               "splits": splits, "unreadable": {"count": len(unreadable), "first": sorted(unreadable)[:_NAMED]},
               "dinobatch": __version__, **start}
-    spec = ModelSpec(cfg.arch, labels, prep, source, temperature=calibration["temperature"])
+    spec = ModelSpec(cfg.arch, run.labels, run.prep, source, temperature=calibration["temperature"])
     fingerprint = save_model(cfg.out, spec, module.state_dict())
     checkpoint_path(cfg.out).unlink(missing_ok=True)
     return TrainResult(cfg.out, fingerprint, metrics, best["epoch"], calibration, splits, unreadable)
