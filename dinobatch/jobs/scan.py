@@ -1,11 +1,11 @@
 """The scan job: inventory, sha256, pHash/dHash and duplicate groups of a folder, with no model.
 
-This is the local engine for scan's stage (stages.hashes): worker processes of one crash-isolating
-pool (runtime.workers.IsolatingPool) take chunks of paths and run the stage's kernel on each file,
-which reads its bytes once, hashes them and decodes only as much as the hashes need; small records
-come back, and a file whose decoder crashes its process is a row with that reason. Nothing
-on this path imports torch (nor pandas, which pyarrow imports for some conversions: 0.5 s). The
-folder is only read; the one output is written atomically.
+The job walks the folder, hands the files to the local engine for scan's stage
+(engines.local_scan.hash_files: stages.hashes.hash_file in one crash-isolating pool), gathers the
+records, groups the duplicates and writes one Parquet file atomically, then the summary. A file
+that cannot be read or decoded, or whose decoder crashed its process, is a row with that reason.
+Nothing on this path imports torch (nor pandas, which pyarrow imports for some conversions: 0.5 s).
+The folder is only read; scan has no cache and no lock.
 
 Per file the parent holds columns, never a Python object: the walk's Arrow table, the records
 gathered into numpy arrays a block at a time, the duplicate groups from dedupe.group_among, and
@@ -14,15 +14,13 @@ the output built from those, so that its memory grows by well under a kilobyte p
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,8 +28,9 @@ import pyarrow.compute as pc
 
 from dinobatch import __version__
 from dinobatch.config import ScanConfig
-from dinobatch.dedupe.groups import Groups, group_among
-from dinobatch.imaging.decode import HASH_MIN_SIDE, SCAN_MIN_SIDE, quiet_decoding
+from dinobatch.dedupe.groups import Groups, group_among, hashes_from_hex
+from dinobatch.engines.local_scan import BLOCK, Progress, hash_files
+from dinobatch.imaging.decode import HASH_MIN_SIDE, SCAN_MIN_SIDE
 from dinobatch.io.arrow import (
     ascii_array,
     indices_array,
@@ -43,10 +42,8 @@ from dinobatch.io.arrow import (
     write_table,
 )
 from dinobatch.io.walk import check_folder, display_path, walk_table
-from dinobatch.runtime import faults
 from dinobatch.runtime.device import usable_cores
 from dinobatch.runtime.memory import release_memory
-from dinobatch.runtime.workers import Crashed, IsolatingPool
 from dinobatch.schema import (
     DUPLICATE_EXACT,
     DUPLICATE_NEAR,
@@ -57,20 +54,12 @@ from dinobatch.schema import (
     scan_metadata,
     scan_schema,
 )
-from dinobatch.stages.hashes import Record, hash_file
+from dinobatch.stages.hashes import Record
+from dinobatch.stages.rows import ERRORS_KEPT
 
-__all__ = ["ScanSummary", "scan_folder", "hash_file", "default_scan_workers", "HEAVY_BYTES"]
+__all__ = ["ScanSummary", "scan_folder", "default_scan_workers"]
 
 log = logging.getLogger(__name__)
-
-# progress(stage, done, total), as classify's: the one stage here is "hash"
-Progress = Callable[[str, int, int], None]
-# A file, or a decode, larger than this is handled by one worker at a time: two workers never hold
-# two of the largest images at once, which keeps the whole run under 1 GB whatever the images.
-HEAVY_BYTES = 64 * 1024 * 1024
-_MAX_CHUNK = 16  # files per task: enough to amortise the hand-over, few enough to end together
-_CHUNKS_PER_WORKER = 16
-_BLOCK = 8192  # files whose paths, or records, are Python objects at once in the parent
 
 
 @dataclass
@@ -159,82 +148,15 @@ class _Paths:
         return self.column.take(self.order.take(indices_array(rows))).to_pylist()
 
 
-# ---- the per-file work, in worker processes ---------------------------------------------------
-
-_heavy_lock: Any = None  # per worker process: the pool's shared lock, set by _init_worker
-
-
-def _init_worker(lock: Any = None) -> None:
-    """Runs in each worker (after runtime.workers' own start: signals, gc): keep the pool's shared
-    lock. A file hashed alone gets none: nothing to share, nothing to leak if it dies too."""
-    global _heavy_lock
-    _heavy_lock = lock
-
-
-def _fresh_lock() -> tuple[Any]:
-    """initargs of each new pool: a fresh lock (the dead worker of a broken one may hold the old)."""
-    return (multiprocessing.get_context("fork").RLock(),)  # pools fork: torch is not among the modules inherited
-
-
-def _gate(nbytes: int) -> ContextManager[Any]:
-    """The shared lock for a heavy file or decode (re-entrant: a heavy file may decode heavily)."""
-    if nbytes > HEAVY_BYTES and _heavy_lock is not None:
-        return _heavy_lock
-    return contextlib.nullcontext()
-
-
-def _hash_chunk(chunk: Sequence[tuple[int, str, int | None]]) -> list[tuple[int, Record]]:
-    """The stage's kernel over a chunk of (index, path, size), under this worker's memory gate."""
-    with quiet_decoding():  # once per chunk, not per file
-        return [(index, hash_file(path, size, heavy=_gate)) for index, path, size in chunk]
-
-
-# ---- fan-out ----------------------------------------------------------------------------------
-
-
 def _hash_all(files: pa.Table, abspaths: _Paths, workers: int, progress: Progress | None) -> "_Hashed":
-    """Every file's record; files the walk already refused are not opened."""
+    """Every file's record, from the engine; files the walk already refused are not opened."""
     hashed = _Hashed(files.num_rows)
-    todo = true_positions(files[Col.ERROR].is_null())
     sizes, _ = numpy_values(files[Col.BYTES], np.int64)
-    size = max(1, min(_MAX_CHUNK, -(-len(todo) // max(1, workers * _CHUNKS_PER_WORKER))))
-    whole, rest = divmod(len(todo), _BLOCK)
-    count = whole * -(-_BLOCK // size) + -(-rest // size)  # chunks never span two blocks
-    chunks = _chunks(todo, abspaths, sizes, size)
-    for done, (index, record) in enumerate(_run_chunks(chunks, count, workers), start=1):
+    todo = true_positions(files[Col.ERROR].is_null())
+    for index, record in hash_files(todo, abspaths.take, sizes, workers=workers, progress=progress):
         hashed.add(index, record)
-        faults.point("fingerprint")  # scan killed here, its workers running: none may outlive it
-        if progress and (done % _MAX_CHUNK == 0 or done == len(todo)):
-            progress("hash", done, len(todo))
     hashed.flush()
     return hashed
-
-
-def _chunks(todo: np.ndarray, abspaths: _Paths, sizes: np.ndarray, size: int) -> Iterator[list]:
-    """(index, path, size) tasks of `size` files, their paths made Python strings a block at a time."""
-    for lo in range(0, len(todo), _BLOCK):
-        block = todo[lo:lo + _BLOCK]
-        items = [(int(i), os.fsdecode(p), int(sizes[i])) for i, p in zip(block, abspaths.take(block))]
-        for k in range(0, len(items), size):
-            yield items[k:k + size]
-
-
-def _run_chunks(chunks: Iterator[list], count: int, workers: int) -> Iterator[tuple[int, Record]]:
-    """Records of every chunk's files as they come, in this process (workers 0, or one chunk) or in
-    a crash-isolating pool.
-
-    At most two chunks per worker are in flight, so that when a decoder crashes and takes the
-    pool down, the suspects are those few chunks: their files are hashed one process each (the
-    culprit's row says it crashed, with the size the walk found) and a fresh pool takes the rest.
-    On Ctrl-C or an error the pool is killed instead of hashing the rest of the folder."""
-    if workers == 0 or count <= 1:
-        for chunk in chunks:
-            yield from _hash_chunk(chunk)
-        return
-    with IsolatingPool(min(workers, count), _init_worker, _fresh_lock, task="hashing") as pool:
-        for chunk, results in pool.map(_hash_chunk, chunks, in_flight=2 * workers):
-            for (index, _, size), result in zip(chunk, results):
-                yield (index, (None, size, None, result.reason)) if isinstance(result, Crashed) else result
 
 
 # ---- columns and rows -------------------------------------------------------------------------
@@ -259,7 +181,7 @@ class _Hashed:
 
     def add(self, index: int, record: Record) -> None:
         self._pending.append((index, record))
-        if len(self._pending) == _BLOCK:
+        if len(self._pending) == BLOCK:
             self.flush()
 
     def flush(self) -> None:
@@ -280,8 +202,7 @@ class _Hashed:
             self.format[at] = [code(f, len(self.names)) for f in fmt]
             self.mode[at] = [code(m, len(self.names)) for m in mode]
             self.width[at], self.height[at] = width, height
-            self.phash[at] = [int(h, 16) for h in phash]
-            self.dhash[at] = [int(h, 16) for h in dhash]
+            self.phash[at], self.dhash[at] = hashes_from_hex(phash), hashes_from_hex(dhash)
             self.decoded[at] = True
         self.errors.update((i, error) for i, (_, _, _, error) in self._pending if error is not None)
         self._pending = []
@@ -307,7 +228,7 @@ def _bytes_as_hex(raw: np.ndarray) -> np.ndarray:
 
 def _uint64_as_hex(values: np.ndarray) -> np.ndarray:
     """uint64 numbers to 16 hex digits each (S16), as imagehash writes a hash; the way back, for
-    stored hashes, is stages.group.parse_hex64."""
+    stored hashes, is dedupe.groups.hashes_from_hex."""
     return _bytes_as_hex(values.astype(">u8").view("S8"))
 
 
@@ -348,7 +269,7 @@ def _table(files: pa.Table, hashed: _Hashed, groups: Groups, metadata: dict[byte
     table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
     counts = {STATUS_OK: int((status == 0).sum()), STATUS_DUPLICATE: int((status == 1).sum()),
               STATUS_ERROR: int((status == 2).sum())}
-    first = np.flatnonzero(failed)[:20]
+    first = np.flatnonzero(failed)[:ERRORS_KEPT]
     shown = table.select([Col.PATH, Col.ERROR]).take(indices_array(first)).to_pylist()
     return table, counts, [{"path": r[Col.PATH], "error": r[Col.ERROR]} for r in shown]
 

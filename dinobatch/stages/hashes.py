@@ -1,9 +1,10 @@
 """Scan's stage: each file's sha256, image facts and perceptual hashes, from one read of its bytes.
 
 hash_batch is the stage (an Arrow table of files in, one row of facts per file out); hash_file is
-its per-file kernel, which the local engine (jobs.scan) runs in its crash-isolating pool a chunk
-at a time. Neither knows how it is scheduled: an engine that holds a memory gate hands it in as
-`heavy`. A file that cannot be read or decoded is a row with its reason, never a gap.
+its per-file kernel, which scan's local engine (engines.local_scan) runs in its crash-isolating
+pool a chunk at a time, and training.manifest on each labelled file. Neither knows how it is
+scheduled: an engine that holds a memory gate hands it in as `heavy`. A file that cannot be read
+or decoded is a row with its reason, never a gap.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Callable, ContextManager
 
 import pyarrow as pa
 
-from dinobatch.imaging.decode import DecodeError, decode_hashes, quiet_decoding
+from dinobatch.imaging.decode import DecodeError, Hashes, decode_hashes, quiet_decoding
 from dinobatch.io.arrow import table_from_columns
 from dinobatch.io.walk import read_bytes, read_error
 from dinobatch.runtime import faults
@@ -32,14 +33,19 @@ HASH_COLUMNS = (Col.SHA256, Col.BYTES, Col.FORMAT, Col.WIDTH, Col.HEIGHT, Col.MO
 Record = tuple[str | None, int | None, tuple | None, str | None]
 # heavy(nbytes): what to hold while reading or decoding that much (an engine's memory gate)
 Gate = Callable[[int], ContextManager[Any]]
+# decoder(data, heavy=gate): facts and hashes of image bytes (imaging.decode's decode_hashes or decode)
+Decoder = Callable[..., Hashes]
 
 
 def _no_gate(nbytes: int) -> ContextManager[None]:
     return contextlib.nullcontext()
 
 
-def hash_file(abspath: str, size: int | None, *, heavy: Gate = _no_gate) -> Record:
-    """sha256, facts and hashes of one file from a single read of its bytes, or why it has none."""
+def hash_file(abspath: str, size: int | None, *, heavy: Gate = _no_gate, decoder: Decoder = decode_hashes) -> Record:
+    """sha256, facts and hashes of one file from a single read of its bytes, or why it has none.
+
+    decoder: scan's hash-only decode by default; training.manifest passes imaging.decode.decode,
+    whose hashes (classify's, from a larger JPEG scale) its splits have always been made from."""
     with heavy(size or 0):
         try:
             data = read_bytes(abspath)
@@ -48,7 +54,7 @@ def hash_file(abspath: str, size: int | None, *, heavy: Gate = _no_gate) -> Reco
         sha = hashlib.sha256(data).hexdigest()
         try:
             faults.point("decode", abspath)
-            h = decode_hashes(data, heavy=heavy)
+            h = decoder(data, heavy=heavy)
         except DecodeError as exc:
             return sha, len(data), None, str(exc)
     return sha, len(data), (h.format, h.width, h.height, h.mode, h.phash, h.dhash), None

@@ -12,8 +12,8 @@ import sys
 
 import pyarrow.parquet as pq
 
+from dinobatch.engines.local_scan import HEAVY_BYTES
 from dinobatch.runtime import faults
-from dinobatch.jobs.scan import HEAVY_BYTES
 from tests.helpers import REPO, picture, save
 
 
