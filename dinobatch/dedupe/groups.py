@@ -25,6 +25,7 @@ __all__ = [
     "near_pairs",
     "group_duplicates",
     "linked_components",
+    "hashes_from_hex",
 ]
 
 
@@ -51,28 +52,36 @@ class Assignment:
 
 def linked_components(items: Sequence[DedupeItem], phash_max: int, dhash_max: int) -> list[list[DedupeItem]]:
     """Components (of two or more) of items connected by exact copies or near links, chains
-    included: what must stay together in one split. Identical hash pairs are collapsed first, so
-    a thousand blank pictures cost one index entry, not a million candidate pairs."""
-    pairs_of = {}
-    for item in items:
-        pairs_of.setdefault((item.phash, item.dhash), []).append(item)
-    keys = list(pairs_of)
-    ph = np.array([k[0] for k in keys], dtype=np.uint64)
-    dh = np.array([k[1] for k in keys], dtype=np.uint64)
-    # index the hash with the tighter limit (fewer candidates), then check the other
-    (a, a_max), (b, b_max) = sorted([(ph, phash_max), (dh, dhash_max)], key=lambda t: t[1])
-    links = near_pairs(a, a_max)
-    if len(links):
-        links = links[popcount64(b[links[:, 0]] ^ b[links[:, 1]]) <= b_max]
-    by_sha: dict[str, int] = {}  # exact copies always share a component (their hashes are equal anyway)
-    copies = [(by_sha.setdefault(item.sha256, index), index)
-              for index, key in enumerate(keys) for item in pairs_of[key]]
-    edges = np.concatenate([links, np.array(copies, dtype=np.int64).reshape(-1, 2)])
-    labels = _smallest_connected(len(keys), edges[:, 0], edges[:, 1]).tolist()
+    included: what must stay together in one split. Components come in the order of their first
+    item, each in items' order (the labels of _component_labels, as DedupeItem lists)."""
+    if len(items) < 2:
+        return []
+    content_ids: dict[str, int] = {}
+    content = np.array([content_ids.setdefault(x.sha256, len(content_ids)) for x in items], np.int64)
+    labels = _component_labels(content, np.array([x.phash for x in items], np.uint64),
+                               np.array([x.dhash for x in items], np.uint64), phash_max, dhash_max)
     components: dict[int, list[DedupeItem]] = {}
-    for label, key in zip(labels, keys):
-        components.setdefault(label, []).extend(pairs_of[key])
+    for label, item in zip(labels.tolist(), items):
+        components.setdefault(label, []).append(item)
     return [c for c in components.values() if len(c) > 1]
+
+
+_HEX_VALUE = np.full(256, 255, np.uint8)  # each ASCII code's value as a hex digit; 255: not one
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_HEX_VALUE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def hashes_from_hex(texts: Sequence[str]) -> np.ndarray:
+    """64-bit hashes written as 16 hex digits (imaging.decode's phash and dhash, as the rows and the
+    cache store them) as uint64: the one way back from the text, vectorised (no int() per hash)."""
+    raw = np.array(texts, dtype="S17") if len(texts) else np.zeros(0, "S17")  # a 17th byte: too long
+    codes = raw.view(np.uint8).reshape(-1, 17)
+    digits = _HEX_VALUE[codes[:, :16]]
+    if (digits == 255).any() or codes[:, 16].any():
+        bad = next(t for t in texts if len(t) != 16 or not all(c in "0123456789abcdefABCDEF" for c in t))
+        raise ValueError(f"not a 64-bit hash in hex (16 digits): {bad!r}")
+    octets = (digits[:, 0::2] << 4) | digits[:, 1::2]
+    return octets.view(">u8").reshape(-1).astype(np.uint64)
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,8 @@ class Groups:
 def _component_labels(content: np.ndarray, phash: np.ndarray, dhash: np.ndarray, phash_max: int,
                       dhash_max: int) -> np.ndarray:
     """Per item, a label shared by exactly the items of its component (exact copies or near links,
-    chains included); identical hash pairs are collapsed first, as in linked_components."""
+    chains included). Identical hash pairs are collapsed first, so a thousand blank pictures cost
+    one index entry, not a million candidate pairs."""
     keys, key_of = np.unique(np.stack([phash, dhash], axis=1), axis=0, return_inverse=True)
     key_of = key_of.reshape(-1)
     (a, a_max), (b, b_max) = sorted([(keys[:, 0], phash_max), (keys[:, 1], dhash_max)], key=lambda t: t[1])

@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from dinobatch.dedupe.groups import Groups, group_among
+from dinobatch.dedupe.groups import Groups, group_among, hashes_from_hex
 from dinobatch.schema import Col
 
 __all__ = ["parse_hex64", "duplicates"]
 
 
 def parse_hex64(hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """16-hex-digit hash strings (as the rows and the cache store them) as uint64, a slice at a time."""
+    """16-hex-digit hash strings (as the rows and the cache store them) as uint64, a slice at a time
+    (dedupe.groups.hashes_from_hex, the one parser, over an Arrow column)."""
     out = np.zeros(len(hashes), np.uint64)
     for lo in range(0, len(hashes), 4096):
-        out[lo:lo + 4096] = [int(h, 16) for h in hashes.slice(lo, 4096).to_pylist()]
+        out[lo:lo + 4096] = hashes_from_hex(hashes.slice(lo, 4096).to_pylist())
     return out
 
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dinobatch.dedupe.groups import Assignment, DedupeItem, group_among, group_arrays, group_duplicates, linked_components, near_pairs, popcount64
+from dinobatch.dedupe.groups import (
+    Assignment,
+    DedupeItem,
+    group_among,
+    group_arrays,
+    group_duplicates,
+    hashes_from_hex,
+    linked_components,
+    near_pairs,
+    popcount64,
+)
 
 
 def brute_force(h: np.ndarray, d: int) -> np.ndarray:
@@ -279,3 +289,14 @@ def test_group_among_takes_unsigned_indices_as_arrow_sort_indices_are():
     groups = group_among(5, among, np.array([0, 0, 1]), np.array([h, h, h]), np.array([h, h, h]),
                          np.array([10, 20, 10]))
     assert groups.keeper.tolist() == [-1, 3, -1, -1, 3]
+
+
+def test_hashes_from_hex_reads_back_every_64_bit_hash_and_refuses_what_is_not_one():
+    values = [0, 1, 2**63, 2**64 - 1] + [int(v) for v in np.random.default_rng(0).integers(0, 2**64, 100, np.uint64)]
+    texts = [f"{v:016x}" for v in values]
+    assert hashes_from_hex(texts).tolist() == values
+    assert hashes_from_hex(["00000000000000AB"]).tolist() == [0xAB]
+    assert hashes_from_hex([]).dtype == np.uint64
+    for bad in ("abc", "0" * 17, "g" * 16, ""):
+        with pytest.raises(ValueError):
+            hashes_from_hex(["0" * 16, bad])
