@@ -10,7 +10,6 @@ Manifest.abspath, never `path`.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import random
@@ -22,12 +21,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 
-from dinobatch.dedupe.groups import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, DedupeItem, linked_components
+from dinobatch.dedupe.groups import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, DedupeItem, hashes_from_hex, linked_components
 from dinobatch.errors import ConfigError, InputError
-from dinobatch.imaging.decode import DecodeError, decode
+from dinobatch.imaging.decode import decode, quiet_decoding
 from dinobatch.io.arrow import read_table, table_metadata, write_table
-from dinobatch.io.walk import name_and_bytes, read_bytes, read_error, sha256_file, walk
+from dinobatch.io.walk import name_and_bytes, sha256_file, walk
 from dinobatch.schema import SPLITS, STATUS_ERROR, STATUS_OK, Col, manifest_schema
+from dinobatch.stages.hashes import hash_file
 
 __all__ = ["Manifest", "build_manifest", "write_manifest", "load_manifest", "assign_splits", "name_columns",
            "exact_name", "unescape_name", "describe_unreadable", "label_folder"]
@@ -86,19 +86,27 @@ def describe_unreadable(failed: Mapping[str, str], noun: str = "image", limit: i
     return f"{len(failed)} {noun}{'' if len(failed) == 1 else 's'} could not be read: {named}{more}"
 
 
-def _inspect(abspath: str) -> dict[str, Any]:
-    """sha256, size and hashes of one file (decoded once), or its error."""
-    try:
-        data = read_bytes(abspath)
-    except OSError as exc:
-        return {Col.STATUS: STATUS_ERROR, Col.ERROR: read_error(exc)}
-    out: dict[str, Any] = {Col.SHA256: hashlib.sha256(data).hexdigest()}
-    try:
-        dec = decode(data)
-    except DecodeError as exc:
-        return {**out, Col.STATUS: STATUS_ERROR, Col.ERROR: str(exc)}
-    return {**out, Col.STATUS: STATUS_OK, Col.ERROR: None, Col.WIDTH: dec.width, Col.HEIGHT: dec.height,
-            "_phash": int(dec.phash, 16), "_dhash": int(dec.dhash, 16)}
+# A file's (pHash, dHash) as 16 hex digits each, or None where it has none: kept beside its row,
+# never in it, until the duplicate components are known.
+Hashes = tuple[str, str] | None
+
+
+def _inspect(abspath: str) -> tuple[dict[str, Any], Hashes]:
+    """A file's row facts (sha256, status, error, width, height) and its hashes from scan's stage
+    kernel (one read), or the row's error and None. Decoded as classify decodes, not with scan's
+    smaller hash-only JPEG scale: its hashes differ by a bit or two on some JPEGs, which would move
+    files between splits of a manifest rebuilt from the same folder and seed."""
+    sha, _, facts, error = hash_file(abspath, None, decoder=decode)
+    if facts is None:
+        return {Col.SHA256: sha, Col.STATUS: STATUS_ERROR, Col.ERROR: error}, None
+    _, width, height, _, phash, dhash = facts
+    row = {Col.SHA256: sha, Col.STATUS: STATUS_OK, Col.ERROR: None, Col.WIDTH: width, Col.HEIGHT: height}
+    return row, (phash, dhash)
+
+
+def _unreadable(error: str) -> tuple[dict[str, Any], Hashes]:
+    """The row facts of a file the walk could not list or stat."""
+    return {Col.STATUS: STATUS_ERROR, Col.ERROR: error}, None
 
 
 def assign_splits(groups: Sequence[tuple[int, str, int]], fractions: Sequence[float],
@@ -136,27 +144,30 @@ def build_manifest(folder: str | os.PathLike, *, fractions: Sequence[float] = (0
     if skipped:
         log.info("ignoring %d file(s) directly in %s (no label folder)", len(skipped), folder)
     rows: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # Pillow decodes without the GIL
-        facts = pool.map(lambda e: {Col.STATUS: STATUS_ERROR, Col.ERROR: e.error} if e.error else _inspect(e.abspath),
-                         entries)
-        for done, (entry, fact) in enumerate(zip(entries, facts), 1):
+    hashes: list[Hashes] = []
+    # quiet_decoding entered once, here: the threads' decodes then never swap fd 2 under each other
+    with quiet_decoding(), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # Pillow frees the GIL
+        facts = pool.map(lambda e: _unreadable(e.error) if e.error else _inspect(e.abspath), entries)
+        for done, (entry, (fact, hashed)) in enumerate(zip(entries, facts), 1):
             rows.append({Col.PATH: entry.path, Col.PATH_BYTES: entry.raw, Col.LABEL: entry.path.split("/", 1)[0],
                          Col.KIND: kind, **fact})
+            hashes.append(hashed)
             if progress:
                 progress("manifest", done, len(entries))
-    _group_and_split(rows, fractions, seed, phash_max, dhash_max)
-    for r in rows:
-        r.pop("_phash", None)
-        r.pop("_dhash", None)
+    _group_and_split(rows, hashes, fractions, seed, phash_max, dhash_max)
     return pa.Table.from_pylist(rows, schema=manifest_schema())
 
 
-def _group_and_split(rows: list[dict[str, Any]], fractions, seed, phash_max, dhash_max) -> None:
+def _group_and_split(rows: list[dict[str, Any]], hashes: Sequence[Hashes], fractions, seed, phash_max,
+                     dhash_max) -> None:
     """Give every usable row a split, keeping each duplicate component (chains included) together.
 
-    Rows that already have a split (from a CSV) keep it; the others are split among themselves."""
+    hashes: each row's (pHash, dHash), None for a row in error. Rows that already have a split
+    (from a CSV) keep it; the others are split among themselves."""
     ok = [r for r in rows if r[Col.STATUS] == STATUS_OK]
-    items = [DedupeItem(r[Col.PATH], r[Col.SHA256], r["_phash"], r["_dhash"], r[Col.WIDTH] * r[Col.HEIGHT]) for r in ok]
+    phash, dhash = (hashes_from_hex([h[k] for h in hashes if h is not None]).tolist() for k in (0, 1))
+    items = [DedupeItem(r[Col.PATH], r[Col.SHA256], p, d, r[Col.WIDTH] * r[Col.HEIGHT])
+             for r, p, d in zip(ok, phash, dhash, strict=True)]
     component = {x.path: number for number, members in enumerate(linked_components(items, phash_max, dhash_max))
                  for x in members}
     next_id = max(component.values(), default=-1) + 1
@@ -255,7 +266,7 @@ def _load_csv(path: Path) -> pa.Table:
             raw = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"cannot read CSV manifest {path}: {exc}") from exc
-    rows = []
+    rows, hashes = [], []
     for line, r in enumerate(raw, 2):
         rel, label = (r.get("path") or "").strip(), (r.get("label") or "").strip()
         if not rel or not label:
@@ -263,13 +274,12 @@ def _load_csv(path: Path) -> pa.Table:
         split = (r.get("split") or "").strip() or None
         if split is not None and split not in SPLITS:
             raise InputError(f"{path}, line {line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-        fact = _inspect(os.path.join(path.parent, rel))
+        fact, hashed = _inspect(os.path.join(path.parent, rel))
         rows.append({**name_columns(rel), Col.LABEL: label, Col.SPLIT: split,
                      Col.KIND: (r.get("kind") or "").strip() or None, **fact})
-    _group_and_split(rows, (0.8, 0.1, 0.1), 0, DEFAULT_PHASH_MAX, DEFAULT_DHASH_MAX)
+        hashes.append(hashed)
+    _group_and_split(rows, hashes, (0.8, 0.1, 0.1), 0, DEFAULT_PHASH_MAX, DEFAULT_DHASH_MAX)
     for r in rows:
         if r[Col.STATUS] != STATUS_OK:
             r[Col.SPLIT] = None
-        r.pop("_phash", None)
-        r.pop("_dhash", None)
     return pa.Table.from_pylist(rows, schema=manifest_schema())

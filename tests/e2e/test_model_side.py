@@ -247,13 +247,14 @@ def test_a_manifest_whose_images_are_gone_is_an_input_error(tmp_path, dataset):
 def test_near_duplicate_chains_stay_in_one_split():
     from dinobatch.training.manifest import _group_and_split
 
-    rows = []
+    rows, hashes = [], []
     for i in range(30):  # A~B and B~C, but A is not near C: all three must share a split
         base = (i * 0x9E3779B97F4A7C15) & (2**64 - 1)
         for name, ph in (("a", base), ("b", base ^ 0b1111), ("c", base ^ 0xFF0)):
             rows.append({"path": f"{i}/{name}", "label": "x", "sha256": f"{i}{name}", "status": "ok",
-                         "width": 10, "height": 10, "_phash": ph, "_dhash": 0})
-    _group_and_split(rows, (0.6, 0.2, 0.2), 0, 8, 3)
+                         "width": 10, "height": 10})
+            hashes.append((f"{ph:016x}", f"{0:016x}"))
+    _group_and_split(rows, hashes, (0.6, 0.2, 0.2), 0, 8, 3)
     for i in range(30):
         assert len({r["split"] for r in rows if r["path"].startswith(f"{i}/")}) == 1
 
