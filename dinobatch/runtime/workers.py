@@ -53,9 +53,11 @@ def died_reason(exitcode: int | None) -> str:
     return f"the image decoder crashed on this file ({how}); it was not decoded"
 
 
-def run_isolated(fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], None] | None = None
-                 ) -> tuple[bool, Any]:
-    """fn(arg) in a forked process of its own: (True, its result) or (False, why the process died)."""
+def run_isolated(fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], None] | None = None, *,
+                 task: str = "decoding") -> tuple[bool, Any]:
+    """fn(arg) in a forked process of its own: (True, its result) or (False, why the process died).
+
+    task: what fn does, as one word ending in -ing ("hashing", "decoding"), for the log line."""
     ctx = multiprocessing.get_context("fork")
     receiver, sender = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(sender, fn, arg, initializer, this_process()), daemon=True)
@@ -72,7 +74,7 @@ def run_isolated(fn: Callable[[Any], Any], arg: Any, initializer: Callable[[], N
         receiver.close()
         proc.join()
     if not ok or proc.exitcode != 0:
-        log.warning("a decoding process died (exit code %s)", proc.exitcode)
+        log.warning("a %s process died (exit code %s)", task, proc.exitcode)
         return False, died_reason(proc.exitcode)
     return True, result
 
@@ -126,7 +128,8 @@ class IsolatingPool:
     process of its own (a Crashed in place of the one that dies again) and forks a fresh pool for
     the chunks still to come. Each pool's workers run initializer(*initargs()), so each pool gets a
     fresh lock or budget (the dead worker may have held the old one); an item redone alone runs
-    initializer(), sharing nothing. Leaving the `with` block on an exception kills the workers."""
+    initializer(), sharing nothing. Leaving the `with` block on an exception kills the workers.
+    task: what func does, one word ending in -ing ("hashing"), which the crash warnings name."""
 
     def __init__(self, workers: int, initializer: Callable[..., None] | None = None,
                  initargs: Callable[[], tuple] = tuple, *, task: str = "working"):
@@ -200,14 +203,16 @@ class IsolatingPool:
         self.close(abandon=True)
         wait(pending, timeout=_MARKED_S)  # the broken pool marks every chunk it held, all at once
         lost = sum(len(chunk) for future, chunk in pending.items() if _lost(future))
-        log.warning("a %s process died; redoing the %d files in flight one process each", self._task, lost)
+        # begins as it did before the one pool ("a hashing process died; hashing ..."): log monitors grep it
+        log.warning("a %s process died; %s the %d files in flight again, one process each",
+                    self._task, self._task, lost)
         for future, chunk in list(pending.items()):
             del pending[future]
             yield chunk, [self._alone(func, item) for item in chunk] if _lost(future) else future.result()
 
     def _alone(self, func: Callable, item: Any) -> Any:
         """func's result for one item, in a process of its own; Crashed if that one dies too."""
-        ok, result = run_isolated(lambda one: func([one])[0], item, initializer=self._initializer)
+        ok, result = run_isolated(lambda one: func([one])[0], item, initializer=self._initializer, task=self._task)
         return result if ok else Crashed(result)
 
 

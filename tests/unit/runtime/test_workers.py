@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
 import signal
 import time
@@ -123,3 +124,15 @@ def test_every_forked_process_leaves_sigint_and_sigterm_to_its_parent():
     like a decoder crash; the parent decides how to stop."""
     ok, handlers = run_isolated(lambda _: (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)), None)
     assert ok and handlers == (signal.SIG_IGN, signal.SIG_IGN)
+
+
+def test_the_crash_warnings_name_what_the_pool_was_doing(caplog):
+    # log monitors grep "a hashing process died" (scan) and "a decoding process died" (classify)
+    with caplog.at_level(logging.WARNING, logger="dinobatch.runtime.workers"):
+        with IsolatingPool(2, task="hashing") as pool:
+            list(pool.map(_square_unless_poison, CHUNKS))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("a hashing process died; hashing the ") and m.endswith(" again, one process each")
+               for m in messages), messages
+    assert any(m.startswith("a hashing process died (exit code ") for m in messages), messages  # the poison alone
+    assert not any("decoding" in m for m in messages), messages
