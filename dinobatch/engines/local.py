@@ -11,21 +11,21 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 
+from dinobatch.engines import Progress
+from dinobatch.imaging import decode_budget
 from dinobatch.imaging.decode import decode
 from dinobatch.imaging.preprocess import device_model_input, model_input, model_input_hwc, orient_tensor
 from dinobatch.models.file import LoadedModel, Preprocessing
+from dinobatch.runtime.dataset import Rec
 from dinobatch.runtime.device import Runtime, default_workers, usable_cores
 from dinobatch.schema import Col
 from dinobatch.stages.decode import WorkItem, decode_item
 from dinobatch.stages.fingerprint import fingerprint, with_known_shas
-from dinobatch.stages.infer import ContentResult, Predictor, content_results
+from dinobatch.stages.infer import ContentResult, InferredBatch, Predictor, content_results, inferred_batch
 
 __all__ = ["LocalEngine", "Progress", "ImageDataset", "decode_workers", "decoded_batches", "device_batch", "predict"]
 
 log = logging.getLogger(__name__)
-
-# progress(stage, done, total): stage is "fingerprint" or "infer" (evaluate reports its own)
-Progress = Callable[[str, int, int], None]
 
 # Files fingerprinted between two progress reports: small enough for a bar that moves on slow disks,
 # large enough that a batch's Arrow overhead is nothing beside reading its files.
@@ -34,7 +34,8 @@ _FINGERPRINT_BATCH = 512
 
 @dataclass(frozen=True)
 class LocalEngine:
-    """Runs classify's fingerprint and decode+infer stages on this machine, reporting progress."""
+    """Runs classify's fingerprint and decode+infer stages on this machine, reporting progress
+    (an engines.Engine)."""
 
     runtime: Runtime
     workers: int | None = None  # decode processes as asked (-j); None: decode_workers decides
@@ -54,30 +55,36 @@ class LocalEngine:
         return pa.chunked_array(shas, pa.string()), pa.chunked_array(errors, pa.string())
 
     def infer(self, items: Sequence[WorkItem], predictor: Predictor, *,
-              jpeg_on_device: bool = False) -> Iterator[list[ContentResult]]:
-        """One list of ContentResult per batch, in input order (failed contents too); progress is
-        reported once the caller has taken (and committed) each batch."""
+              jpeg_on_device: bool = False) -> Iterator[InferredBatch]:
+        """One InferredBatch per batch, in input order (failed contents too); progress is reported
+        once the caller has taken (and committed) each batch."""
         done = 0
         for results in infer(items, predictor, workers=self.workers, jpeg_on_device=jpeg_on_device):
-            yield results
+            yield inferred_batch(results)
             done += len(results)
             if self.progress:
                 self.progress("infer", done, len(items))
 
-    def resolved_workers(self) -> int | None:
-        """The -j the run amounts to, for its saved configuration (None: a burst pool of every core)."""
-        return decode_workers(self.runtime, self.workers)
+    def resolved(self) -> dict[str, Any]:
+        """The -j the run amounts to, for its saved configuration (workers None: a burst pool of every core)."""
+        return {"workers": decode_workers(self.runtime, self.workers)}
 
 
 class ImageDataset:
-    """Map-style dataset over the decode stage: item i is decoded once into facts, hashes and model
-    input (decode_item), by whichever process the engine chose; with jpeg_to_device a plain JPEG's
-    model input is left to the device (its bytes travel instead of pixels)."""
+    """Map-style dataset over the decode stage (a runtime.dataset.DecodeDataset): item i is decoded
+    once into facts, hashes and model input (decode_item), by whichever process the engine chose,
+    within the decode memory budget that process holds (imaging.decode_budget); with jpeg_to_device
+    a plain JPEG's model input is left to the device (its bytes travel instead of pixels)."""
 
     def __init__(self, items: Sequence[WorkItem], prep: Preprocessing, jpeg_to_device: bool = False):
         self.items = items  # a Sequence: classify passes a lazy one (no object per file held)
         self.prep = prep
         self.jpeg_to_device = jpeg_to_device
+
+    @property
+    def crop(self) -> int:
+        """The model input's side (pixels)."""
+        return self.prep.crop
 
     def __len__(self) -> int:
         return len(self.items)
@@ -94,14 +101,22 @@ class ImageDataset:
             return 0
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.record(index, lambda image: {"tensor": model_input(image, self.prep)})
+        """Item index decoded, its model input a CPU tensor (uint8 CHW) under Rec.TENSOR: a DataLoader's item."""
+        return self.record(index, lambda image: {Rec.TENSOR: model_input(image, self.prep)})
 
     def model_input_hwc(self, image):
+        """A decoded picture as the model's input, uint8 crop x crop x 3 (numpy): what a burst worker
+        writes into its shared slot, the same pixels as __getitem__'s tensor."""
         return model_input_hwc(image, self.prep)
 
     def record(self, index: int, prepare: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
         """Item index decoded (decode_item), prepare(picture) telling where its model input went."""
-        return decode_item(self.items[index], self.prep, prepare, jpeg_to_device=self.jpeg_to_device)
+        return decode_item(self.items[index], self.prep, prepare, jpeg_to_device=self.jpeg_to_device,
+                           heavy=decode_budget.hold)
+
+    def failed(self, index: int, reason: str) -> dict[str, Any]:
+        """Item index's record when its decoder crashed the process (again, decoded alone)."""
+        return {Rec.SHA256: self.items[index].sha256, Rec.ERROR: reason, Rec.CHANGED: ()}
 
 
 class _Window(Sequence):
@@ -148,26 +163,26 @@ def _decode_jpegs_on_device(records: list[dict[str, Any]], runtime: Runtime, pre
     a JPEG the device cannot decode is prepared on the CPU instead, like any other format."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    todo = [r for r in records if r.get("error") is None and "jpeg" in r]
+    todo = [r for r in records if r.get(Rec.ERROR) is None and Rec.JPEG in r]
     if not todo:
         return
     try:
-        images = decode_jpeg([r["jpeg"] for r in todo], mode=ImageReadMode.RGB, device=runtime.device)
+        images = decode_jpeg([r[Rec.JPEG] for r in todo], mode=ImageReadMode.RGB, device=runtime.device)
     except RuntimeError:
         images = []
         for r in todo:
             try:
-                images.append(decode_jpeg(r["jpeg"], mode=ImageReadMode.RGB, device=runtime.device))
+                images.append(decode_jpeg(r[Rec.JPEG], mode=ImageReadMode.RGB, device=runtime.device))
             except RuntimeError:
                 images.append(None)
     for r, image in zip(todo, images):
-        jpeg, orientation = r.pop("jpeg"), r.pop("orientation")
+        jpeg, orientation = r.pop(Rec.JPEG), r.pop(Rec.ORIENTATION)
         if image is None:
-            log.debug("device JPEG decode failed for %s; using the CPU path", r["sha256"])
+            log.debug("device JPEG decode failed for %s; using the CPU path", r[Rec.SHA256])
             cpu = decode(jpeg.numpy().tobytes(), min_side=prep.resize).image
-            r["device_tensor"] = model_input(cpu, prep).to(runtime.device)
+            r[Rec.DEVICE_TENSOR] = model_input(cpu, prep).to(runtime.device)
         else:
-            r["device_tensor"] = device_model_input(orient_tensor(image, orientation), prep)
+            r[Rec.DEVICE_TENSOR] = device_model_input(orient_tensor(image, orientation), prep)
 
 
 def device_batch(records: list[dict[str, Any]], batch, runtime: Runtime, prep: Preprocessing):
@@ -176,13 +191,13 @@ def device_batch(records: list[dict[str, Any]], batch, runtime: Runtime, prep: P
     import torch
 
     _decode_jpegs_on_device(records, runtime, prep)
-    ok = [r for r in records if r.get("error") is None]
+    ok = [r for r in records if r.get(Rec.ERROR) is None]
     if not ok:
         return None
-    if batch is not None and all("device_tensor" not in r for r in ok):
+    if batch is not None and all(Rec.DEVICE_TENSOR not in r for r in ok):
         return runtime.to_device(batch)
     cpu = iter(runtime.to_device(batch)) if batch is not None else iter(())
-    rows = [r.pop("device_tensor") if "device_tensor" in r else next(cpu) for r in ok]
+    rows = [r.pop(Rec.DEVICE_TENSOR) if Rec.DEVICE_TENSOR in r else next(cpu) for r in ok]
     return torch.stack(rows).contiguous(memory_format=torch.channels_last)
 
 

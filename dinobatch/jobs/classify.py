@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from dinobatch import __version__
 from dinobatch.config import ClassifyConfig
-from dinobatch.engines.local import LocalEngine, Progress
+from dinobatch.engines import Engine, Progress, local_engine
 from dinobatch.errors import OutputError
 from dinobatch.imaging import decode_budget
 from dinobatch.io.lock import exclusive
@@ -96,7 +96,7 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
                                    labels=list(model.spec.labels), folder=cfg.folder)
         run = _Run(cfg=cfg, out=out, run_id=new_run_id(started), t0=t0, started=started, runtime=runtime,
                    model=model, species=species, process=process, metadata=metadata,
-                   engine=LocalEngine(runtime, workers=cfg.workers, progress=progress))
+                   engine=local_engine(runtime, workers=cfg.workers, progress=progress))
         return _classify_locked(run)
 
 
@@ -114,7 +114,7 @@ class _Run:
     species: dict[str, dict[str, Any]]
     process: dict[str, Any]  # what tune_process applied
     metadata: dict[bytes, bytes]  # the rows' and cache parts' schema metadata
-    engine: LocalEngine
+    engine: Engine
 
 
 @dataclass(frozen=True)
@@ -190,10 +190,10 @@ def _infer(run: _Run, todo: Contents) -> _Inferred:
         return _Inferred(failed, changed, time.monotonic() - t, None)
     predictor = Predictor(run.model, run.runtime, batch_size=cfg.batch_size, embeddings=cfg.embeddings,
                           compile=cfg.compile)
-    for results in run.engine.infer(todo, predictor, jpeg_on_device=cfg.gpu_decode and run.runtime.is_cuda):
-        writer.write([{Col.SHA256: r.sha256, **r.facts, **r.prediction} for r in results if r.error is None])
-        failed.update({r.sha256: r.error for r in results if r.error is not None})
-        changed.update(p for r in results for p in r.changed)
+    for batch in run.engine.infer(todo, predictor, jpeg_on_device=cfg.gpu_decode and run.runtime.is_cuda):
+        writer.write(batch.rows)
+        failed.update(batch.failed)
+        changed.update(batch.changed)
         faults.point("batch")
     return _Inferred(failed, changed, time.monotonic() - t, predictor.batch_size)
 
@@ -218,12 +218,13 @@ def _row_context(run: _Run) -> RowContext:
 
 
 def _resolved_config(run: _Run, inferred: _Inferred) -> dict[str, Any]:
-    """The configuration as it ran: the batch size used (with nothing to infer, the rule's where it
-    needs no model: on CPU) and the decode workers chosen (None: a burst pool of every core)."""
+    """The configuration as it ran, valid input for a rerun that means the same run: the device and
+    precision resolved, the batch size used (with nothing to infer, the rule's where it needs no
+    model: on CPU) and what the engine chose (the decode workers; None: a burst pool of every core)."""
     batch_size = inferred.batch_size or run.cfg.batch_size
     if batch_size is None and not run.runtime.is_cuda:
         batch_size = default_batch_size(run.runtime)
-    return {**run.cfg.to_dict(), "batch_size": batch_size, "workers": run.engine.resolved_workers()}
+    return {**run.cfg.to_dict(), **run.runtime.resolved(), "batch_size": batch_size, **run.engine.resolved()}
 
 
 def _record(out: ResultsDir, summary: RunSummary, seen: pa.Table, hashed_at: int,

@@ -21,6 +21,7 @@ import numpy as np
 
 from dinobatch.imaging import decode_budget
 from dinobatch.imaging.decode import quiet_decoding
+from dinobatch.runtime.dataset import DecodeDataset, Rec
 from dinobatch.runtime.workers import Crashed, IsolatingPool
 
 __all__ = ["burst_batches", "balanced_shares"]
@@ -36,18 +37,18 @@ BURST_IMAGES = 128
 class _Shared:
     """What the forked workers inherit: the dataset, and the model-input slots of one burst."""
 
-    dataset: Any  # engines.local.ImageDataset
+    dataset: DecodeDataset
     slots: np.ndarray  # (burst, crop, crop, 3) uint8 in an anonymous shared mapping
 
 
 _SHARED: _Shared | None = None  # set just before the pool forks; workers inherit it
 
 
-def burst_batches(dataset, batch_size: int, processes: int) -> Iterator[tuple[list[dict[str, Any]], Any]]:
+def burst_batches(dataset: DecodeDataset, batch_size: int, processes: int) -> Iterator[tuple[list[dict[str, Any]], Any]]:
     """(records, uint8 batch or None) per batch, in order; a decoder crash costs only its file."""
     global _SHARED
     burst = batch_size * max(1, BURST_IMAGES // batch_size)  # whole batches per burst
-    crop = dataset.prep.crop
+    crop = dataset.crop
     buffer = mmap.mmap(-1, burst * crop * crop * 3)  # MAP_SHARED: the workers' writes are seen here
     _SHARED = _Shared(dataset, np.frombuffer(buffer, np.uint8).reshape(burst, crop, crop, 3))
     try:
@@ -87,13 +88,13 @@ def _items(indices: Sequence[int], burst: int) -> list[dict[str, Any]]:
 
             def into_slot(image, slot=slot) -> dict[str, Any]:
                 shared.slots[slot] = shared.dataset.model_input_hwc(image)
-                return {"slot": slot}
+                return {Rec.SLOT: slot}
 
             records.append(shared.dataset.record(index, into_slot))
     return records
 
 
-def _decode_burst(pool: IsolatingPool, dataset, lo: int, hi: int, processes: int) -> list[dict[str, Any]]:
+def _decode_burst(pool: IsolatingPool, dataset: DecodeDataset, lo: int, hi: int, processes: int) -> list[dict[str, Any]]:
     """Decode items lo..hi-1, one share per process balanced by file size; their records, in order
     (a file whose decoder crashed its process, and again alone, is an error record)."""
     indices = range(lo, hi)
@@ -102,11 +103,7 @@ def _decode_burst(pool: IsolatingPool, dataset, lo: int, hi: int, processes: int
     done = {}
     for share, records in pool.map(functools.partial(_items, burst=burst), shares, in_flight=len(shares)):
         done.update(zip(share, records))
-    return [_crashed(dataset, i, done[i].reason) if isinstance(done[i], Crashed) else done[i] for i in indices]
-
-
-def _crashed(dataset, index: int, reason: str) -> dict[str, Any]:
-    return {"sha256": dataset.items[index].sha256, "error": reason, "changed": ()}
+    return [dataset.failed(i, done[i].reason) if isinstance(done[i], Crashed) else done[i] for i in indices]
 
 
 def _collate(records: list[dict[str, Any]], slots: np.ndarray):
@@ -115,7 +112,7 @@ def _collate(records: list[dict[str, Any]], slots: np.ndarray):
     used (predict normalises it into a new tensor) before the next one is asked for."""
     import torch
 
-    used = [r.pop("slot") for r in records if r.get("error") is None and "slot" in r]
+    used = [r.pop(Rec.SLOT) for r in records if r.get(Rec.ERROR) is None and Rec.SLOT in r]
     if not used:
         return records, None
     first = used[0]

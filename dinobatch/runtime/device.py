@@ -42,6 +42,16 @@ class Runtime:
             return f"{self.device} ({torch.cuda.get_device_name(self.device)}), {self.precision}"
         return f"{self.device}, {self.precision}"
 
+    def resolved(self) -> dict[str, str]:
+        """Device and precision as a run's saved configuration records them: what ran ("cpu",
+        "cuda:0"; "fp32", "bf16", "fp16"), never "auto", and valid --device/--precision values."""
+        device = str(self.device)
+        if self.is_cuda and self.device.index is None:
+            import torch
+
+            device = f"cuda:{torch.cuda.current_device()}"
+        return {"device": device, "precision": self.precision}
+
     def prepare(self, module):
         """Move a model to the device in eval mode and channels-last layout (faster convolutions)."""
         import torch

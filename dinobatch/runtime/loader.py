@@ -6,14 +6,12 @@ import contextlib
 import functools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from dinobatch.imaging import decode_budget
 from dinobatch.runtime.burst import BURST_IMAGES, burst_batches
+from dinobatch.runtime.dataset import DecodeDataset, Rec
 from dinobatch.runtime.workers import loader_context, loader_worker_init, this_process
-
-if TYPE_CHECKING:
-    from dinobatch.engines.local import ImageDataset
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +22,7 @@ def collate(records: list[dict[str, Any]]):
     Records whose JPEG bytes go to the device keep them; device_batch puts everything together."""
     import torch
 
-    tensors = [r.pop("tensor") for r in records if r.get("error") is None and "tensor" in r]
+    tensors = [r.pop(Rec.TENSOR) for r in records if r.get(Rec.ERROR) is None and Rec.TENSOR in r]
     batch = torch.stack(tensors) if tensors else None
     return records, batch
 
@@ -39,7 +37,7 @@ _PREFETCH = 4
 _DEATH_GRACE_S = 5.0
 
 
-def loader_batches(dataset: "ImageDataset", batch_size: int, workers: int, pin_memory: bool) -> Iterator:
+def loader_batches(dataset: DecodeDataset, batch_size: int, workers: int, pin_memory: bool) -> Iterator:
     """DataLoader batches in order; a worker that dies (a C decoder crashing on a hostile file, the
     OOM killer) costs the file it was decoding, not the run. The batches the loader had in flight
     are decoded again by burst_batches, which finds the file and makes it an error record, and a

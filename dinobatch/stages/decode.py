@@ -6,26 +6,26 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dinobatch.imaging import decode_budget
 from dinobatch.imaging.decode import DecodeError, decode, quiet_decoding
 from dinobatch.imaging.preprocess import model_input_hwc
 from dinobatch.io.walk import read_bytes, read_error
 from dinobatch.models.file import Preprocessing
 from dinobatch.runtime import faults
+from dinobatch.runtime.dataset import Rec
 from dinobatch.schema import FACT_FIELDS, Col
 
-__all__ = ["WorkItem", "Contents", "CHANGED", "ABSPATHS", "CHANGED_PATHS", "DECODED_SCHEMA", "decode_item",
-           "decode_batch"]
+__all__ = ["WorkItem", "Contents", "Rec", "Gate", "CHANGED", "ABSPATHS", "CHANGED_PATHS", "DECODED_SCHEMA",
+           "decode_item", "decode_batch"]
 
 CHANGED = "file changed while dinobatch was reading it; the next run classifies it"
 ABSPATHS = "abspaths"  # decode_batch's input: every file that holds the content (os.fsencode'd)
-CHANGED_PATHS = "changed"  # decode_batch's output: the files whose bytes no longer had the content's sha256
+CHANGED_PATHS = Rec.CHANGED  # decode_batch's output: the files whose bytes no longer had the content's sha256
 DECODED_SCHEMA = pa.schema([pa.field(Col.SHA256, pa.string()), pa.field(Col.ERROR, pa.string()),
                             pa.field(CHANGED_PATHS, pa.list_(pa.binary())), *FACT_FIELDS])
 
@@ -33,6 +33,10 @@ DECODED_SCHEMA = pa.schema([pa.field(Col.SHA256, pa.string()), pa.field(Col.ERRO
 # the device fails on, go through the CPU path.
 _DEVICE_JPEG_MODES = ("RGB", "L")
 _DEVICE_JPEG_MAX_PIXELS = 50_000_000
+
+# heavy(nbytes): a context held around a decode that allocates nbytes, handed in by the engine (the
+# local one passes imaging.decode_budget.hold, a memory budget shared by its workers); None: no gate.
+Gate = Callable[[int], ContextManager[Any]]
 
 
 @dataclass(frozen=True)
@@ -90,42 +94,45 @@ def _read_content(item: WorkItem) -> tuple[bytes | None, str, list[str], str | N
 
 
 def decode_item(item: WorkItem, prep: Preprocessing, prepare: Callable[[Any], dict[str, Any]], *,
-                jpeg_to_device: bool = False) -> dict[str, Any]:
-    """One content decoded: its record (sha256, error, changed, facts), with what prepare(picture)
-    returns where the CPU prepares the model input (a tensor, or where the pixels were put).
+                jpeg_to_device: bool = False, heavy: Gate | None = None) -> dict[str, Any]:
+    """One content decoded: its record (keys: Rec; sha256, error, changed, facts), with what
+    prepare(picture) returns where the CPU prepares the model input (a tensor, or where the pixels
+    were put). heavy: the engine's memory gate around the decode (see Gate).
 
     With jpeg_to_device, a plain JPEG's bytes and orientation travel instead (the device decodes
     them); facts and hashes still come from this CPU decode, so they do not depend on the device."""
     data, path, changed, unread = _read_content(item)
-    record: dict[str, Any] = {"sha256": item.sha256, "error": None, "changed": tuple(changed)}
+    record: dict[str, Any] = {Rec.SHA256: item.sha256, Rec.ERROR: None, Rec.CHANGED: tuple(changed)}
     if data is None:
-        record["error"] = unread or CHANGED
+        record[Rec.ERROR] = unread or CHANGED
         return record
     try:
         faults.point("decode", path)
-        dec = decode(data, min_side=prep.resize, heavy=decode_budget.hold)
+        dec = decode(data, min_side=prep.resize, heavy=heavy)
         if (jpeg_to_device and dec.format == "JPEG" and dec.mode in _DEVICE_JPEG_MODES
                 and dec.width * dec.height <= _DEVICE_JPEG_MAX_PIXELS):
             import torch
 
-            record["jpeg"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            record["orientation"] = dec.orientation
+            record[Rec.JPEG] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            record[Rec.ORIENTATION] = dec.orientation
         else:
             record.update(prepare(dec.image))
     except DecodeError as exc:
-        record["error"] = str(exc)
+        record[Rec.ERROR] = str(exc)
         return record
     except Exception as exc:  # e.g. MemoryError on a hostile file: this file's row, not the run's end
-        record["error"] = f"cannot prepare image for the model: {type(exc).__name__}: {exc}"
+        record[Rec.ERROR] = f"cannot prepare image for the model: {type(exc).__name__}: {exc}"
         return record
-    record["facts"] = {Col.FORMAT: dec.format, Col.WIDTH: dec.width, Col.HEIGHT: dec.height,
+    record[Rec.FACTS] = {Col.FORMAT: dec.format, Col.WIDTH: dec.width, Col.HEIGHT: dec.height,
                        Col.MODE: dec.mode, Col.PHASH: dec.phash, Col.DHASH: dec.dhash}
     return record
 
 
-def decode_batch(batch: pa.Table | pa.RecordBatch, prep: Preprocessing) -> tuple[pa.Table, np.ndarray]:
+def decode_batch(batch: pa.Table | pa.RecordBatch, prep: Preprocessing, *,
+                 heavy: Gate | None = None) -> tuple[pa.Table, np.ndarray]:
     """decode_item over a batch of contents (columns ABSPATHS, sha256): a DECODED_SCHEMA table, and the
-    model inputs as uint8 NHWC pixels (zeros where the row has an error), as a cluster map would call it."""
+    model inputs as uint8 NHWC pixels (zeros where the row has an error), as a cluster map would call it.
+    stages.infer.cache_rows turns the table and its predictions into what the job commits."""
     shas = batch.column(Col.SHA256).to_pylist()
     pixels = np.zeros((len(shas), prep.crop, prep.crop, 3), np.uint8)
     records = []
@@ -136,9 +143,9 @@ def decode_batch(batch: pa.Table | pa.RecordBatch, prep: Preprocessing) -> tuple
                 return {}
 
             item = WorkItem(tuple(os.fsdecode(p) for p in paths), sha)
-            records.append(decode_item(item, prep, into_row))
-    facts = [r.get("facts") or {} for r in records]
-    columns = {Col.SHA256: shas, Col.ERROR: [r["error"] for r in records],
-               CHANGED_PATHS: [[os.fsencode(p) for p in r["changed"]] for r in records],
+            records.append(decode_item(item, prep, into_row, heavy=heavy))
+    facts = [r.get(Rec.FACTS) or {} for r in records]
+    columns = {Col.SHA256: shas, Col.ERROR: [r[Rec.ERROR] for r in records],
+               CHANGED_PATHS: [[os.fsencode(p) for p in r[Rec.CHANGED]] for r in records],
                **{f.name: [f_.get(f.name) for f_ in facts] for f in FACT_FIELDS}}
     return pa.table(columns, schema=DECODED_SCHEMA), pixels

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dinobatch.models.file import LoadedModel
 from dinobatch.models.forward import compiled, forward_with_features
+from dinobatch.runtime.dataset import Rec
 from dinobatch.runtime.device import Runtime, default_batch_size
-from dinobatch.schema import PREDICTION_FIELDS, Col
+from dinobatch.schema import FACT_COLUMNS, PREDICTION_COLUMNS, PREDICTION_FIELDS, Col, cache_schema
+from dinobatch.stages.decode import CHANGED_PATHS
 
-__all__ = ["ContentResult", "Predictor", "NON_FINITE", "PREDICTED_SCHEMA", "postprocess", "predictions_table",
-           "content_results"]
+__all__ = ["ContentResult", "InferredBatch", "Predictor", "NON_FINITE", "PREDICTED_SCHEMA", "postprocess",
+           "predictions_table", "content_results", "inferred_batch", "predict_decoded", "cache_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,21 @@ class ContentResult:
     facts: dict[str, Any] | None = None  # format, width, height, mode, phash, dhash
     prediction: dict[str, Any] | None = None  # label, confidence, probs, margin, entropy, embedding
     changed: tuple[str, ...] = ()  # files whose bytes no longer match sha256 (changed during the run)
+
+
+@dataclass(frozen=True)
+class InferredBatch:
+    """One finished batch as an engine hands it to the job, which commits it: the cache rows
+    (schema.cache_schema: sha256, facts, prediction) of the contents decoded and inferred, the reason
+    each of the others failed (by sha256), and the files found changed while they were read."""
+
+    rows: pa.Table
+    failed: dict[str, str]
+    changed: tuple[str, ...]
+
+    def __len__(self) -> int:
+        """The contents the batch accounts for, inferred or failed."""
+        return self.rows.num_rows + len(self.failed)
 
 
 class Predictor:
@@ -109,8 +128,48 @@ def content_results(records: Sequence[dict[str, Any]], preds: Sequence[dict[str,
     it = iter(preds)
     results = []
     for r in records:
-        pred = next(it) if r["error"] is None else None
-        error = pred if isinstance(pred, str) else r["error"]
-        results.append(ContentResult(r["sha256"], error, r.get("facts") if error is None else None,
-                                     None if error else pred, r["changed"]))
+        pred = next(it) if r[Rec.ERROR] is None else None
+        error = pred if isinstance(pred, str) else r[Rec.ERROR]
+        results.append(ContentResult(r[Rec.SHA256], error, r.get(Rec.FACTS) if error is None else None,
+                                     None if error else pred, r[Rec.CHANGED]))
     return results
+
+
+def inferred_batch(results: Sequence[ContentResult]) -> InferredBatch:
+    """The record form (the local engine's ContentResults) as the job commits it."""
+    rows = [{Col.SHA256: r.sha256, **r.facts, **r.prediction} for r in results if r.error is None]
+    return InferredBatch(pa.Table.from_pylist(rows, schema=cache_schema()),
+                         {r.sha256: r.error for r in results if r.error is not None},
+                         tuple(p for r in results for p in r.changed))
+
+
+def predict_decoded(predictor: Predictor, decoded: pa.Table, pixels: np.ndarray) -> pa.Table:
+    """The infer stage over decode_batch's output: the rows without an error, in order and in one
+    forward pass, as the local engine infers a batch (a PREDICTED_SCHEMA table, one row per such row)."""
+    return predictor.table(pixels[_decoded_ok(decoded)])
+
+
+def cache_rows(decoded: pa.Table, predicted: pa.Table) -> InferredBatch:
+    """The batch form as the job commits it: decode_batch's table and predict_decoded's (one row per
+    decoded row without an error) joined into cache rows, failures and changed files; value for
+    value what inferred_batch makes of the local engine's ContentResults for the same contents."""
+    ok = _decoded_ok(decoded)
+    if predicted.num_rows != int(ok.sum()):
+        raise ValueError(f"{predicted.num_rows} predictions for {int(ok.sum())} decoded rows without an error")
+    inferred = decoded.filter(pa.array(ok))
+    columns = [inferred[Col.SHA256], *(inferred[c] for c in FACT_COLUMNS), *(predicted[c] for c in PREDICTION_COLUMNS)]
+    good = pc.is_null(predicted[Col.ERROR])
+    rows = pa.Table.from_arrays(columns, schema=cache_schema()).filter(good)
+    reasons = iter(predicted[Col.ERROR].to_pylist())
+    failed = {}
+    for sha, error in zip(decoded[Col.SHA256].to_pylist(), decoded[Col.ERROR].to_pylist()):
+        error = next(reasons) if error is None else error
+        if error is not None:
+            failed[sha] = error
+    changed = tuple(os.fsdecode(p) for paths in decoded[CHANGED_PATHS].to_pylist() for p in paths)
+    return InferredBatch(rows, failed, changed)
+
+
+def _decoded_ok(decoded: pa.Table) -> np.ndarray:
+    """Which rows of decode_batch's table have a model input (no error)."""
+    return pc.is_null(decoded[Col.ERROR]).to_numpy(zero_copy_only=False)

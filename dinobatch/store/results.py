@@ -52,11 +52,13 @@ class CacheWriter:
         self.schema = cache_schema(metadata)
         self.parts = 0
 
-    def write(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Write rows (sha256 + facts + prediction columns) as one atomically committed part."""
-        if not rows:
+    def write(self, rows: Sequence[dict[str, Any]] | pa.Table) -> None:
+        """Write rows (sha256 + facts + prediction columns: dicts, or a cache_schema table) as one
+        atomically committed part."""
+        if not len(rows):
             return
-        table = pa.Table.from_pylist(list(rows), schema=self.schema)
+        table = rows.cast(self.schema) if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows),
+                                                                                               schema=self.schema)
         target = self.folder / f"part-{self.run_id}-{self.parts:05d}.parquet"
         with atomic_path(target, "write results to") as tmp:
             pq.write_table(table, tmp)

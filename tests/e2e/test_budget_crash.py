@@ -16,7 +16,6 @@ from tests.helpers import REPO
 
 _SCRIPT = """
 import os, signal, sys, time
-from types import SimpleNamespace
 import numpy as np
 import torch  # as in classify: the workers inherit it, so they start at once
 from dinobatch.imaging import decode_budget
@@ -30,8 +29,9 @@ def wait_for(path):
 
 class Dataset:
     # two items in two workers: 0 takes the whole budget and dies holding it; 1 then asks for some
-    prep = SimpleNamespace(crop=8)
-    items = [SimpleNamespace(sha256="0"), SimpleNamespace(sha256="1")]
+    crop = 8
+    def failed(self, index, reason):
+        return {"sha256": str(index), "error": reason, "changed": ()}
     def __len__(self):
         return 2
     def cost(self, index):

@@ -220,3 +220,15 @@ def test_the_saved_config_records_the_batch_size_the_rule_chose(tmp_path, inbox,
     assert saved["workers"] == 0
     run(inbox["a.jpg"].parent, out, tiny_model, batch_size=None, device="cpu")  # nothing new to infer
     assert json.loads((out / "_summary.json").read_text())["config"]["batch_size"] == CPU_BATCH_SIZE
+
+
+def test_the_saved_config_records_the_device_and_precision_that_ran_and_reruns_the_same(tmp_path, inbox, tiny_model):
+    root = inbox["a.jpg"].parent
+    first, rows = run(root, tmp_path / "out", tiny_model)  # device and precision left to "auto"
+    saved = json.loads((tmp_path / "out" / "_summary.json").read_text())["config"]
+    assert (saved["device"], saved["precision"]) == ("cpu", "fp32")  # this machine has no GPU
+    # the saved configuration is valid input, and it reruns the same run
+    given = {k: v for k, v in saved.items() if k not in ("folder", "out", "model", "species")}
+    again, rerun = run(root, tmp_path / "out", tiny_model, **{**given, "force": True})
+    assert again.inferred == first.inferred and again.config == {**first.config, "force": True}
+    assert {p: r["probs"] for p, r in rerun.items()} == {p: r["probs"] for p, r in rows.items()}

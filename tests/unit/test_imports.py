@@ -11,7 +11,9 @@ import pytest
 
 from tests.helpers import REPO
 
-TORCH_FREE = ("dinobatch.io", "dinobatch.imaging", "dinobatch.dedupe", "dinobatch.store")
+# stages: torch only inside the functions that run a model or hand bytes to the device, so that a cluster's
+# CPU tasks (decode, fingerprint, group, rows) and the CLI's help import them without it
+TORCH_FREE = ("dinobatch.io", "dinobatch.imaging", "dinobatch.dedupe", "dinobatch.store", "dinobatch.stages")
 
 # Run in a fresh interpreter: a finder first on sys.meta_path makes torch and torchvision unimportable,
 # then every module of the packages named in argv is imported; prints {module: error} as JSON.
