@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["Decoded", "DecodeError", "decode", "to_rgb", "MAX_PIXELS", "HASH_MIN_SIDE", "Hashes",
-           "decode_hashes", "SCAN_MIN_SIDE", "quiet_decoding"]
+           "decode_hashes", "SCAN_MIN_SIDE", "quiet_decoding", "HEIF_MISSING"]
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,16 @@ MAX_PIXELS = 89_478_485
 # max(this, the model's resize); for every model that resizes to <= 256 (all torchvision ResNet
 # recipes) hashes are therefore the same whichever model asked for the decode.
 HASH_MIN_SIDE = 256
-# Formats Pillow may try. Anything else (EPS, which runs Ghostscript; PDF; WMF; ...) is refused.
+# Formats Pillow may try, in this order. Anything else (EPS, which runs Ghostscript; PDF; WMF; ...)
+# is refused. HEIF (phone photos, iPhones' HEIC) comes from pillow-heif, registered on first use
+# (_heif_registered); it comes after AVIF so that AVIF stays Pillow's own.
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "ICO", "CUR", "AVIF",
-           "JPEG2000", "PPM", "PCX", "TGA", "PSD", "QOI", "DDS", "XBM", "ICNS", "SGI")
+           "JPEG2000", "PPM", "PCX", "TGA", "PSD", "QOI", "DDS", "XBM", "ICNS", "SGI", "HEIF")
+# The reason a HEIC/HEIF file gets where pillow-heif is not installed.
+HEIF_MISSING = "HEIC/HEIF image, but HEIF support is not installed: pip install 'dinobatch[heif]'"
+# ftyp major brands of HEIF files coded in HEVC (HEIC) or of plain HEIF (mif1, msf1; AVIF also uses
+# these, so a file listing the avif brand is not taken for HEIC), as pillow-heif accepts them.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1")
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -55,7 +62,9 @@ class Decoded(Hashes):
     """What one decode yields: facts about the file, its hashes and the picture."""
 
     image: Image.Image  # RGB, oriented, possibly reduced in size by JPEG draft decoding
-    orientation: int = 1  # the EXIF orientation that was applied to image (1: none)
+    # the EXIF orientation that was applied to image (1: none). HEIF is 1: libheif applies the
+    # container's rotation and mirroring while decoding and pillow-heif resets the EXIF tag to 1.
+    orientation: int = 1
 
 
 def decode(data: bytes, *, min_side: int = HASH_MIN_SIDE,
@@ -76,7 +85,29 @@ def decode(data: bytes, *, min_side: int = HASH_MIN_SIDE,
 def _available_formats() -> tuple[str, ...]:
     """The allowed formats this Pillow build can open (plugins register lazily, hence init())."""
     Image.init()
-    return tuple(f for f in FORMATS if f in Image.OPEN)
+    heif = _heif_registered()
+    return tuple(f for f in FORMATS if f in Image.OPEN and (heif or f != "HEIF"))
+
+
+def _heif_registered() -> bool:
+    """Register pillow-heif's HEIF opener with Pillow, once per process; False without the heif extra.
+
+    Done on the first decode, not at import: `dinobatch --help` and processes that never decode
+    do not load libheif."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _looks_like_heif(data: bytes) -> bool:
+    """The bytes start with an ISO-BMFF ftyp box of a HEIF brand (and do not list AVIF's)."""
+    if data[4:8] != b"ftyp" or data[8:12] not in _HEIF_BRANDS:
+        return False
+    end = min(int.from_bytes(data[:4], "big"), len(data), 256)
+    return b"avif" not in (data[i:i + 4] for i in range(16, end - 3, 4))  # the compatible brands
 
 
 @contextlib.contextmanager
@@ -102,7 +133,13 @@ def _silenced_c_stderr():
 
 def _open_checked(data: bytes) -> Image.Image:
     """Open (no pixels yet) an allowed format; refuse bombs and empty sizes before any allocation."""
-    img = Image.open(io.BytesIO(data), formats=_available_formats())
+    formats = _available_formats()
+    try:
+        img = Image.open(io.BytesIO(data), formats=formats)
+    except UnidentifiedImageError:
+        if "HEIF" not in formats and _looks_like_heif(data):
+            raise DecodeError(HEIF_MISSING) from None
+        raise
     width, height = img.size
     if width * height > MAX_PIXELS:
         raise DecodeError(f"refused: declared size {width}x{height} exceeds the limit of "
