@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from dinobatch.errors import InputError
+from dinobatch.io.uri import check_uri, is_uri, list_objects, object_uri, read_object, sha256_object
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -61,14 +62,21 @@ def name_and_bytes(raw: str) -> tuple[str, bytes | None]:
     return shown, (os.fsencode(raw) if shown != raw.replace(os.sep, "/") else None)
 
 
+def _size_error(size: int) -> str | None:
+    """Why a file of this size is not read (a local file's or an object's), or None."""
+    if size == 0:
+        return "empty file (0 bytes)"
+    if size > MAX_FILE_BYTES:
+        return f"file too large ({size} bytes; the limit is {MAX_FILE_BYTES})"
+    return None
+
+
 def _entry(root: str, full: str, st: os.stat_result | None, error: str | None) -> FileEntry:
     rel, raw = name_and_bytes(os.path.relpath(full, root))
     if error is None and st is not None and not stat.S_ISREG(st.st_mode):
         error = f"skipped: {_kind(st.st_mode)}, not an image file"
-    if error is None and st is not None and st.st_size == 0:
-        error = "empty file (0 bytes)"
-    if error is None and st is not None and st.st_size > MAX_FILE_BYTES:
-        error = f"file too large ({st.st_size} bytes; the limit is {MAX_FILE_BYTES})"
+    if error is None and st is not None:
+        error = _size_error(st.st_size)
     if st is None:
         return FileEntry(rel, full, None, None, error, raw)
     return FileEntry(rel, full, st.st_size, st.st_mtime_ns, error, raw, st.st_ctime_ns, st.st_ino)
@@ -81,6 +89,8 @@ def _is_inside(path: str, root_real: str) -> bool:
 def walk(root: str | Path, exclude: str | Path | None = None) -> Iterator[FileEntry]:
     """Yield every non-hidden file under root in sorted order, without following links out or in
     loops; the folder `exclude` (say, an output folder inside the input) is not entered."""
+    if is_uri(root):  # object stores are listed as a table, by walk_table
+        raise InputError(f"{root}: this command reads local folders only; classify and scan read object stores")
     root = check_folder(root)
     root_real = os.path.realpath(root)
     seen_dirs = {root_real}
@@ -101,11 +111,12 @@ def walk(root: str | Path, exclude: str | Path | None = None) -> Iterator[FileEn
 
 def walk_table(root: str | Path, exclude: str | Path | None = None) -> "pa.Table":
     """What walk() yields, in the same order, as one table (schema.walk_schema): built a chunk at a
-    time so that no Python object per file outlives its chunk, whatever the size of the folder."""
+    time so that no Python object per file outlives its chunk, whatever the size of the folder. A URI's
+    objects are listed with the same rules (exclude does not apply: the output is a local folder)."""
     import pyarrow as pa
 
     chunks, pending = [], []
-    for entry in walk(root, exclude):
+    for entry in (_object_entries(check_folder(root)) if is_uri(root) else walk(root, exclude)):
         pending.append(entry)
         if len(pending) == _TABLE_CHUNK:
             chunks.append(_entries_table(pending))
@@ -125,8 +136,26 @@ def _entries_table(entries: list[FileEntry]) -> "pa.Table":
         Col.INODE: [e.inode for e in entries], Col.ERROR: [e.error for e in entries]}, walk_schema())
 
 
+def _object_entries(folder: str) -> list[FileEntry]:
+    """walk() for a folder URI: a FileEntry per object, hidden keys (a component starting with '.')
+    skipped, in walk()'s order (sorted a folder level at a time); no ctime or inode in a store."""
+    found = []
+    for key, size, mtime_ns in list_objects(folder):
+        parts = key.split("/")
+        if any(p.startswith(".") for p in parts):
+            continue
+        rel, raw = name_and_bytes(key)
+        error = _size_error(size) if size is not None else None
+        found.append((parts, FileEntry(rel, object_uri(folder, key), size, mtime_ns, error, raw)))
+    found.sort(key=lambda pair: pair[0])
+    return [entry for _, entry in found]
+
+
 def check_folder(root: str | Path) -> str:
-    """The absolute path of an input folder, or an InputError saying why it cannot be used."""
+    """The absolute path of an input folder (a URI: as check_uri gives it), or an InputError saying why
+    it cannot be used."""
+    if is_uri(root):
+        return check_uri(root)
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
         raise InputError(f"input folder not found or not a folder: {root}")
@@ -191,7 +220,9 @@ def _open_regular_fd(path: str) -> tuple[int, os.stat_result]:
 
 
 def sha256_file(path: str) -> str:
-    """Hex sha256 of a file's bytes, streamed in 1 MiB chunks."""
+    """Hex sha256 of a file's bytes (a local path or a URI), streamed in 1 MiB chunks."""
+    if is_uri(path):
+        return sha256_object(path, MAX_FILE_BYTES)
     h = hashlib.sha256()
     with _open_regular(path) as fh:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
@@ -208,7 +239,9 @@ def read_bytes(path: str) -> bytes:
     """The whole file, refusing non-regular and oversized files.
 
     Raw reads, the first sized from the open file's stat (no buffered reader: half the cost for a
-    200 KB photo), then on to the end, up to the same limit."""
+    200 KB photo), then on to the end, up to the same limit. A URI: the object's bytes."""
+    if is_uri(path):
+        return read_object(path, MAX_FILE_BYTES)
     fd, st = _open_regular_fd(path)
     try:
         data = os.read(fd, st.st_size + 1)

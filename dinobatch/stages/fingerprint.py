@@ -20,11 +20,17 @@ FINGERPRINT_SCHEMA = pa.schema([pa.field(Col.SHA256, pa.string()), pa.field(Col.
 
 def known_shas(files: pa.Table, index: pa.Table) -> pa.ChunkedArray:
     """Per file, the sha256 the file index holds for it where size, mtime, ctime and inode all match
-    what the walk saw (null elsewhere): those files are not read again."""
+    what the walk saw (null elsewhere): those files are not read again. An object in a store has no
+    ctime or inode: null in both the walk and the index counts as a match there, while size and
+    mtime must be known and equal (a store without them has every object read again)."""
     at = pc.index_in(files[Col.ABSPATH], value_set=index[Col.ABSPATH].combine_chunks())
     same = pa.chunked_array([pa.array(np.ones(files.num_rows, bool))])
     for c in (Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE):  # a column at a time: no copy of the index
-        same = pc.and_(same, pc.fill_null(pc.equal(files[c], index[c].take(at)), False))
+        seen, known = files[c], index[c].take(at)
+        equal = pc.equal(seen, known)
+        if c in (Col.CTIME_NS, Col.INODE) and seen.null_count:  # local files: none null, nothing to do
+            equal = pc.if_else(pc.and_(seen.is_null(), known.is_null()), True, equal)
+        same = pc.and_(same, pc.fill_null(equal, False))
     return pc.if_else(same, index[Col.SHA256].take(at), pa.scalar(None, pa.string()))
 
 

@@ -49,3 +49,16 @@ def test_a_file_that_cannot_be_read_has_an_error_and_no_sha(tmp_path):
                    fingerprint(with_known_shas(files, file_index_schema().empty_table())).to_pylist()))
     assert out["gone.png"][Col.SHA256] is None and "No such file" in out["gone.png"][Col.ERROR]
     assert out["dangling.png"][Col.SHA256] is None and "broken symbolic link" in out["dangling.png"][Col.ERROR]
+
+
+def test_objects_without_ctime_or_inode_are_vouched_for_by_size_and_mtime(tmp_path):
+    for name in ("same.png", "touched.png", "resized.png", "unsized.png"):
+        save(picture(len(name)), tmp_path / name)
+    files = walk_table("file://" + str(tmp_path))  # listed as a store lists: no ctime, no inode
+    index = _index(files, {n: "0" * 64 for n in ("same.png", "touched.png", "resized.png", "unsized.png")},
+                   **{"touched.png": {Col.MTIME_NS: 1}, "resized.png": {Col.BYTES: 1}, "unsized.png": {Col.BYTES: None}})
+    files = files.set_column(files.schema.get_field_index(Col.BYTES), Col.BYTES, pa.array(
+        [None if p == "unsized.png" else b for p, b in zip(files[Col.PATH].to_pylist(), files[Col.BYTES].to_pylist())],
+        pa.int64()))
+    known = dict(zip(files[Col.PATH].to_pylist(), with_known_shas(files, index)[KNOWN_SHA256].to_pylist()))
+    assert known == {"same.png": "0" * 64, "touched.png": None, "resized.png": None, "unsized.png": None}
