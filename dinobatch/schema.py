@@ -210,8 +210,8 @@ def file_index_schema() -> pa.Schema:
         pa.field(Col.ABSPATH, pa.binary(), nullable=False),  # os.fsencode of the absolute path
         pa.field(Col.BYTES, pa.int64(), nullable=False),
         pa.field(Col.MTIME_NS, pa.int64(), nullable=False),
-        pa.field(Col.CTIME_NS, pa.int64(), nullable=False),
-        pa.field(Col.INODE, pa.int64(), nullable=False),
+        pa.field(Col.CTIME_NS, pa.int64()),  # null for an object in a store (no ctime, no inode)
+        pa.field(Col.INODE, pa.int64()),
         pa.field(Col.SHA256, pa.string(), nullable=False),
     ])
 

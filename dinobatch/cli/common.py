@@ -243,8 +243,9 @@ _INPUT_ERROR = "dinobatch.input_error"
 
 
 class _InputFolder(click.ParamType):
-    """A FOLDER argument: missing or not a folder is an InputError (exit 6, as documented), not
-    Click's usage error (exit 2); the value is passed on as given."""
+    """A FOLDER argument, a local path or a URI (s3://bucket/prefix; see io.uri): missing, not a folder
+    or not listable is an InputError (exit 6, as documented), not Click's usage error (exit 2); the
+    value is passed on as given."""
 
     name = "folder"
 

@@ -27,9 +27,11 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _READ_CHUNK = 16 * 1024 * 1024  # an object store answers each read with a request: few, large ones
 _SAFE = "/!$&'()*+,;=:@~"  # kept as they are in an object's URI; anything else outside [A-Za-z0-9_.-] is %XX
 
-# (process, scheme, authority, query) -> (filesystem, what pyarrow puts before the URI's path). The
-# process id is in the key: a forked worker makes its own client rather than share its parent's.
-_filesystems: dict[tuple[int, str, str, str], tuple[Any, str]] = {}
+# (process, scheme, authority, query, client settings) -> (filesystem, what pyarrow puts before the
+# URI's path). The process id is in the key: a forked worker makes its own client rather than share
+# its parent's; so are the clients' environment variables: a changed endpoint or profile is obeyed.
+_filesystems: dict[tuple[Any, ...], tuple[Any, str]] = {}
+_CLIENT_ENV = ("AWS_", "GOOGLE_", "AZURE_", "HADOOP_", "ARROW_")
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -50,7 +52,9 @@ def _resolve(uri: str) -> tuple["pafs.FileSystem", str]:
     import pyarrow.fs as pafs
 
     parts = _split(uri)
-    key = (os.getpid(), parts.scheme, parts.netloc, parts.query)
+    settings = hashlib.sha256(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CLIENT_ENV)))
+                              .encode()).hexdigest()  # a digest: no secret kept in the key itself
+    key = (os.getpid(), parts.scheme, parts.netloc, parts.query, settings)
     inner = unquote(parts.path)
     if key in _filesystems:
         fs, lead = _filesystems[key]
