@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, HASH_BITS
+from dinobatch.engines import ENGINE_LOCAL, check_engine
 from dinobatch.errors import ConfigError
 from dinobatch.runtime.device import CUDA_MAX_BATCH_SIZE
 
@@ -49,8 +50,11 @@ class ClassifyConfig:
     wait: float = 0.0  # seconds to wait for another run on the same --out before giving up
     compile: bool = False  # torch.compile the model (pays a compile once per run)
     gpu_decode: bool = True  # on CUDA, decode JPEGs on the GPU (nvjpeg)
+    engine: str = ENGINE_LOCAL  # local | ray (engines.ENGINES): what schedules the stages
+    address: str | None = None  # ray: the cluster to join (env RAY_ADDRESS); None: a local Ray for the run
 
     def __post_init__(self) -> None:
+        check_engine(self.engine)  # an unknown engine, or ray without its extra, before any work
         if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise ConfigError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}")
         if self.top_k < 1:
@@ -75,6 +79,11 @@ class ScanConfig:
     workers: int | None = None  # None: every usable core; 0: hash in this process
     phash_max: int = DEFAULT_PHASH_MAX
     dhash_max: int = DEFAULT_DHASH_MAX
+    engine: str = ENGINE_LOCAL  # as ClassifyConfig.engine
+    address: str | None = None  # as ClassifyConfig.address
+
+    def __post_init__(self) -> None:
+        check_engine(self.engine)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

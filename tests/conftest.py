@@ -71,3 +71,20 @@ def inbox(tmp_path) -> dict[str, Path]:
     save(picture(9), root / ".hidden.jpg")
     save(picture(10), root / ".thumbs" / "x.jpg")
     return files
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on this machine (a head and a worker of one CPU each), started once per
+    session (about 1 GiB and some seconds); yields its address, for --engine ray --address."""
+    pytest.importorskip("ray.cluster_utils", reason="the ray extra is not installed: pip install 'dinobatch[ray]'")
+    from ray.cluster_utils import Cluster
+
+    small = {"num_cpus": 1, "object_store_memory": 256 * 1024 ** 2}  # the machine is shared: a small store each
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={**small, "include_dashboard": False})
+    try:
+        cluster.add_node(**small)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()

@@ -12,6 +12,7 @@ from dinobatch.cli.common import (
     INPUT_FOLDER,
     Progress,
     default_of,
+    engine_options,
     predict_options,
     print_counts,
     print_errors,
@@ -52,6 +53,7 @@ from dinobatch.io.terminal import printable
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the run summary to this file (atomically), for monitoring.")
+@engine_options(ClassifyConfig)
 @verbosity
 def classify(folder: str, quiet: bool, verbose: bool, as_json: bool, summary_json: str | None,
              **options: Any) -> None:

@@ -293,3 +293,16 @@ def print_errors(errors: list[dict[str, str]], total: int) -> None:
     more = total - min(len(errors), _ERRORS_SHOWN)
     if more > 0:
         click.echo(f"  ... and {more} more error{'s' if more > 1 else ''} (every one is a row with status error)")
+
+
+def engine_options(config: type):
+    """--engine and --address as classify and scan take them (their defaults: config's fields)."""
+    from dinobatch.engines import ENGINES, RAY_EXTRA
+
+    def decorate(f):
+        f = click.option("--address", envvar="RAY_ADDRESS", default=default_of(config, "address"),
+                         help="--engine ray: the Ray cluster to join [default: a local Ray started for the run; "
+                              "env RAY_ADDRESS].")(f)
+        return click.option("--engine", type=click.Choice(ENGINES), default=default_of(config, "engine"),
+                            help=f"What runs the work: this machine, or a Ray cluster (needs {RAY_EXTRA}).")(f)
+    return decorate

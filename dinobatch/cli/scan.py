@@ -11,6 +11,7 @@ from dinobatch.cli.common import (
     INPUT_FOLDER,
     Progress,
     default_of,
+    engine_options,
     print_counts,
     print_errors,
     run,
@@ -38,9 +39,10 @@ log = logging.getLogger("dinobatch")
               help="Near duplicate: dHash distance.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the run summary to this file (atomically), for monitoring.")
+@engine_options(ScanConfig)
 @verbosity
 def scan(folder: str, output: str, workers: int | None, phash_max: int, dhash_max: int,
-         summary_json: str | None, quiet: bool, verbose: bool) -> None:
+         summary_json: str | None, engine: str, address: str | None, quiet: bool, verbose: bool) -> None:
     """Inventory FOLDER without a model: sha256, pHash, dHash and duplicate groups, one row per file."""
     setup_logging(quiet, verbose)
 
@@ -49,7 +51,8 @@ def scan(folder: str, output: str, workers: int | None, phash_max: int, dhash_ma
         from dinobatch.jobs.scan import scan_folder
 
         cfg = ScanConfig(folder=folder, output=output, workers=workers, phash_max=phash_max,
-                         dhash_max=dhash_max)
+                         dhash_max=dhash_max, engine=engine, address=address)
+        _engine_built(cfg.engine)
         progress = Progress(enabled=not quiet)
         try:
             summary = scan_folder(cfg, progress)
@@ -65,6 +68,17 @@ def scan(folder: str, output: str, workers: int | None, phash_max: int, dhash_ma
             _print_summary(summary)
 
     run(body)
+
+
+def _engine_built(engine: str) -> None:
+    """Until scan's Ray engine (engines.ray_scan) is in, --engine ray says so rather than running locally."""
+    import importlib.util
+
+    from dinobatch.engines import ENGINE_RAY
+    from dinobatch.errors import ConfigError
+
+    if engine == ENGINE_RAY and importlib.util.find_spec("dinobatch.engines.ray_scan") is None:
+        raise ConfigError("scan --engine ray is not built yet; use --engine local")
 
 
 def _print_summary(s) -> None:

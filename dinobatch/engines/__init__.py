@@ -1,19 +1,28 @@
 """Engines: schedulers that run the stages of dinobatch.stages (which process decodes, batching, retries
 after a worker's death, progress). `Engine` is what a job asks of one, and nothing more; the local engine
-runs the stages on this machine. See docs/architecture.md."""
+runs the stages on this machine, the Ray engine on a Ray cluster (the `ray` extra). See docs/architecture.md."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from dinobatch.config import ClassifyConfig
+    from dinobatch.models.file import LoadedModel
     from dinobatch.runtime.device import Runtime
     from dinobatch.stages.decode import Contents
     from dinobatch.stages.infer import InferredBatch, Predictor
 
-__all__ = ["Engine", "Progress", "local_engine"]
+__all__ = ["Engine", "Progress", "ENGINES", "ENGINE_LOCAL", "ENGINE_RAY", "RAY_EXTRA", "check_engine", "open_engine",
+           "local_engine"]
+
+ENGINE_LOCAL, ENGINE_RAY = "local", "ray"
+ENGINES = (ENGINE_LOCAL, ENGINE_RAY)  # --engine's choices, classify's and scan's
+RAY_EXTRA = "pip install 'dinobatch[ray]'"  # what --engine ray needs, named in the error when it is missing
 
 # progress(stage, done, total): stage is "fingerprint" or "infer" (evaluate reports its own)
 Progress = Callable[[str, int, int], None]
@@ -40,7 +49,42 @@ class Engine(Protocol):
 
 
 def local_engine(runtime: Runtime, *, workers: int | None, progress: Progress | None) -> Engine:
-    """The engine a job runs on: the local one (this machine), chosen here and only here."""
+    """The local engine (this machine); open_engine chooses between it and the Ray engine."""
     from dinobatch.engines.local import LocalEngine
 
     return LocalEngine(runtime, workers=workers, progress=progress)
+
+
+def check_engine(name: str) -> None:
+    """Refuse an unknown engine, or the Ray engine where Ray Data is not installed, before any work is done
+    (a ConfigError naming the extra). Looks the package up without importing it: --help stays light."""
+    from dinobatch.errors import ConfigError
+
+    if name not in ENGINES:
+        raise ConfigError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
+    if name == ENGINE_RAY and not (_installed("ray") and _installed("ray.data")):
+        raise ConfigError(f"--engine ray needs Ray Data, which is not installed: {RAY_EXTRA}")
+
+
+def _installed(module: str) -> bool:
+    """Whether module can be imported (a parent set to None in sys.modules, as a test does, counts as missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # the parent missing, or present without a spec
+        return False
+
+
+@contextlib.contextmanager
+def open_engine(cfg: ClassifyConfig, runtime: Runtime, model: LoadedModel, *,
+                progress: Progress | None) -> Iterator[Engine]:
+    """The engine cfg.engine names, for the length of one classify run: the one place that chooses it.
+    The Ray engine joins cfg.address (or starts a local Ray) here and leaves it (stops it) on the way out."""
+    check_engine(cfg.engine)
+    if cfg.engine == ENGINE_LOCAL:
+        yield local_engine(runtime, workers=cfg.workers, progress=progress)
+        return
+    from dinobatch.engines.ray import RayEngine, connected
+
+    with connected(cfg.address):
+        yield RayEngine(model, device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
+                        compile=cfg.compile, progress=progress)

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from dinobatch import __version__
 from dinobatch.config import ClassifyConfig
-from dinobatch.engines import Engine, Progress, local_engine
+from dinobatch.engines import Engine, Progress, open_engine
 from dinobatch.errors import OutputError
 from dinobatch.imaging import decode_budget
 from dinobatch.io.lock import exclusive
@@ -94,10 +94,10 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
         out.remove_leftovers()
         metadata = schema_metadata(version=__version__, model_name=model.name, model_fingerprint=model.fingerprint,
                                    labels=list(model.spec.labels), folder=cfg.folder)
-        run = _Run(cfg=cfg, out=out, run_id=new_run_id(started), t0=t0, started=started, runtime=runtime,
-                   model=model, species=species, process=process, metadata=metadata,
-                   engine=local_engine(runtime, workers=cfg.workers, progress=progress))
-        return _classify_locked(run)
+        with open_engine(cfg, runtime, model, progress=progress) as engine:  # the Ray engine: joined for the run
+            run = _Run(cfg=cfg, out=out, run_id=new_run_id(started), t0=t0, started=started, runtime=runtime,
+                       model=model, species=species, process=process, metadata=metadata, engine=engine)
+            return _classify_locked(run)
 
 
 @dataclass(frozen=True)

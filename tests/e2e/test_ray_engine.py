@@ -1,0 +1,91 @@
+"""classify --engine ray on a real two-node Ray cluster (tests/conftest.py's ray_cluster, started once): the same
+rows as the local engine on the same folder, and one cache shared by both engines."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dinobatch.cli.main import cli
+from tests.helpers import REPO, jpeg_bytes, picture, save
+from tests.helpers import run_classify as run_local
+
+WEIRD = REPO.parent / "shared" / "data" / "weird"
+# what must agree exactly between the engines (probabilities and the floats made from them: within 1e-5)
+_EXACT = ("path", "status", "error", "sha256", "duplicate_of", "duplicate_kind", "label", "topk_labels", "format",
+          "width", "height", "mode", "phash", "dhash")
+_CLOSE = ("confidence", "probs", "topk_probs", "margin", "entropy")
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory) -> Path:
+    """A few tiny images with a copy, a near copy, and a corrupt, an empty and an unreadable file."""
+    root = tmp_path_factory.mktemp("ray") / "inbox"
+    for i in range(5):
+        save(picture(i + 1), root / ("sub" if i % 2 else "") / f"p{i}.jpg", quality=90)
+    save(picture(7, (320, 240)), root / "big.png")
+    save(picture(7, (320, 240)).resize((160, 120), Image.LANCZOS), root / "small_copy.jpg", quality=90)
+    (root / "copy_of_p0.jpg").write_bytes((root / "p0.jpg").read_bytes())
+    (root / "corrupt.jpg").write_bytes(jpeg_bytes(picture(8))[:700])
+    (root / "empty.png").write_bytes(b"")
+    os.symlink(root / "gone.jpg", root / "unreadable.jpg")  # a link to nothing (root reads any mode bits)
+    return root
+
+
+def _ray(folder: Path, out: Path, model: Path, address: str, *extra: str) -> dict:
+    """classify --engine ray through the CLI; the run's rows by path, and its summary."""
+    args = ["classify", str(folder), "-o", str(out), "-m", str(model), "-b", "4", "--engine", "ray",
+            "--address", address, "--species", str(REPO / "manifests" / "species.csv"), "--json", "-q", *extra]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    import json
+
+    summary = json.loads(result.stdout)
+    return summary, {r["path"]: r for r in pq.read_table(summary["rows_file"]).to_pylist()}
+
+
+def _assert_same_rows(local: dict, ray: dict) -> None:
+    assert sorted(ray) == sorted(local)
+    for path, row in local.items():
+        other = ray[path]
+        assert {c: other[c] for c in _EXACT} == {c: row[c] for c in _EXACT}, path
+        for c in _CLOSE:
+            assert (other[c] is None) == (row[c] is None), (path, c)
+            if row[c] is not None:
+                a, b = (row[c], other[c]) if isinstance(row[c], list) else ([row[c]], [other[c]])
+                assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(a, b)), (path, c)
+
+
+def test_ray_rows_equal_the_local_engines_on_awkward_files(tmp_path, awkward, tiny_model, ray_cluster):
+    _, local = run_local(awkward, tmp_path / "local", tiny_model)
+    summary, ray = _ray(awkward, tmp_path / "ray", tiny_model, ray_cluster)
+    _assert_same_rows(local, ray)
+    assert {p for p, r in ray.items() if r["status"] == "error"} == {"corrupt.jpg", "empty.png", "unreadable.jpg"}
+    assert (ray["p0.jpg"]["duplicate_of"], ray["small_copy.jpg"]["duplicate_of"]) == ("copy_of_p0.jpg", "big.png")
+    assert summary["config"]["engine"] == "ray" and summary["config"]["device"] == "cpu"
+    assert summary["inferred"] == 7  # eight readable contents, one an exact copy
+
+
+def test_a_ray_run_after_a_local_run_infers_nothing_new(tmp_path, awkward, tiny_model, ray_cluster):
+    out = tmp_path / "out"
+    first, local = run_local(awkward, out, tiny_model)
+    summary, ray = _ray(awkward, out, tiny_model, ray_cluster)
+    assert (summary["inferred"], summary["reused"]) == (0, first.inferred)
+    _assert_same_rows(local, ray)
+    save(picture(20), awkward.parent / "more" / "new.jpg", quality=90)  # one new content: only it is inferred
+    summary, _ = _ray(awkward.parent / "more", out, tiny_model, ray_cluster)
+    assert summary["inferred"] == 1
+
+
+def test_ray_rows_equal_the_local_engines_on_the_weird_files(tmp_path, tiny_model, ray_cluster):
+    if not WEIRD.is_dir():
+        pytest.skip(f"{WEIRD} is absent (the shared real-data folder; see CONTRIBUTING.md)")
+    _, local = run_local(WEIRD, tmp_path / "local", tiny_model)
+    _, ray = _ray(WEIRD, tmp_path / "ray", tiny_model, ray_cluster)
+    _assert_same_rows(local, ray)
