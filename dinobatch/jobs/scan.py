@@ -1,7 +1,8 @@
 """The scan job: inventory, sha256, pHash/dHash and duplicate groups of a folder, with no model.
 
-The job walks the folder, hands the files to the local engine for scan's stage
-(engines.local_scan.hash_files: stages.hashes.hash_file in one crash-isolating pool), gathers the
+The job walks the folder, hands the files to an engine for scan's stage (the local one,
+engines.local_scan.hash_files: stages.hashes.hash_file in one crash-isolating pool; or --engine ray,
+engines.ray_scan: stages.hashes.hash_batch in Ray tasks), gathers the
 records, groups the duplicates and writes one Parquet file atomically, then the summary. A file
 that cannot be read or decoded, or whose decoder crashed its process, is a row with that reason.
 Nothing on this path imports torch (nor pandas, which pyarrow imports for some conversions: 0.5 s).
@@ -29,6 +30,7 @@ import pyarrow.compute as pc
 from dinobatch import __version__
 from dinobatch.config import ScanConfig
 from dinobatch.dedupe.groups import Groups, group_among, hashes_from_hex
+from dinobatch.engines import ENGINE_RAY
 from dinobatch.engines.local_scan import BLOCK, Progress, hash_files
 from dinobatch.imaging.decode import HASH_MIN_SIDE, SCAN_MIN_SIDE
 from dinobatch.io.arrow import (
@@ -99,7 +101,7 @@ def scan_folder(cfg: ScanConfig, progress: Progress | None = None) -> ScanSummar
                  "put the images there, in any sub-folders, and run again", cfg.folder)
     workers = default_scan_workers() if cfg.workers is None else cfg.workers
     release_memory()  # here and below: one stage's freed temporaries never add to the next one's peak
-    hashed = _hash_all(files, abspaths, workers, progress)
+    hashed = _hash_all(files, abspaths, cfg, workers, progress)
     del abspaths
     release_memory()
     groups = hashed.groups(cfg.phash_max, cfg.dhash_max)
@@ -148,12 +150,20 @@ class _Paths:
         return self.column.take(self.order.take(indices_array(rows))).to_pylist()
 
 
-def _hash_all(files: pa.Table, abspaths: _Paths, workers: int, progress: Progress | None) -> "_Hashed":
-    """Every file's record, from the engine; files the walk already refused are not opened."""
+def _hash_all(files: pa.Table, abspaths: _Paths, cfg: ScanConfig, workers: int,
+              progress: Progress | None) -> "_Hashed":
+    """Every file's record, from the engine cfg.engine names (chosen here only); files the walk
+    already refused are not opened."""
     hashed = _Hashed(files.num_rows)
     sizes, _ = numpy_values(files[Col.BYTES], np.int64)
     todo = true_positions(files[Col.ERROR].is_null())
-    for index, record in hash_files(todo, abspaths.take, sizes, workers=workers, progress=progress):
+    if cfg.engine == ENGINE_RAY:
+        from dinobatch.engines.ray_scan import hash_files as ray_hash_files  # Ray only where it is asked for
+
+        records = ray_hash_files(todo, abspaths.take, sizes, address=cfg.address, progress=progress)
+    else:
+        records = hash_files(todo, abspaths.take, sizes, workers=workers, progress=progress)
+    for index, record in records:
         hashed.add(index, record)
     hashed.flush()
     return hashed
