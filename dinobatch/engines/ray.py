@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dinobatch.engines import Progress
-from dinobatch.errors import DeviceError
+from dinobatch.errors import ConfigError, DeviceError
 from dinobatch.models.file import LoadedModel, Preprocessing
 from dinobatch.schema import PREDICTION_FIELDS, Col
 from dinobatch.stages.decode import DECODED_SCHEMA, Contents, decode_batch
@@ -56,7 +56,10 @@ def connected(address: str | None) -> Iterator[None]:
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address is None:
         options["include_dashboard"] = False
-    ray.init(address=address or "local", **options)
+    try:
+        ray.init(address=address or "local", **options)
+    except (ConnectionError, TimeoutError) as exc:  # a wrong --address or a cluster that is down: not a bug
+        raise ConfigError(f"cannot join the Ray cluster at {address}: {exc}") from exc
     try:
         _quiet_data()
         yield
