@@ -73,18 +73,39 @@ def inbox(tmp_path) -> dict[str, Path]:
     return files
 
 
+class RayCluster:
+    """The session's Ray cluster as tests use it: its address (--address), and nodes a test adds and then
+    removes itself (only those: the head and the first worker stay for the other tests)."""
+
+    NODE = {"num_cpus": 1, "object_store_memory": 256 * 1024 ** 2}  # the machine is shared: a small store each
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.address: str = cluster.address
+
+    def add_node(self):
+        """One more worker node of one CPU, started and registered."""
+        node = self.cluster.add_node(**self.NODE)
+        self.cluster.wait_for_nodes()
+        return node
+
+    def remove_node(self, node) -> None:
+        """Stop a node this test added (a node lost mid-run)."""
+        self.cluster.remove_node(node)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real two-node Ray cluster on this machine (a head and a worker of one CPU each), started once per
-    session (about 1 GiB and some seconds); yields its address, for --engine ray --address."""
+    session (about 1 GiB and some seconds) and shared by every Ray test; yields a RayCluster."""
     pytest.importorskip("ray.cluster_utils", reason="the ray extra is not installed: pip install 'dinobatch[ray]'")
     from ray.cluster_utils import Cluster
 
-    small = {"num_cpus": 1, "object_store_memory": 256 * 1024 ** 2}  # the machine is shared: a small store each
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={**small, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={**RayCluster.NODE, "include_dashboard": False})
     try:
-        cluster.add_node(**small)
+        cluster.add_node(**RayCluster.NODE)
         cluster.wait_for_nodes()
-        yield cluster.address
+        yield RayCluster(cluster)
     finally:
         cluster.shutdown()

@@ -52,7 +52,6 @@ def scan(folder: str, output: str, workers: int | None, phash_max: int, dhash_ma
 
         cfg = ScanConfig(folder=folder, output=output, workers=workers, phash_max=phash_max,
                          dhash_max=dhash_max, engine=engine, address=address)
-        _engine_built(cfg.engine)
         progress = Progress(enabled=not quiet)
         try:
             summary = scan_folder(cfg, progress)
@@ -68,17 +67,6 @@ def scan(folder: str, output: str, workers: int | None, phash_max: int, dhash_ma
             _print_summary(summary)
 
     run(body)
-
-
-def _engine_built(engine: str) -> None:
-    """Until scan's Ray engine (engines.ray_scan) is in, --engine ray says so rather than running locally."""
-    import importlib.util
-
-    from dinobatch.engines import ENGINE_RAY
-    from dinobatch.errors import ConfigError
-
-    if engine == ENGINE_RAY and importlib.util.find_spec("dinobatch.engines.ray_scan") is None:
-        raise ConfigError("scan --engine ray is not built yet; use --engine local")
 
 
 def _print_summary(s) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 if TYPE_CHECKING:
@@ -39,8 +40,9 @@ class Engine(Protocol):
 
     def infer(self, contents: Contents, predictor: Predictor, *,
               jpeg_on_device: bool = False) -> Iterator[InferredBatch]:
-        """Each content decoded and inferred, one InferredBatch per batch, in input order, failed
-        contents too; progress is reported once the job has taken (and committed) each batch."""
+        """Each content decoded and inferred, one InferredBatch per batch, failed contents too, in any
+        order (the local engine keeps input order, the Ray engine yields batches as they finish: the job
+        commits each as it comes); progress is reported once the job has taken (and committed) each batch."""
         ...
 
     def resolved(self) -> dict[str, Any]:
@@ -74,6 +76,17 @@ def _installed(module: str) -> bool:
         return False
 
 
+def _log_ignored(cfg: ClassifyConfig) -> None:
+    """One info line for the local engine's options that a Ray run ignores, where they were set."""
+    ignored = []
+    if cfg.workers is not None:
+        ignored.append(f"-j/--workers {cfg.workers} (Ray schedules decode tasks on every CPU of the cluster)")
+    if cfg.gpu_decode and cfg.device.startswith("cuda"):
+        ignored.append("--gpu-decode (on Ray, images are decoded in CPU tasks)")
+    if ignored:
+        logging.getLogger(__name__).info("--engine ray ignores %s", "; ".join(ignored))
+
+
 @contextlib.contextmanager
 def open_engine(cfg: ClassifyConfig, runtime: Runtime, model: LoadedModel, *,
                 progress: Progress | None) -> Iterator[Engine]:
@@ -83,8 +96,10 @@ def open_engine(cfg: ClassifyConfig, runtime: Runtime, model: LoadedModel, *,
     if cfg.engine == ENGINE_LOCAL:
         yield local_engine(runtime, workers=cfg.workers, progress=progress)
         return
-    from dinobatch.engines.ray import RayEngine, connected
+    from dinobatch.engines.ray import RayEngine
+    from dinobatch.engines.ray_common import connected
 
+    _log_ignored(cfg)
     with connected(cfg.address):
         yield RayEngine(model, device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
                         compile=cfg.compile, progress=progress)

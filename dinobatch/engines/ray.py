@@ -5,8 +5,8 @@ streams back to the job, which commits it to the cache as it does for the local 
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -15,14 +15,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dinobatch.engines import Progress
-from dinobatch.errors import ConfigError, DeviceError
+from dinobatch.engines.ray_common import CRASHED, each_alone, map_blocks
+from dinobatch.errors import DeviceError
 from dinobatch.models.file import LoadedModel, Preprocessing
 from dinobatch.schema import PREDICTION_FIELDS, Col
-from dinobatch.stages.decode import DECODED_SCHEMA, Contents, decode_batch
+from dinobatch.stages.decode import ABSPATHS, CHANGED_PATHS, DECODED_SCHEMA, Contents, decode_batch
 from dinobatch.stages.fingerprint import FINGERPRINT_SCHEMA, KNOWN_SHA256, fingerprint, with_known_shas
 from dinobatch.stages.infer import PREDICTED_SCHEMA, InferredBatch, Predictor, cache_rows, predict_decoded
 
-__all__ = ["RayEngine", "connected", "PIXELS"]
+__all__ = ["RayEngine", "PIXELS"]
 
 log = logging.getLogger(__name__)
 
@@ -40,40 +41,6 @@ _DECODE_BLOCK = 16
 # actor map when their resources are equal, and the actors would then decode too, between forward passes.
 _TASK_CPUS = 0.5
 _ACTOR_CPUS = 0.25
-
-
-@contextlib.contextmanager
-def connected(address: str | None) -> Iterator[None]:
-    """Ray for one run: join the cluster at address, or start a local Ray (address None), and leave (stop)
-    it afterwards, so no process outlives the run. A connection the caller already made is theirs to end."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    # worker output stays on the nodes (the summary on stdout must stay valid JSON); failures still
-    # come back as exceptions. "local": a new Ray even where RAY_ADDRESS names a cluster.
-    options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if address is None:
-        options["include_dashboard"] = False
-    try:
-        ray.init(address=address or "local", **options)
-    except (ConnectionError, TimeoutError) as exc:  # a wrong --address or a cluster that is down: not a bug
-        raise ConfigError(f"cannot join the Ray cluster at {address}: {exc}") from exc
-    try:
-        _quiet_data()
-        yield
-    finally:
-        ray.shutdown()
-
-
-def _quiet_data() -> None:
-    """Ray Data's progress bars off: the CLI reports progress as the job commits batches."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
 
 
 @dataclass
@@ -101,8 +68,8 @@ class RayEngine:
                            known[_ROW]], schema=_FINGERPRINTED)]
         todo = columns.filter(unread)
         if todo.num_rows:
-            ds = ray.data.from_arrow(_blocks(todo, _FINGERPRINT_BLOCK)).map_batches(
-                _fingerprint_block, batch_size=None, batch_format="pyarrow", num_cpus=_TASK_CPUS)
+            ds = map_blocks(ray.data.from_arrow(_blocks(todo, _FINGERPRINT_BLOCK)), _fingerprint_block,
+                            num_cpus=_TASK_CPUS)
             done = known.num_rows
             for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 parts.append(part)
@@ -117,28 +84,44 @@ class RayEngine:
               jpeg_on_device: bool = False) -> Iterator[InferredBatch]:
         """One InferredBatch per batch the actors finish (failed contents too), in the order they finish;
         progress is reported once the job has taken (and committed) each batch. Decoding is always on
-        the CPU tasks here (jpeg_on_device is the local engine's)."""
+        the CPU tasks here (jpeg_on_device is the local engine's). Decode tasks that keep dying (a file
+        that crashes its decoder) end the dataset; the contents not yet done are then decoded one task
+        each (ray_common.each_alone), a content whose task dies every time an error row (CRASHED)."""
         if not len(contents):
             return
         import ray
 
         pool = self._pool(predictor)
-        ds = ray.data.from_arrow(_blocks(contents.table(), _DECODE_BLOCK)).map_batches(
-            _decode_block, fn_kwargs={"prep": predictor.preprocessing}, batch_size=None, batch_format="pyarrow",
-            num_cpus=_TASK_CPUS)
-        ds = ds.map_batches(
+        table, prep, done = contents.table(), predictor.preprocessing, set()
+        decoded = map_blocks(ray.data.from_arrow(_blocks(table, _DECODE_BLOCK)), _decode_block,
+                             fn_kwargs={"prep": prep}, num_cpus=_TASK_CPUS)
+        try:
+            yield from self._predicted(decoded, pool, predictor, done, len(contents))
+        except ray.exceptions.RayError as exc:
+            left = table.filter(pc.invert(pc.is_in(table[Col.SHA256], value_set=pa.array(list(done), pa.string()))))
+            log.warning("decoding tasks kept dying (%s); decoding the %d contents left one task each",
+                        type(exc).__name__, left.num_rows)
+            alone = ray.data.from_arrow(_blocks(_decode_alone(ray, left, prep), _DECODE_BLOCK))
+            yield from self._predicted(alone, pool, predictor, done, len(contents))
+
+    def _predicted(self, decoded: Any, pool: _Pool, predictor: Predictor, done: set[str],
+                   total: int) -> Iterator[InferredBatch]:
+        """The decoded dataset through the model actors, each finished block as an InferredBatch; done
+        collects the sha256 of the contents handed to the job."""
+        import ray
+
+        ds = decoded.map_batches(
             _Predict, fn_constructor_kwargs={"model": self.model, "device": pool.device,
                                              "precision": self.precision, "batch_size": pool.batch_size,
                                              "embeddings": predictor.embeddings, "compile": self.compile},
             batch_size=pool.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
                 min_size=1, max_size=pool.actors), num_cpus=_ACTOR_CPUS, num_gpus=pool.gpus)
-        done = 0
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             batch = _inferred(block)
+            done.update(block[Col.SHA256].to_pylist())
             yield batch
-            done += len(batch)
             if self.progress:
-                self.progress("infer", done, len(contents))
+                self.progress("infer", len(done), total)
 
     def resolved(self) -> dict[str, Any]:
         """The device, precision (and, once inferred, batch size) the actors ran with, for the run's saved
@@ -210,6 +193,30 @@ def _decode_block(batch: pa.Table, prep: Preprocessing) -> pa.Table:
 
     decoded, pixels = decode_batch(batch, prep)
     return decoded.append_column(PIXELS, ArrowTensorArray.from_numpy(pixels))
+
+
+def _decode_alone(ray: Any, contents: pa.Table, prep: Preprocessing) -> pa.Table:
+    """_decode_block over each content in a task of its own; a content whose task dies every time is a
+    row with no pixels and the error CRASHED, as the local engine's crash-isolating pool makes it."""
+    parts = []
+    for one, table in each_alone(ray, _decode_block, contents, num_cpus=_TASK_CPUS, prep=prep):
+        if table is None:
+            log.warning("decoding %s: its Ray worker died every time",
+                        os.fsdecode(one[ABSPATHS][0].as_py()[0]))
+            table = _crashed(one, prep)
+        parts.append(table)
+    return pa.concat_tables(parts)
+
+
+def _crashed(content: pa.Table, prep: Preprocessing) -> pa.Table:
+    """_decode_block's row for a content whose decoder crashed: its sha256 and CRASHED, zero pixels."""
+    from ray.data.extensions import ArrowTensorArray
+
+    row = {f.name: pa.nulls(1, f.type) for f in DECODED_SCHEMA}
+    row.update({Col.SHA256: content[Col.SHA256], Col.ERROR: pa.array([CRASHED]),
+                CHANGED_PATHS: pa.array([[]], DECODED_SCHEMA.field(CHANGED_PATHS).type)})
+    pixels = np.zeros((1, prep.crop, prep.crop, 3), np.uint8)
+    return pa.table(row, schema=DECODED_SCHEMA).append_column(PIXELS, ArrowTensorArray.from_numpy(pixels))
 
 
 class _Predict:

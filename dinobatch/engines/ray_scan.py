@@ -16,41 +16,25 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from dinobatch.engines import RAY_EXTRA
 from dinobatch.engines.local_scan import Progress
-from dinobatch.errors import ConfigError
+from dinobatch.engines.ray_common import CRASHED, connected, each_alone, map_blocks, ray_module
 from dinobatch.runtime import faults
 from dinobatch.schema import Col
 from dinobatch.stages.hashes import Record, hash_batch
 
-__all__ = ["CRASHED", "WINDOW", "hash_files", "ray_module"]
+__all__ = ["WINDOW", "hash_files"]
 
 log = logging.getLogger(__name__)
 
 WINDOW = 65536  # files handed to Ray as one dataset: bounds what the driver puts in the object store
 _MAX_BLOCK = 256  # files per task: enough to amortise a task's cost (ms), few enough to spread a folder
 _BLOCKS_PER_CPU = 8  # so that the nodes finish together
-_RETRIES = 3  # a task whose worker or node died; Ray Data's default (-1) would retry a crashing decoder forever
-# a file whose worker died with it twice (Ray does not say how the process died; the local engine's
-# pool does: runtime.workers.died_reason)
-CRASHED = "the image decoder crashed on this file (its Ray worker died); it was not decoded"
 _INDEX = "index"  # the file's index in the job, carried beside the stage's columns
-
-
-def ray_module() -> Any:
-    """The ray package, or a clear error naming the extra that provides it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(f"--engine ray needs Ray Data, which is not installed: {RAY_EXTRA}") from exc
-    return ray
 
 
 def hash_files(todo: np.ndarray, paths: Callable[[np.ndarray], list[bytes]], sizes: np.ndarray, *,
@@ -58,10 +42,8 @@ def hash_files(todo: np.ndarray, paths: Callable[[np.ndarray], list[bytes]], siz
     """(index, hash_file's record) for each file index in `todo`, in that order, hashed on a Ray cluster.
 
     As engines.local_scan.hash_files, but for workers: address joins a running cluster (None: the one
-    this process is connected to, or a local Ray started for the run and stopped after: engines.ray.connected)."""
+    this process is connected to, or a local Ray started for the run and stopped after: ray_common.connected)."""
     ray = ray_module()
-    from dinobatch.engines.ray import connected
-
     with connected(address):
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         done = 0
@@ -87,11 +69,7 @@ def _hash_window(ray: Any, window: np.ndarray, paths: Callable[[np.ndarray], lis
     files = _files_table(window, paths, sizes)
     rows = max(1, min(_MAX_BLOCK, -(-len(window) // (cpus * _BLOCKS_PER_CPU))))
     blocks = [files.slice(k, rows) for k in range(0, files.num_rows, rows)]
-    with warnings.catch_warnings():  # max_retries has no other spelling in the pinned range (dinobatch[ray])
-        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
-        ds = ray.data.from_arrow(blocks).map_batches(
-            _hash_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=1,
-            runtime_env=_worker_env(), max_retries=_RETRIES)
+    ds = map_blocks(ray.data.from_arrow(blocks), _hash_block, zero_copy_batch=True, num_cpus=1)
     ds.context.execution_options.preserve_order = True  # the job's order, whichever task ends first
     ds.context.enable_progress_bars = False  # the job reports progress
     got: dict[int, Record] = {}
@@ -120,24 +98,14 @@ def _records(table: pa.Table) -> dict[int, Record]:
 
 
 def _hash_alone(ray: Any, files: pa.Table) -> dict[int, Record]:
-    """Each file in a task of its own, retried once (a lost node); one whose worker dies both times is
-    a record saying its decoder crashed, with the size the walk found."""
-    task = ray.remote(_hash_block).options(num_cpus=1, max_retries=1, runtime_env=_worker_env())
-    refs = [(files.slice(k, 1), task.remote(files.slice(k, 1))) for k in range(files.num_rows)]
+    """Each file in a task of its own (ray_common.each_alone); one whose worker dies every time is a
+    record saying its decoder crashed, with the size the walk found."""
     got: dict[int, Record] = {}
-    for one, ref in refs:
-        try:
-            got.update(_records(ray.get(ref)))
-        except ray.exceptions.WorkerCrashedError as exc:
-            index, size = one[_INDEX][0].as_py(), one[Col.BYTES][0].as_py()
-            log.warning("hashing %s: its worker died (%s)", os.fsdecode(one[Col.ABSPATH][0].as_py()),
-                        type(exc).__name__)
-            got[index] = (None, size, None, CRASHED)
+    for one, table in each_alone(ray, _hash_block, files, num_cpus=1):
+        if table is not None:
+            got.update(_records(table))
+            continue
+        index, size = one[_INDEX][0].as_py(), one[Col.BYTES][0].as_py()
+        log.warning("hashing %s: its Ray worker died every time", os.fsdecode(one[Col.ABSPATH][0].as_py()))
+        got[index] = (None, size, None, CRASHED)
     return got
-
-
-def _worker_env() -> dict[str, Any] | None:
-    """The crash-test hooks (runtime.faults), which reach the local engine's forked workers by
-    inheritance, handed to Ray's workers too; None outside tests (no runtime environment to set up)."""
-    env = {name: os.environ[name] for name in (faults.ENV, faults.FAIL_ENV) if name in os.environ}
-    return {"env_vars": env} if env else None

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,6 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dinobatch.cli.main import cli
+from dinobatch.engines.ray_common import CRASHED
+from dinobatch.runtime import faults
 from tests.helpers import REPO, jpeg_bytes, picture, save
 from tests.helpers import run_classify as run_local
 
@@ -64,7 +69,7 @@ def _assert_same_rows(local: dict, ray: dict) -> None:
 
 def test_ray_rows_equal_the_local_engines_on_awkward_files(tmp_path, awkward, tiny_model, ray_cluster):
     _, local = run_local(awkward, tmp_path / "local", tiny_model)
-    summary, ray = _ray(awkward, tmp_path / "ray", tiny_model, ray_cluster)
+    summary, ray = _ray(awkward, tmp_path / "ray", tiny_model, ray_cluster.address)
     _assert_same_rows(local, ray)
     assert {p for p, r in ray.items() if r["status"] == "error"} == {"corrupt.jpg", "empty.png", "unreadable.jpg"}
     assert (ray["p0.jpg"]["duplicate_of"], ray["small_copy.jpg"]["duplicate_of"]) == ("copy_of_p0.jpg", "big.png")
@@ -75,11 +80,11 @@ def test_ray_rows_equal_the_local_engines_on_awkward_files(tmp_path, awkward, ti
 def test_a_ray_run_after_a_local_run_infers_nothing_new(tmp_path, awkward, tiny_model, ray_cluster):
     out = tmp_path / "out"
     first, local = run_local(awkward, out, tiny_model)
-    summary, ray = _ray(awkward, out, tiny_model, ray_cluster)
+    summary, ray = _ray(awkward, out, tiny_model, ray_cluster.address)
     assert (summary["inferred"], summary["reused"]) == (0, first.inferred)
     _assert_same_rows(local, ray)
     save(picture(20), awkward.parent / "more" / "new.jpg", quality=90)  # one new content: only it is inferred
-    summary, _ = _ray(awkward.parent / "more", out, tiny_model, ray_cluster)
+    summary, _ = _ray(awkward.parent / "more", out, tiny_model, ray_cluster.address)
     assert summary["inferred"] == 1
 
 
@@ -87,5 +92,25 @@ def test_ray_rows_equal_the_local_engines_on_the_weird_files(tmp_path, tiny_mode
     if not WEIRD.is_dir():
         pytest.skip(f"{WEIRD} is absent (the shared real-data folder; see CONTRIBUTING.md)")
     _, local = run_local(WEIRD, tmp_path / "local", tiny_model)
-    _, ray = _ray(WEIRD, tmp_path / "ray", tiny_model, ray_cluster)
+    _, ray = _ray(WEIRD, tmp_path / "ray", tiny_model, ray_cluster.address)
     _assert_same_rows(local, ray)
+
+
+def test_a_file_that_kills_its_ray_worker_is_an_error_row(tmp_path, awkward, tiny_model, ray_cluster, monkeypatch):
+    _, local = run_local(awkward, tmp_path / "local", tiny_model)
+    monkeypatch.setenv(faults.ENV, "decode:1:p2.jpg")  # every process that decodes it dies (SIGKILL)
+    _, ray = _ray(awkward, tmp_path / "ray", tiny_model, ray_cluster.address)
+    assert (ray["p2.jpg"]["status"], ray["p2.jpg"]["error"], ray["p2.jpg"]["label"]) == ("error", CRASHED, None)
+    _assert_same_rows({p: r for p, r in local.items() if p != "p2.jpg"},
+                      {p: r for p, r in ray.items() if p != "p2.jpg"})
+
+
+def test_an_address_where_nothing_listens_is_a_config_error_at_once(tmp_path, awkward, tiny_model):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", faults.ENV)}
+    command = [sys.executable, "-m", "dinobatch", "classify", str(awkward), "-o", str(tmp_path / "out"), "-m",
+               str(tiny_model), "--engine", "ray", "--address", "127.0.0.1:1", "-q"]
+    start = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)},
+                          timeout=60)
+    assert (done.returncode, time.monotonic() - start < 20) == (3, True), done.stderr
+    assert "127.0.0.1:1" in done.stderr and "RAY_ADDRESS" in done.stderr

@@ -24,22 +24,6 @@ pytest.importorskip("ray.data", reason="the Ray engine needs the ray extra: pip 
 PICTURES = 40
 
 
-@pytest.fixture(scope="module")
-def ray_nodes():
-    """A head and a worker node of one CPU each, as tests/conftest.py's ray_cluster, but the Cluster itself:
-    the node test adds a node and removes it (the shared fixture yields only the address)."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 @pytest.fixture
 def folder(tmp_path) -> Path:
     root = tmp_path / "inbox"
@@ -84,37 +68,37 @@ def assert_one_current_row_per_file(out: Path, folder: Path) -> None:
 
 
 @pytest.mark.parametrize("killed, resumer", [("ray", "local"), ("local", "ray")])
-def test_a_run_killed_midway_is_finished_by_the_other_engine(ray_nodes, folder, tmp_path, tiny_model,
+def test_a_run_killed_midway_is_finished_by_the_other_engine(ray_cluster, folder, tmp_path, tiny_model,
                                                             killed, resumer):
     out = tmp_path / "out"
-    run = classify(folder, out, tiny_model, killed, ray_nodes.address, crash_at="batch:1")
+    run = classify(folder, out, tiny_model, killed, ray_cluster.address, crash_at="batch:1")
     assert run.returncode == -signal.SIGKILL, run.stderr  # the driver died after its first committed batch
     kept = committed(out)
     assert 0 < kept < PICTURES
-    summary = finish(folder, out, tiny_model, resumer, ray_nodes.address)
+    summary = finish(folder, out, tiny_model, resumer, ray_cluster.address)
     assert (summary["inferred"], summary["reused"]) == (PICTURES - kept, kept)  # nothing committed inferred again
     assert_one_current_row_per_file(out, folder)
 
 
-def test_a_worker_node_lost_mid_run_costs_no_committed_work(ray_nodes, tmp_path, tiny_model):
+def test_a_worker_node_lost_mid_run_costs_no_committed_work(ray_cluster, tmp_path, tiny_model):
     folder = tmp_path / "inbox"
     for i in range(60):
         save(picture(100 + i), folder / f"{i:02d}.png")
-    extra = ray_nodes.add_node(num_cpus=1)
+    extra = ray_cluster.add_node()  # removed below; the shared nodes stay
     out = tmp_path / "out"
-    run = classify(folder, out, tiny_model, "ray", ray_nodes.address, background=True)
+    run = classify(folder, out, tiny_model, "ray", ray_cluster.address, background=True)
     try:
         deadline = time.monotonic() + 120
         while committed(out) < 2 and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert run.poll() is None and committed(out) >= 2, "the run ended before the node could be removed"
-        ray_nodes.remove_node(extra)  # mid-run: some batches committed, the rest still in flight
+        ray_cluster.remove_node(extra)  # mid-run: some batches committed, the rest still in flight
         stdout, stderr = run.communicate(timeout=300)
     finally:
         if run.poll() is None:
             run.kill()
     kept = committed(out)
-    summary = json.loads(stdout) if run.returncode == 0 else finish(folder, out, tiny_model, "ray", ray_nodes.address)
+    summary = json.loads(stdout) if run.returncode == 0 else finish(folder, out, tiny_model, "ray", ray_cluster.address)
     print(f"node lost mid-run: exit {run.returncode}, {kept} contents committed before any rerun")
     if run.returncode == 0:  # the run itself survived the loss
         assert summary["inferred"] == 60 and kept == 60

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dinobatch.config import ScanConfig
-from dinobatch.engines.ray_scan import CRASHED
+from dinobatch.engines.ray_common import CRASHED
 from dinobatch.jobs.scan import scan_folder
 from dinobatch.runtime import faults
 from dinobatch.schema import Col
@@ -60,7 +60,7 @@ def assert_same_tables(local, ray) -> None:
 
 def test_ray_scan_writes_the_local_engines_table(ray_cluster, folder, tmp_path):
     local_summary, local = scan_with("local", folder, tmp_path / "local.parquet")
-    ray_summary, ray = scan_with("ray", folder, tmp_path / "ray.parquet", ray_cluster)
+    ray_summary, ray = scan_with("ray", folder, tmp_path / "ray.parquet", ray_cluster.address)
     assert_same_tables(local, ray)
     assert ray_summary.counts == local_summary.counts and ray_summary.errors == local_summary.errors
     assert ray_summary.duplicate_groups == local_summary.duplicate_groups >= 2
@@ -78,7 +78,7 @@ def test_ray_scan_of_the_weird_folder_equals_local(ray_cluster, tmp_path):
     if not WEIRD.is_dir():
         pytest.skip(f"{WEIRD} is absent: the shared real data (../shared/data/weird) is not on this machine")
     _, local = scan_with("local", WEIRD, tmp_path / "local.parquet")
-    _, ray = scan_with("ray", WEIRD, tmp_path / "ray.parquet", ray_cluster)
+    _, ray = scan_with("ray", WEIRD, tmp_path / "ray.parquet", ray_cluster.address)
     assert_same_tables(local, ray)
     assert local.num_rows == len(list(p for p in WEIRD.rglob("*") if p.is_file() and not p.name.startswith(".")))
 
@@ -86,7 +86,7 @@ def test_ray_scan_of_the_weird_folder_equals_local(ray_cluster, tmp_path):
 def test_a_file_that_kills_its_ray_worker_is_an_error_row(ray_cluster, folder, tmp_path, monkeypatch):
     _, local = scan_with("local", folder, tmp_path / "local.parquet")
     monkeypatch.setenv(faults.ENV, "decode:1:cmyk.jpg")  # every process that decodes it dies (SIGKILL)
-    _, ray = scan_with("ray", folder, tmp_path / "ray.parquet", ray_cluster)
+    _, ray = scan_with("ray", folder, tmp_path / "ray.parquet", ray_cluster.address)
     rows = {r[Col.PATH]: r for r in ray.to_pylist()}
     assert rows["cmyk.jpg"][Col.ERROR] == CRASHED and rows["cmyk.jpg"][Col.STATUS] == "error"
     others = [i for i, p in enumerate(local[Col.PATH].to_pylist()) if p != "cmyk.jpg"]
