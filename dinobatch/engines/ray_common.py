@@ -18,7 +18,7 @@ from dinobatch.engines import RAY_EXTRA
 from dinobatch.errors import ConfigError
 from dinobatch.runtime import faults
 
-__all__ = ["CRASHED", "RETRIES", "CONNECT_TIMEOUT", "ray_module", "connected", "gcs_endpoint", "map_blocks",
+__all__ = ["CRASHED", "RETRIES", "FORWARDED", "CONNECT_TIMEOUT", "ray_module", "connected", "gcs_endpoint", "map_blocks",
            "each_alone"]
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ RETRIES = 3  # a task whose worker or node died; Ray Data's default (-1) would r
 CRASHED = "the image decoder crashed on this file (its Ray worker died); it was not decoded"
 CONNECT_TIMEOUT = 10.0  # seconds a cluster's address has to accept a TCP connection before ray.init is tried
 _CLIENT_PORT = 10001  # Ray Client's default port (ray://host without a port)
+# The object-store client settings the driver hands its Ray workers: where the store is, which the
+# driver's listing used and a node started earlier (ray start) cannot know. Never credentials: those
+# come from each node's own environment or instance role, as for any AWS client (docs/cluster.md).
+FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def ray_module() -> Any:
@@ -147,7 +151,9 @@ def each_alone(ray: Any, fn: Callable[..., pa.Table], rows: pa.Table, *, num_cpu
 
 
 def _worker_env() -> dict[str, Any] | None:
-    """The crash-test hooks (runtime.faults), which reach the local engine's forked workers by
-    inheritance, handed to Ray's workers too; None outside tests (no runtime environment to set up)."""
-    env = {name: os.environ[name] for name in (faults.ENV, faults.FAIL_ENV) if name in os.environ}
+    """What Ray's workers must share with the driver: where the object store is (FORWARDED, not secrets)
+    and the crash-test hooks (runtime.faults), which reach the local engine's forked workers by
+    inheritance; None where the driver has none of them (no runtime environment to set up)."""
+    names = (*FORWARDED, faults.ENV, faults.FAIL_ENV)
+    env = {name: os.environ[name] for name in names if name in os.environ}
     return {"env_vars": env} if env else None
