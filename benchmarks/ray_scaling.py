@@ -10,6 +10,9 @@ model load, walk, sha256, decode, hashes, model, duplicates, Parquet), fresh out
   local           --engine local (default options: every core of this machine)
   ray, 1 node     --engine ray --address ADDR, a ray.cluster_utils.Cluster head of one CPU
   ray, 2 nodes    the same cluster with a second one-CPU node added
+A one-CPU node runs one model actor (one torch thread) beside one decode task, as engines.ray sizes
+them; the nodes share this machine's cores (nothing pins a node to its own), and other processes'
+load changes every row: each row prints the load average (1 min) before and after it.
 Each engine also runs once on a 4-file folder: its fixed cost (start, connect, model load), which
 the per-file figures leave out. Then the stage costs on one core, in this process (read + sha256,
 decode + hashes + model input, the model's forward pass, the rows' Parquet write), are fitted with
@@ -103,9 +106,10 @@ def runs(tag: str, folders: tuple[Path, Path], model: Path, tmp: Path, rounds: i
          address: str | None = None) -> tuple[float, float]:
     """(fixed seconds on the 4-file folder, median seconds on the sample) for one engine setting (tag:
     local, ray-1, ray-2), each run into its own fresh output: a shared one would answer from its cache."""
-    engine = tag.split("-")[0]
+    engine, load = tag.split("-")[0], os.getloadavg()[0]
     fixed = classify(folders[0], tmp / f"fixed-{tag}", model, engine, address)
     walls = [classify(folders[1], tmp / f"out-{tag}-{r}", model, engine, address) for r in range(rounds)]
+    print(f"  {tag}: load average {load:.1f} before, {os.getloadavg()[0]:.1f} after", flush=True)
     return fixed, statistics.median(walls)
 
 

@@ -36,10 +36,11 @@ _PREDICTED_NAMES = [_PREDICT_ERROR, *(f.name for f in PREDICTION_FIELDS)]  # PRE
 _FINGERPRINT_BLOCK = 512
 _DECODE_BLOCK = 16
 # CPUs a decode task and a model actor reserve: fractions, so an actor pool can never hold every CPU and
-# starve the tasks that feed it (Ray issue #44687: ActorPoolStrategy(size=2) on 2 CPUs hung); a one-CPU
-# node runs its actor beside a decode task. Unequal on purpose: Ray Data fuses a task map into the next
-# actor map when their resources are equal, and the actors would then decode too, between forward passes.
-_TASK_CPUS = 0.5
+# starve the tasks that feed it (Ray issue #44687: ActorPoolStrategy(size=2) on 2 CPUs hung). Together
+# one CPU: a node runs one actor (one thread, _Predict) and one decode task per CPU it has, not two decode
+# tasks per CPU, which oversubscribed its cores. Unequal on purpose: Ray Data fuses a task map into the
+# next actor map when their resources are equal, and the actors would then decode too, between batches.
+_TASK_CPUS = 0.75
 _ACTOR_CPUS = 0.25
 
 
@@ -115,7 +116,8 @@ class RayEngine:
                                              "precision": self.precision, "batch_size": pool.batch_size,
                                              "embeddings": predictor.embeddings, "compile": self.compile},
             batch_size=pool.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
-                min_size=1, max_size=pool.actors), num_cpus=_ACTOR_CPUS, num_gpus=pool.gpus)
+                min_size=1, max_size=pool.actors), num_cpus=_ACTOR_CPUS, num_gpus=pool.gpus,
+            scheduling_strategy="SPREAD")  # one actor per CPU of each node, not all on the first
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             batch = _inferred(block)
             done.update(block[Col.SHA256].to_pylist())
@@ -227,6 +229,8 @@ class _Predict:
         from dinobatch.runtime.device import resolve_runtime
 
         runtime = resolve_runtime(device, precision)
+        if runtime.device.type == "cpu":
+            _cpu_threads()
         self.predictor = Predictor(model, runtime, batch_size=batch_size, embeddings=embeddings, compile=compile)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -239,6 +243,20 @@ class _Predict:
         at[ok] = np.arange(len(ok))
         aligned = predicted.take(pa.array(at, mask=at < 0))
         return pa.Table.from_arrays([*decoded.columns, *aligned.columns], schema=_JOINED)
+
+
+def _cpu_threads() -> int:
+    """Give torch in this Ray worker the whole CPUs Ray reserved for it, at least one, and return that:
+    torch's default (every core of the machine, or the node's OMP_NUM_THREADS, which Ray leaves alone
+    where set) lets each of a node's actors spread over all its cores, beside the decode tasks."""
+    import math
+
+    import ray
+    import torch
+
+    threads = max(1, math.floor(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)))
+    torch.set_num_threads(threads)
+    return threads
 
 
 _JOINED = pa.schema([*DECODED_SCHEMA, *(f.with_name(n) for f, n in zip(PREDICTED_SCHEMA, _PREDICTED_NAMES))])
