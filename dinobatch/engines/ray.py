@@ -116,8 +116,7 @@ class RayEngine:
                                              "precision": self.precision, "batch_size": pool.batch_size,
                                              "embeddings": predictor.embeddings, "compile": self.compile},
             batch_size=pool.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
-                min_size=1, max_size=pool.actors), num_cpus=_ACTOR_CPUS, num_gpus=pool.gpus,
-            scheduling_strategy="SPREAD")  # one actor per CPU of each node, not all on the first
+                min_size=1, max_size=pool.actors), num_cpus=_ACTOR_CPUS, num_gpus=pool.gpus)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             batch = _inferred(block)
             done.update(block[Col.SHA256].to_pylist())
