@@ -38,7 +38,23 @@ def _sleep(chunk: list[int]) -> list[int]:
     return chunk
 
 
+@pytest.fixture(autouse=True)
+def _children_before():
+    """The children this process had before the test (the suite's shared Ray cluster, say): the
+    test's own pools are judged by the children it added."""
+    _BEFORE[:] = _all_live_children()
+    yield
+
+
+_BEFORE: list[int] = []
+
+
 def live_children() -> list[int]:
+    """Live children this test started."""
+    return [pid for pid in _all_live_children() if pid not in _BEFORE]
+
+
+def _all_live_children() -> list[int]:
     """Processes whose parent is this one and that are not zombies (a zombie holds nothing)."""
     me, found = os.getpid(), []
     for entry in os.listdir("/proc"):
