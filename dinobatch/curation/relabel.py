@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 ACTIONS = ("keep", "relabel", "remove")
 
 
-COLUMNS = ("path", "action", "label", "note")  # of a decisions CSV; path and action are required
+COLUMNS = ("path", "action", "label", "note", "reviewer", "decided_at")  # of a decisions CSV; path and action
+# are required; reviewer and decided_at (who decided, and when: what `dinobatch serve` writes) go into the audit note
 
 
 STATUS_REMOVED = "removed"
@@ -48,6 +49,15 @@ class Change:
     new_label: str | None
     note: str
     name: bytes = b""  # the row's exact name (normalised bytes): how the change finds its row
+    reviewer: str = ""  # who decided (a decisions file from `dinobatch serve`), else ""
+    decided_at: str = ""
+
+    @property
+    def audit_note(self) -> str:
+        """The note the audit log keeps: the reviewer's note, then who decided and when, if known."""
+        who = " ".join(x for x in (f"by {self.reviewer}" if self.reviewer else "",
+                                   f"at {self.decided_at}" if self.decided_at else "") if x)
+        return f"{self.note} (decided {who})".lstrip() if who else self.note
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,8 @@ def label_problem(label: str) -> str | None:
 
 
 def read_decisions(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Parse a decisions CSV (path,action[,label][,note]); any bad row refuses the whole file."""
+    """Parse a decisions CSV (path,action[,label][,note][,reviewer][,decided_at]); any bad row refuses the whole
+    file."""
     reader = csv.DictReader(io.StringIO(_decisions_text(path)))
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -86,7 +97,7 @@ def read_decisions(path: str | os.PathLike) -> list[dict[str, Any]]:
             # the path as written: a name may end in a space or a control character (_row_for tries both)
             rows.append({"line": line, "path": r.get("path") or "",
                          "action": (r.get("action") or "").strip().lower(), "label": (r.get("label") or "").strip(),
-                         "note": (r.get("note") or "").strip()})
+                         **{k: _unguarded((r.get(k) or "").strip()) for k in ("note", "reviewer", "decided_at")}})
     except csv.Error as exc:
         line = len(rows) + 2 if reader.fieldnames else 1
         reason = str(exc).replace("field larger than field limit", "a field is longer than the limit")
@@ -112,7 +123,7 @@ def _check_header(path: str | os.PathLike, header: list[str]) -> None:
     for what, names in (("missing", missing), ("unknown", unknown), ("repeated", twice)):
         if names:
             raise DataError(f"{path}, line 1: {what} column(s) {', '.join(names)}; the header must be "
-                            f"path,action[,label][,note]")
+                            f"path,action[,label][,note][,reviewer][,decided_at]")
 
 
 def _row_problems(line: int, row: dict[str | None, Any], width: int) -> list[str]:
@@ -180,7 +191,7 @@ def relabel(decisions_path: str, manifest_path: str, *, out: str | None = None, 
         target = wanted or family.next_version(source)
         if target.exists():
             raise ConfigError(f"{target} exists; a new manifest version never replaces a file")
-        record = audit.new_record([(c.path, c.action, c.old_label, c.new_label or "", c.note) for c in changes],
+        record = audit.new_record([(c.path, c.action, c.old_label, c.new_label or "", c.audit_note) for c in changes],
                                   origin=origin, source=source, target=target, user=user, log_path=family.log)
         if len(json.dumps(record)) > _RECORD_MAX:
             raise DataError(f"{decisions_path}: its notes add up to more than {_RECORD_MAX >> 20} MiB, more than a "
@@ -231,7 +242,7 @@ def _changes(decisions: list[dict[str, Any]], manifest, decisions_path, manifest
         else:
             new, row = d["label"] if d["action"] == "relabel" else None, by_name[name]
             changes.append(Change(_normalise(row[Col.PATH], manifest.root) or row[Col.PATH], d["action"],
-                                  row[Col.LABEL] or "", new, d["note"], name))
+                                  row[Col.LABEL] or "", new, d["note"], name, d["reviewer"], d["decided_at"]))
         if name is not None:
             decided.setdefault(name, d["line"])
     refuse(decisions_path, problems)
@@ -268,6 +279,12 @@ def _row_for(path: str, root: Path, by_name: dict[bytes, Any], manifest_path: st
         if hits:
             return hits[0], ""
     return None, f"is outside the dataset root {root}" if outside else f"is not in the manifest {manifest_path}"
+
+
+def _unguarded(text: str) -> str:
+    """A cell without the ' that spreadsheet_safe put before a formula character (a note or reviewer of
+    decisions.csv), as a spreadsheet reads it; the audit log guards it again."""
+    return text[1:] if _guarded(text) else text
 
 
 def _guarded(path: str) -> bool:
