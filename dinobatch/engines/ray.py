@@ -37,11 +37,13 @@ _FINGERPRINT_BLOCK = 512
 _DECODE_BLOCK = 16
 # CPUs a decode task and a model actor reserve: fractions, so an actor pool can never hold every CPU and
 # starve the tasks that feed it (Ray issue #44687: ActorPoolStrategy(size=2) on 2 CPUs hung). Together
-# one CPU: a node runs one actor (one thread, _Predict) and one decode task per CPU it has, not two decode
-# tasks per CPU, which oversubscribed its cores. Unequal on purpose: Ray Data fuses a task map into the
+# one CPU: a node runs one actor (one thread, _Predict) and one decode task per CPU it has. The actor's
+# share is over half a CPU so that two actors never fit on one CPU: Ray Data spreads its actors only as
+# a preference, and with 0.25 it put both actors of a two-node cluster of one-CPU nodes on one node,
+# leaving the other node's CPU to decode alone. Unequal on purpose: Ray Data fuses a task map into the
 # next actor map when their resources are equal, and the actors would then decode too, between batches.
-_TASK_CPUS = 0.75
-_ACTOR_CPUS = 0.25
+_TASK_CPUS = 0.25
+_ACTOR_CPUS = 0.75
 
 
 @dataclass
@@ -116,7 +118,7 @@ class RayEngine:
                                              "precision": self.precision, "batch_size": pool.batch_size,
                                              "embeddings": predictor.embeddings, "compile": self.compile},
             batch_size=pool.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
-                min_size=1, max_size=pool.actors), num_cpus=_ACTOR_CPUS, num_gpus=pool.gpus)
+                min_size=1, max_size=pool.actors, initial_size=pool.actors), num_cpus=_ACTOR_CPUS, num_gpus=pool.gpus)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             batch = _inferred(block)
             done.update(block[Col.SHA256].to_pylist())
@@ -226,10 +228,12 @@ class _Predict:
     def __init__(self, model: LoadedModel, device: str, precision: str, batch_size: int, embeddings: bool,
                  compile: bool):
         from dinobatch.runtime.device import resolve_runtime
+        from dinobatch.runtime.memory import tune_process
 
         runtime = resolve_runtime(device, precision)
+        tune_process(runtime)  # the local engine's process settings (on a CPU, the allocator: 2x here)
         if runtime.device.type == "cpu":
-            _cpu_threads()
+            _cpu_threads()  # then the threads: the CPUs Ray reserved, not every core of the node
         self.predictor = Predictor(model, runtime, batch_size=batch_size, embeddings=embeddings, compile=compile)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -1,4 +1,5 @@
-"""engines.ray's model actors on a one-CPU node: one torch thread, whatever the node's environment says."""
+"""engines.ray's model actors on one-CPU nodes: one torch thread, whatever the node's environment says, and one
+actor a node, so that a second node adds a second model."""
 
 from __future__ import annotations
 
@@ -27,6 +28,30 @@ def test_a_model_actor_on_a_fraction_of_a_cpu_uses_one_thread_even_where_omp_ask
         ray.shutdown()
     assert before == 2, "the node's OMP_NUM_THREADS did not reach the worker: the test shows nothing"
     assert after == 1
+
+
+def test_two_model_actors_on_two_one_cpu_nodes_run_on_different_nodes(ray_cluster):
+    """The model actors' reservation keeps two of them off one one-CPU node: on the two-node cluster each
+    node runs a model (with 0.25 CPU, Ray put both on the head and the second node only decoded)."""
+    import ray
+
+    from dinobatch.engines.ray import _ACTOR_CPUS, _TASK_CPUS
+
+    @ray.remote
+    class Where:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    ray.init(address=ray_cluster.address, include_dashboard=False, log_to_driver=False)
+    try:
+        actors = [Where.options(num_cpus=_ACTOR_CPUS).remote() for _ in range(2)]
+        nodes = ray.get([a.node.remote() for a in actors], timeout=120)
+        task = ray.remote(lambda: ray.get_runtime_context().get_node_id()).options(num_cpus=_TASK_CPUS)
+        beside = ray.get(task.remote(), timeout=120)  # a decode task still fits beside the actors
+    finally:
+        ray.shutdown()
+    assert len(set(nodes)) == 2
+    assert beside in nodes
 
 
 if __name__ == "__main__":  # pragma: no cover
