@@ -11,10 +11,21 @@ model load, walk, sha256, decode, hashes, model, duplicates, Parquet), fresh out
   ray, 1 node     --engine ray --address ADDR, a ray.cluster_utils.Cluster head of one CPU
   ray, 2 nodes    the same cluster with a second one-CPU node added
 A one-CPU node runs one model actor (one torch thread) beside one decode task, as engines.ray sizes
-them; the nodes share this machine's cores (nothing pins a node to its own), and other processes'
-load changes every row: each row prints the load average (1 min) before and after it.
-Each engine also runs once on a 4-file folder: its fixed cost (start, connect, model load), which
-the per-file figures leave out. Then the stage costs on one core, in this process (read + sha256,
+them. Each node is pinned to a core of its own (--pin, the default where the machine has 2 cores or
+more: the node's processes, and the Ray workers they start, inherit the CPU affinity they were
+started with), and the Ray rows' driver (the classify process) runs on the head's core, as it would
+on the head machine of a real cluster: "1 node" is one core doing everything, "2 nodes" two, as two
+one-core machines would be. --no-pin lets every process use every core (the nodes then share them,
+and the one-node row gets the second core's help). The local row is never pinned (every core).
+Other processes' load changes every row: each row prints the load average (1 min) before and after.
+--copies K makes the folder K times larger at run time, in a temporary folder that is removed after:
+each file once as it is (linked) and K-1 times re-encoded as JPEG (qualities 92, 88, ...: new
+contents of the same pixels, so nothing is answered from the cache and decoding costs about the
+same), for a run long enough that the model actors' start stops dominating.
+Each setting also runs once on a quarter of the sample (--small): the per-file rate beyond that run,
+(files - small files) / (wall - small wall), is the engine's throughput once started (the fixed cost:
+imports, connecting, starting the model actors and loading the model, cancels out); the wall-clock
+rate over the whole sample is printed beside it. Then the stage costs on one core, in this process (read + sha256,
 decode + hashes + model input, the model's forward pass, the rows' Parquet write), are fitted with
 the runs into a cost model (printed; --json saves it for --simulate).
 
@@ -37,8 +48,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -60,8 +73,8 @@ class Fit:
     model_cpu: float  # the model's forward pass on one CPU core (for reference; GPU nodes use --gpu-img-s)
     write: float  # the driver's share: the rows' Parquet and the cache commit
     block: float  # per Ray block (task scheduling, Arrow hand-over), beyond the per-file costs
-    fixed_local: float  # a local run's seconds on 4 files
-    fixed_ray: float  # a Ray run's seconds on 4 files (connect, actors, model load on them)
+    fixed_local: float  # a local run's seconds for 0 files (start, model load), from two folder sizes
+    fixed_ray: float  # a Ray run's seconds for 0 files (connect, actors, model load on them), the same way
     dedupe_per_million: float  # near_pairs over random hashes, seconds per million files
     measured: str  # where and when
 
@@ -86,13 +99,16 @@ def small_model(path: Path) -> Path:
     return path
 
 
-def classify(folder: Path, out: Path, model: Path, engine: str, address: str | None = None) -> float:
-    """Wall seconds of `python -m dinobatch classify` as a user runs it; raises RuntimeError if it fails."""
+def classify(folder: Path, out: Path, model: Path, engine: str, address: str | None = None,
+             cores: set[int] | None = None) -> float:
+    """Wall seconds of `python -m dinobatch classify` as a user runs it (on cores, where given: the head's);
+    raises RuntimeError if it fails."""
     args = [sys.executable, "-m", "dinobatch", "classify", str(folder), "-o", str(out), "-m", str(model), "-q",
             "--species", str(SPECIES), "--engine", engine, *(["--address", address] if address else []),
             "--summary-json", str(out.parent / f"{out.name}.json")]
     t = time.perf_counter()
-    done = subprocess.run(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     wall = time.perf_counter() - t
     if done.returncode != 0:
         raise RuntimeError(f"classify --engine {engine} exited {done.returncode}:\n{done.stderr[-3000:]}")
@@ -102,13 +118,15 @@ def classify(folder: Path, out: Path, model: Path, engine: str, address: str | N
     return wall
 
 
-def runs(tag: str, folders: tuple[Path, Path], model: Path, tmp: Path, rounds: int,
-         address: str | None = None) -> tuple[float, float]:
-    """(fixed seconds on the 4-file folder, median seconds on the sample) for one engine setting (tag:
+def runs(tag: str, folders: tuple[Path, Path, Path], model: Path, tmp: Path, rounds: int,
+         address: str | None = None, cores: set[int] | None = None) -> tuple[float, float]:
+    """(seconds on the small folder, median seconds on the sample) for one engine setting, after an untimed
+    run on 4 other files (the first run on fresh nodes starts their worker processes) (tag:
     local, ray-1, ray-2), each run into its own fresh output: a shared one would answer from its cache."""
     engine, load = tag.split("-")[0], os.getloadavg()[0]
-    fixed = classify(folders[0], tmp / f"fixed-{tag}", model, engine, address)
-    walls = [classify(folders[1], tmp / f"out-{tag}-{r}", model, engine, address) for r in range(rounds)]
+    classify(folders[2], tmp / f"warm-{tag}", model, engine, address, cores)  # first run on fresh nodes: not timed
+    fixed = classify(folders[0], tmp / f"fixed-{tag}", model, engine, address, cores)
+    walls = [classify(folders[1], tmp / f"out-{tag}-{r}", model, engine, address, cores) for r in range(rounds)]
     print(f"  {tag}: load average {load:.1f} before, {os.getloadavg()[0]:.1f} after", flush=True)
     return fixed, statistics.median(walls)
 
@@ -181,6 +199,21 @@ def blocks(files: float) -> float:
     return -(-files // FINGERPRINT_BLOCK) + -(-files // DECODE_BLOCK)
 
 
+def with_copies(paths: list[Path], dest: Path, copies: int) -> list[Path]:
+    """paths, then copies-1 re-encoded JPEG versions of each (new contents, same pixels) written to dest."""
+    from PIL import Image, ImageOps
+
+    out = list(paths)
+    dest.mkdir()
+    for k in range(1, copies):
+        for i, p in enumerate(paths):
+            with Image.open(p) as im:
+                target = dest / f"{k}-{i:05d}.jpg"
+                ImageOps.exif_transpose(im).convert("RGB").save(target, quality=96 - 4 * k)
+                out.append(target)
+    return out
+
+
 def link_sample(paths: list[Path], dest: Path) -> Path:
     """paths linked (never copied) into dest."""
     dest.mkdir()
@@ -195,34 +228,59 @@ def measure(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = sample_folder(Path(args.folder), tmp / "in", args.limit)
-        folders = (link_sample(paths[:4], tmp / "in4"), tmp / "in")
+        paths = sample_folder(Path(args.folder), tmp / "real", args.limit)
+        paths = with_copies(paths, tmp / "copies", args.copies)
+        link_sample(paths, tmp / "in")
+        small = args.small if args.small is not None else max(4, len(paths) // 4)
+        folders = (link_sample(paths[:small], tmp / "in-small"), tmp / "in", link_sample(paths[-4:], tmp / "in-warm"))
         model = small_model(tmp / "resnet18.pt")
         walls: dict[str, tuple[float, float] | str] = {"local": runs("local", folders, model, tmp, args.rounds)}
         print(f"local: {walls['local'][1]:.2f} s", flush=True)
         if not args.local_only:
-            walls.update(ray_runs(folders, model, tmp, args.rounds))
+            walls.update(ray_runs(folders, model, tmp, args.rounds, pin=args.pin))
         costs = stage_costs(paths[:args.stage_files], model)
-        fit = fit_costs(costs, walls, n=len(paths), list_s=list_cost(folders[1]),
+        fit = fit_costs(costs, walls, n=len(paths), small=small, list_s=list_cost(folders[1]),
                         write=write_cost(tmp / "out-local-0"))
-    print_measured(walls, len(paths), fit)
+    print_measured(walls, len(paths), small, fit)
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(fit), indent=1) + "\n")
         print(f"fit saved to {args.json} (use: --simulate N --fit {args.json})")
 
 
-def ray_runs(folders: tuple[Path, Path], model: Path, tmp: Path, rounds: int) -> dict[str, tuple[float, float] | str]:
-    """Ray on a one-CPU head, then with a second one-CPU node; a failed run's row is its error."""
+@contextmanager
+def started_on(cores: set[int] | None) -> Iterator[None]:
+    """Processes started inside run on cores (CPU affinity is inherited); None: no change."""
+    before = os.sched_getaffinity(0) if cores else None
+    if cores:
+        os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        if before:
+            os.sched_setaffinity(0, before)
+
+
+def ray_runs(folders: tuple[Path, Path, Path], model: Path, tmp: Path, rounds: int,
+             pin: bool = True) -> dict[str, tuple[float, float] | str]:
+    """Ray on a one-CPU head, then with a second one-CPU node (each on a core of its own where pin, the
+    driver on the head's); a failed run's row is its error."""
     from ray.cluster_utils import Cluster
 
+    node = {"num_cpus": 1, "object_store_memory": 256 << 20}
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    head_core, worker_core = ({first}, {second}) if pin else (None, None)
     out: dict[str, tuple[float, float] | str] = {}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 256 << 20})
+    with started_on(head_core):
+        cluster = Cluster(initialize_head=True, head_node_args=node)
     try:
         for nodes, name in ((1, "ray, 1 node"), (2, "ray, 2 nodes")):
             if nodes == 2:
-                cluster.add_node(num_cpus=1, object_store_memory=256 << 20)
+                with started_on(worker_core):
+                    cluster.add_node(**node)
+                cluster.wait_for_nodes()
             try:
-                out[name] = runs(f"ray-{nodes}", folders, model, tmp, rounds, address=cluster.address)
+                out[name] = runs(f"ray-{nodes}", folders, model, tmp, rounds, address=cluster.address,
+                                 cores=head_core)
                 print(f"{name}: {out[name][1]:.2f} s", flush=True)
             except RuntimeError as exc:
                 out[name] = str(exc)
@@ -232,37 +290,50 @@ def ray_runs(folders: tuple[Path, Path], model: Path, tmp: Path, rounds: int) ->
     return out
 
 
-def fit_costs(costs: dict[str, float], walls: dict, *, n: int, list_s: float, write: float) -> Fit:
-    """The cost model's inputs: stage costs as measured, and the per-block overhead that makes the
-    one-node Ray run's time (one CPU does every stage) come out as measured."""
+def fit_costs(costs: dict[str, float], walls: dict, *, n: int, small: int, list_s: float, write: float) -> Fit:
+    """The cost model's inputs: stage costs as measured; each engine's fixed cost, the two runs' line
+    (small files, n files) taken back to 0 files; and the per-block overhead that makes the one-node Ray
+    run's per-file time (one CPU does every stage) come out as measured."""
+    def fixed(got: tuple[float, float]) -> float:
+        return max(0.0, got[0] - small * (got[1] - got[0]) / (n - small))
+
     one = walls.get("ray, 1 node")
     fixed_ray, block = DEFAULT_FIT.fixed_ray, DEFAULT_FIT.block
     if isinstance(one, tuple):
-        fixed_ray = one[0]
+        fixed_ray = fixed(one)
         per_file = costs["read"] + costs["decode"] + costs["model_cpu"] + write + list_s
-        block = max(0.0, (one[1] - fixed_ray - n * per_file) / blocks(n))
-    return Fit(list=list_s, write=write, block=block, fixed_local=walls["local"][0], fixed_ray=fixed_ray,
+        block = max(0.0, ((one[1] - one[0]) / (n - small) - per_file) * n / blocks(n))
+    return Fit(list=list_s, write=write, block=block, fixed_local=fixed(walls["local"]), fixed_ray=fixed_ray,
                dedupe_per_million=dedupe_cost(), measured=f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores",
                **costs)
 
 
-def print_measured(walls: dict, n: int, fit: Fit) -> None:
-    """The engines side by side (images/s, with and without the fixed cost), ratios, and the fit."""
+def print_measured(walls: dict, n: int, small: int, fit: Fit) -> None:
+    """The engines side by side (images/s over the whole run, and beyond the small run), ratios, the fit."""
     local = walls["local"]
-    print(f"\n{'setting':<14} {'wall s':>8} {'images/s':>9} {'fixed s':>8} {'img/s excl. fixed':>18}   ({n} files)")
+    print(f"\n{'setting':<14} {'wall s':>8} {'images/s':>9} {f'wall s ({small})':>14} {'images/s beyond':>16}"
+          f"   ({n} files; the last column: (files - {small}) / (wall - wall on {small}))")
+    rate: dict[str, float] = {}
     for name, got in walls.items():
         if isinstance(got, str):
             print(f"{name:<14} {'failed':>8}")
             continue
         fixed, wall = got
-        excl = f"{n / (wall - fixed):18.2f}" if wall > fixed else f"{'n/a (noise)':>18}"
-        print(f"{name:<14} {wall:8.2f} {n / wall:9.2f} {fixed:8.2f} {excl}")
+        if wall > fixed:
+            rate[name] = (n - small) / (wall - fixed)
+        beyond = f"{rate[name]:16.2f}" if name in rate else f"{'n/a (noise)':>16}"
+        print(f"{name:<14} {wall:8.2f} {n / wall:9.2f} {fixed:14.2f} {beyond}")
     one, two = walls.get("ray, 1 node"), walls.get("ray, 2 nodes")
     if isinstance(one, tuple) and isinstance(two, tuple):
-        print(f"ray 2 nodes / ray 1 node: {one[1] / two[1]:.2f}x (goal >= 1.7)")
+        print(f"ray 2 nodes / ray 1 node: {one[1] / two[1]:.2f}x wall clock", end="")
+        if "ray, 1 node" in rate and "ray, 2 nodes" in rate:
+            print(f", {rate['ray, 2 nodes'] / rate['ray, 1 node']:.2f}x images/s beyond the fixed cost", end="")
+        print(" (goal >= 1.7)")
     if isinstance(two, tuple):
-        print(f"ray 2 nodes / local (2 cores): {local[1] / two[1]:.2f}x (goal >= 0.8); Ray's overhead over local: "
-              f"{two[1] - local[1]:+.2f} s ({two[1] / local[1] - 1:+.0%})")
+        print(f"ray 2 nodes / local (2 cores): {local[1] / two[1]:.2f}x wall clock", end="")
+        if "ray, 2 nodes" in rate and "local" in rate:
+            print(f", {rate['ray, 2 nodes'] / rate['local']:.2f}x images/s beyond the fixed cost", end="")
+        print(f" (goal >= 0.8); Ray's overhead over local: {two[1] - local[1]:+.2f} s ({two[1] / local[1] - 1:+.0%})")
     print("\nfit (seconds; per file on one core unless said):")
     for key, value in asdict(fit).items():
         print(f"  {key:<20} {value if isinstance(value, str) else f'{value:.6f}'}")
@@ -297,8 +368,12 @@ def main() -> None:
     ap.add_argument("folder", nargs="?", default=str(REPO.parent / "shared" / "data" / "dinos"))
     ap.add_argument("--limit", type=int, default=120, help="files of FOLDER in the sample")
     ap.add_argument("--rounds", type=int, default=1, help="runs per setting (median)")
+    ap.add_argument("--copies", type=int, default=1, help="the sample K times over (K-1 re-encoded copies)")
+    ap.add_argument("--small", type=int, help="files of the small run (default: a quarter of the sample, at least 4)")
     ap.add_argument("--stage-files", type=int, default=60, help="files timed stage by stage")
     ap.add_argument("--local-only", action="store_true", help="the local engine only (no Ray)")
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=len(os.sched_getaffinity(0)) >= 2,
+                    help="each Ray node on a core of its own, the driver on the head's (default: with 2 cores or more)")
     ap.add_argument("--json", help="save the fitted cost model here")
     ap.add_argument("--simulate", type=int, metavar="N", help="print the cost model's hours for N files")
     ap.add_argument("--fit", help="a cost model saved by --json (default: the figures of 2026-12-04)")
