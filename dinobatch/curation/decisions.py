@@ -197,6 +197,12 @@ class Journal:
             return replay(self._events)
 
     @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No decision is written during the block (relabel reads decisions.csv as it is)."""
+        with self._locked():
+            yield
+
+    @contextlib.contextmanager
     def _locked(self) -> Iterator[int]:
         """The journal open for appending, held exclusively by this thread and process."""
         with self._guard:
@@ -250,7 +256,8 @@ class Journal:
 
 
 def queue_progress(current: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, int]:
-    """{"reviewed", "total"}: items with a current decision on any of their files, of all items."""
-    reviewed = sum(1 for item in items
-                   if item.get("path") in current or any(m.get("path") in current for m in item.get("members") or ()))
-    return {"reviewed": reviewed, "total": len(items)}
+    """{"reviewed", "total"}: items whose every file has a current decision (the page's count), of all items."""
+    def decided(item: dict[str, Any]) -> bool:
+        return all(m.get("path") in current for m in item.get("members") or [item])
+
+    return {"reviewed": sum(1 for item in items if decided(item)), "total": len(items)}
