@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from dinobatch import __version__
-from dinobatch.cli import classify, curation, model, results, scan, training
+from dinobatch.cli import classify, curation, model, results, scan, serve, training
 from dinobatch.cli.common import config_option
 
 
@@ -17,7 +17,7 @@ def cli() -> None:
 
 for _command in (classify.classify, scan.scan, results.results, model.model, training.manifest, training.augment,
                  training.train, training.evaluate, training.sweep, curation.curate, curation.relabel,
-                 curation.export, curation.similar):
+                 curation.export, curation.similar, serve.serve):
     cli.add_command(_command)
 
 

@@ -15,7 +15,7 @@ from dinobatch.io.arrow import read_table, write_table
 from dinobatch.schema import Col
 from dinobatch.stages.decode import WorkItem
 
-__all__ = ["similar", "reference_embeddings", "default_cache_dir"]
+__all__ = ["similar", "rank", "reference_embeddings", "default_cache_dir"]
 
 log = logging.getLogger(__name__)
 _PER_SPECIES = 3  # a species' score: the mean of its few closest reference images
@@ -99,21 +99,29 @@ def similar(images: Sequence[str], model_ref: str, reference: str, *, top_k: int
             log.warning("cannot read %s: %s", image, exc)
     results = _embed(model, runtime, {s: [i for i in images if shas[i] == s] for s in set(shas.values()) if s},
                      batch_size, workers)
-    names = sorted(set(labels))
-    members = {n: np.array([k for k, m in enumerate(labels) if m == n]) for n in names}
-    per_species = min(_PER_SPECIES, min(len(v) for v in members.values()))  # the same k for every species
     out = []
     for image in images:
         r = results.get(shas[image]) if shas[image] else None
         if r is None or r.error:
             out.append({"image": image, "error": r.error if r else "cannot read file"})
             continue
-        q = np.asarray(r.prediction[Col.EMBEDDING], dtype=np.float32)
-        sims = ref @ (q / max(float(np.linalg.norm(q)), 1e-12))
-        scores = {n: float(np.sort(sims[idx])[-per_species:].mean()) for n, idx in members.items()}
-        ranked = sorted(scores.items(), key=lambda kv: -kv[1])[:top_k]
-        nearest = np.argsort(-sims)[:neighbours]
-        out.append({"image": image, "error": None,
-                    "species": [{"label": n, "similarity": s, **species.get(n, {})} for n, s in ranked],
-                    "nearest": [{"path": ref_paths[k], "label": labels[k], "similarity": float(sims[k])} for k in nearest]})
+        ranked = rank(r.prediction[Col.EMBEDDING], labels, ref, ref_paths, top_k=top_k, neighbours=neighbours,
+                      species=species)
+        out.append({"image": image, "error": None, **ranked})
     return out
+
+
+def rank(embedding, labels: Sequence[str], ref: np.ndarray, ref_paths: Sequence[str], *, top_k: int,
+         neighbours: int, species: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """One image's answer: the top_k species by the mean of their closest reference images, and its
+    nearest reference images (`similar` and `serve`'s /api/similar give the same)."""
+    names = sorted(set(labels))
+    members = {n: np.array([k for k, m in enumerate(labels) if m == n]) for n in names}
+    per_species = min(_PER_SPECIES, min(len(v) for v in members.values()))  # the same k for every species
+    q = np.asarray(embedding, dtype=np.float32)
+    sims = ref @ (q / max(float(np.linalg.norm(q)), 1e-12))
+    scores = {n: float(np.sort(sims[idx])[-per_species:].mean()) for n, idx in members.items()}
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1])[:top_k]
+    nearest = np.argsort(-sims)[:neighbours]
+    return {"species": [{"label": n, "similarity": s, **species.get(n, {})} for n, s in ranked],
+            "nearest": [{"path": ref_paths[k], "label": labels[k], "similarity": float(sims[k])} for k in nearest]}
