@@ -96,6 +96,7 @@ class Col:
     SCORE = "score"
     REASONS = "reasons"
     DETAILS = "details"
+    IN_REVIEW = "in_review"  # whether the entry is among the items the review page shows (curate --max-review)
     # evaluate's predictions.parquet
     PREDICTED = "predicted"
     CORRECT = "correct"

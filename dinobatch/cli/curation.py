@@ -51,12 +51,15 @@ class _CurateCommand(click.Command):
 @click.option("--embedding-duplicate", type=FRACTION, default=0.97,
               help="Cosine similarity from which two embeddings are the same scene.")
 @click.option("--outlier-z", type=FINITE, default=3.5, help="Robust z-score from which an image is an outlier.")
+@click.option("--max-review", type=click.IntRange(min=0), default=500, show_default=True, metavar="N",
+              help="Items the review page shows (a duplicate group is one): the highest scores, each reason's "
+                   "best kept; the rest stay in queue.csv marked in_review=False. 0: all.")
 @click.option("--fail-on", "fail_on", multiple=True, metavar="REASON=SHARE",
               help="Exit 8 (after writing everything) when the share of images flagged for REASON is above SHARE "
                    f"(0.05 or 5%); repeatable. REASON: {', '.join(Reason)}, or {ANY}.")
 @verbosity
 def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, method, embedding_duplicate,
-           outlier_z, fail_on, quiet, verbose) -> None:
+           outlier_z, max_review, fail_on, quiet, verbose) -> None:
     """Write a review queue of what most likely needs a look, from a classify output folder."""
     setup_logging(quiet, verbose)
 
@@ -64,16 +67,20 @@ def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, 
         from dinobatch.curation.curate import CurateConfig
         from dinobatch.curation.curate import curate as run_curate
         from dinobatch.curation.review import write_outputs
+        from dinobatch.schema import Col
 
         cfg = CurateConfig(predictions=predictions, out=out, manifest=manifest_path, low_confidence=low_confidence,
                            rank_by=rank_by, method=method, embedding_duplicate=embedding_duplicate,
-                           outlier_z=outlier_z,
-                           fail_on=_fail_on(fail_on))
+                           outlier_z=outlier_z, max_review=max_review, fail_on=_fail_on(fail_on))
         result = run_curate(cfg)
         paths = write_outputs(result, out, html_page=html_page)
         if not quiet:
             click.echo(f"{result.images} images, {len(result.queue)} to review: " +
                        ", ".join(f"{k} {v}" for k, v in result.counts.items() if v))
+            left = sum(1 for q in result.queue if not q[Col.IN_REVIEW])
+            if left:
+                click.echo(f"the review page shows the first {max_review} items; {left} flagged files beyond them "
+                           "are in queue.csv (in_review=False)")
             click.echo("wrote " + ", ".join(printable(p) for p in paths.values()))
         for breach in result.breaches:
             click.echo(f"dinobatch: threshold passed: {printable(breach)}", err=True)

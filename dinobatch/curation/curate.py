@@ -18,11 +18,13 @@ from dinobatch.errors import ConfigError, InputError
 from dinobatch.schema import STATUS_ERROR, STATUS_OK, Col, read_metadata
 from dinobatch.store.predictions import check_predictions
 
-__all__ = ["Reason", "REASONS", "CurateConfig", "CurateResult", "curate", "confident_learning", "near_embedding_pairs"]
+__all__ = ["Reason", "REASONS", "CurateConfig", "CurateResult", "curate", "confident_learning", "near_embedding_pairs",
+           "MAX_REVIEW", "review_key", "mark_review"]
 
 log = logging.getLogger(__name__)
 
 REASONS = tuple(r.value for r in Reason)  # the names, in the summary's order
+MAX_REVIEW = 500  # review items (a duplicate group is one): about a reviewer's hour at a few seconds each
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,11 @@ class CurateConfig:
     max_aspect: float = MAX_ASPECT
     blank_bits: int = 2  # dHash with at most this many bits set: almost no structure
     fail_on: tuple[tuple[str, float], ...] = ()
+    max_review: int = MAX_REVIEW  # items on the review page; 0: every flagged image
 
     def __post_init__(self) -> None:
+        if self.max_review < 0:
+            raise ConfigError("--max-review must be 0 (no cap) or more")
         if self.rank_by not in ("self_confidence", "normalized_margin"):
             raise ConfigError("rank_by must be self_confidence or normalized_margin")
         if self.method not in ("prune_by_noise_rate", "confident_learning"):
@@ -61,6 +66,9 @@ class CurateResult:
     confusion: dict[str, Any] = field(default_factory=dict)
     groups: list[list[dict[str, Any]]] = field(default_factory=list)
     source_folder: str | None = None
+    labels: list[str] = field(default_factory=list)  # the model's, in its order (the relabel type-ahead)
+    manifest: str | None = None  # absolute path of --manifest: what the review's decisions apply to
+    max_review: int = MAX_REVIEW
 
 
 def confident_learning(probs: np.ndarray, given: np.ndarray, rank_by: str = "self_confidence",
@@ -188,10 +196,12 @@ def curate(cfg: CurateConfig) -> CurateResult:
     groups = _duplicates(rows, given, flag)
     _embeddings(rows, given, labels, cfg, flag)
     queue = _queue(rows, given, flags, suggested)
+    mark_review(queue, cfg.max_review)
     counts = {reason: sum(1 for f in flags.values() if reason in f) for reason in REASONS}
     breaches = _breaches(cfg, counts, len(rows), len(queue))
-    return CurateResult(queue, counts, len(rows), breaches, _confusion(rows, given, labels), groups,
-                        summary.get("config", {}).get("folder"))
+    manifest = os.path.abspath(cfg.manifest) if cfg.manifest else None
+    return CurateResult(queue, counts, len(rows), breaches, _confusion(rows, given, labels), groups, folder,
+                        list(labels), manifest, cfg.max_review)
 
 
 def _manifest_copies(rows, index, flag) -> None:
@@ -264,7 +274,9 @@ def _duplicates(rows, given, flag) -> list[list[dict[str, Any]]]:
             if len(labels) > 1:
                 flag(i, Reason.DUPLICATE_LABEL_CONFLICT, f"copies labelled {', '.join(sorted(labels))}")
         groups.append([{Col.PATH: rows[i][Col.PATH], Col.SHA256: rows[i][Col.SHA256], Col.LABEL: given[i][0],
-                        Col.SPLIT: given[i][1], "kept": rows[i][Col.DUPLICATE_OF] is None} for i in idx])
+                        Col.SPLIT: given[i][1], "kept": rows[i][Col.DUPLICATE_OF] is None,
+                        Col.PREDICTED_LABEL: rows[i][Col.LABEL], Col.CONFIDENCE: rows[i][Col.CONFIDENCE],
+                        Col.DUPLICATE_GROUP: rows[i][Col.DUPLICATE_GROUP]} for i in idx])
     return groups
 
 
@@ -327,6 +339,39 @@ def _queue(rows, given, flags, suggested) -> list[dict[str, Any]]:
                       Col.DUPLICATE_GROUP: r[Col.DUPLICATE_GROUP]})
     queue.sort(key=lambda q: (-q[Col.SCORE], q[Col.PATH]))
     return queue
+
+
+def review_key(entry: dict[str, Any]) -> str:
+    """The review item a queue entry belongs to: its duplicate group (shown once, with every member), else itself."""
+    group = entry.get(Col.DUPLICATE_GROUP)
+    return f"group-{group}" if group is not None else f"file-{entry[Col.PATH]}"
+
+
+def mark_review(queue: list[dict[str, Any]], limit: int) -> None:
+    """Set each entry's in_review: at most `limit` items (0: all), highest score first, with each reason's
+    best items kept (limit // 50, at least 1, each) so a flood of one reason cannot hide the others.
+
+    The queue keeps every flagged entry; the ones left out stay in queue.parquet and queue.csv, marked."""
+    items: dict[str, list[dict[str, Any]]] = {}
+    for q in queue:  # the queue is in score order: an item's position is its best entry's
+        items.setdefault(review_key(q), []).append(q)
+    keys = list(items)
+    chosen = set(keys)
+    if limit and len(keys) > limit:
+        quota = max(1, limit // 50)
+        reserved: list[str] = []
+        for reason in REASONS:
+            having = [k for k in keys if any(reason in q[Col.REASONS] for q in items[k])]
+            reserved += [k for k in having[:quota] if k not in reserved]
+        order = {k: n for n, k in enumerate(keys)}
+        chosen = set(sorted(reserved, key=order.__getitem__)[:limit])
+        for k in keys:
+            if len(chosen) >= limit:
+                break
+            chosen.add(k)
+    for k, entries in items.items():
+        for q in entries:
+            q[Col.IN_REVIEW] = k in chosen
 
 
 def _breaches(cfg: CurateConfig, counts: dict[str, int], images: int, flagged: int) -> list[str]:

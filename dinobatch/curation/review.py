@@ -1,13 +1,19 @@
-"""Curation outputs: the review queue as Parquet and CSV, a summary, and a static review page."""
+"""Curation outputs: the review queue as Parquet and CSV, a summary, and the review page.
+
+The review page is one page for two modes: "static" (curate --html writes review.html, opened from
+disk) and "server" (dinobatch serve --queue). Both show the document review_document builds.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import logging
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dinobatch.curation.reasons import Reason
 from dinobatch.io.arrow import write_table
@@ -15,13 +21,19 @@ from dinobatch.io.files import atomic_path
 from dinobatch.io.terminal import spreadsheet_safe
 from dinobatch.schema import Col
 
-__all__ = ["write_outputs", "queue_schema", "QUEUE_COLUMNS"]
+__all__ = ["write_outputs", "queue_schema", "QUEUE_COLUMNS", "review_document", "render_review_page", "Urls"]
 
 log = logging.getLogger(__name__)
 
 QUEUE_COLUMNS = (Col.PATH, Col.SHA256, Col.STATUS, Col.GIVEN_LABEL, Col.SPLIT, Col.PREDICTED_LABEL,
-                 Col.SUGGESTED_LABEL, Col.CONFIDENCE, Col.SCORE, Col.REASONS, Col.DETAILS, Col.DUPLICATE_GROUP)
+                 Col.SUGGESTED_LABEL, Col.CONFIDENCE, Col.SCORE, Col.REASONS, Col.DETAILS, Col.DUPLICATE_GROUP,
+                 Col.IN_REVIEW)
 _THUMB = 160
+_MODES = ("static", "server")
+_STATIC = Path(__file__).resolve().parent.parent / "serve" / "static"  # package data: review.js, review.css
+_TEMPLATE = Path(__file__).resolve().parent / "review_page.html"
+
+Urls = Callable[[Path], tuple[str | None, str | None]]  # a file's absolute path -> (thumbnail URL, full-size URL)
 
 
 def queue_schema():
@@ -29,12 +41,12 @@ def queue_schema():
     import pyarrow as pa
 
     types = {Col.CONFIDENCE: pa.float32(), Col.SCORE: pa.float32(), Col.REASONS: pa.list_(pa.string()),
-             Col.DUPLICATE_GROUP: pa.int64()}
+             Col.DUPLICATE_GROUP: pa.int64(), Col.IN_REVIEW: pa.bool_()}
     return pa.schema([(name, types.get(name, pa.string())) for name in QUEUE_COLUMNS])
 
 
 def write_outputs(result, out: str | Path, *, html_page: bool) -> dict[str, Path]:
-    """queue.parquet, queue.csv, summary.json and, with html_page, review.html with thumbs/."""
+    """queue.parquet, queue.csv, groups.json, summary.json and, with html_page, review.html with thumbs/."""
     import pyarrow as pa
 
     out = Path(out)
@@ -49,14 +61,30 @@ def write_outputs(result, out: str | Path, *, html_page: bool) -> dict[str, Path
                 row = {**q, Col.REASONS: ";".join(q[Col.REASONS])}
                 writer.writerow({k: spreadsheet_safe(v) if isinstance(v, str) else v for k, v in row.items()})
     paths["queue.csv"] = out / "queue.csv"
-    summary = {"images": result.images, "flagged": len(result.queue), "counts": result.counts,
-               "breaches": result.breaches, "duplicate_groups": len(result.groups)}
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    paths["summary.json"] = out / "summary.json"
+    paths["groups.json"] = _write_json(out / "groups.json", result.groups)
+    paths["summary.json"] = _write_json(out / "summary.json", _summary(result))
     if html_page:
-        paths["review.html"] = _page(result, summary, out)
+        paths["review.html"] = _page(out)
     return paths
+
+
+def _summary(result) -> dict[str, Any]:
+    """summary.json: counts, thresholds passed, what the review page shows, and what the review applies to."""
+    shown = [q for q in result.queue if q.get(Col.IN_REVIEW, True)]
+    from dinobatch.curation.curate import review_key
+
+    return {"images": result.images, "flagged": len(result.queue), "counts": result.counts,
+            "breaches": result.breaches, "duplicate_groups": len(result.groups),
+            "review": {"max_items": result.max_review, "items": len({review_key(q) for q in shown}),
+                       "files": len(shown), "left_out": len(result.queue) - len(shown)},
+            "manifest": result.manifest, "folder": result.source_folder, "labels": result.labels,
+            "confusion": result.confusion}
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def _thumbnail(source: Path, target: Path) -> bool:
@@ -77,98 +105,97 @@ def _thumbnail(source: Path, target: Path) -> bool:
     return True
 
 
-def _thumbs(result, out: Path) -> dict[str, str]:
-    """Thumbnails of every queued and grouped image, named by content: sha256 -> relative src."""
-    if not result.source_folder:
-        return {}
-    root = Path(result.source_folder)
-    wanted = {q[Col.SHA256]: q[Col.PATH] for q in result.queue if q[Col.SHA256]}
-    wanted.update({m[Col.SHA256]: m[Col.PATH] for g in result.groups for m in g if m[Col.SHA256]})
-    srcs = {}
-    for sha, rel in wanted.items():
-        name = f"thumbs/{sha[:16]}.jpg"
-        if _thumbnail(root / rel, out / name):
-            srcs[sha] = name
-    return srcs
+def _static_urls(out: Path, shas: dict[Path, str]) -> Urls:
+    """review.html's URLs: a thumbnail made beside it (named by content) and the original as a file:// URL."""
+    def urls(path: Path) -> tuple[str | None, str | None]:
+        sha = shas.get(path)
+        name = f"thumbs/{sha[:16]}.jpg" if sha else None
+        thumb = name if name and _thumbnail(path, out / name) else None
+        return thumb, path.as_uri() if path.is_absolute() else None
+    return urls
 
 
-def _page(result, summary: dict[str, Any], out: Path) -> Path:
-    srcs = _thumbs(result, out)
-    data = {"queue": [{**q, "thumb": srcs.get(q[Col.SHA256] or "")} for q in result.queue],
-            "groups": [[{**m, "thumb": srcs.get(m[Col.SHA256] or "")} for m in g] for g in result.groups],
-            "summary": summary, "confusion": result.confusion,
-            "reasons": {r.value: f"{r.description} (score {r.scores()})" for r in Reason}}
-    payload = json.dumps(data).replace("<", "\\u003c")  # no '</script>' or '<!--' can reach the HTML parser
-    page = _TEMPLATE.replace("__TITLE__", html.escape(f"dinobatch review: {out}")).replace("__DATA__", payload)
+def _page(out: Path) -> Path:
+    """Write review.html (static mode: the document inside, decisions kept in the browser)."""
+    import pyarrow.parquet as pq
+
+    summary = _read_json(out / "summary.json") or {}
+    root = Path(summary["folder"]) if summary.get("folder") else None
+    rows = pq.read_table(out / "queue.parquet", columns=[Col.PATH, Col.SHA256]).to_pylist()
+    rows += [m for g in (_read_json(out / "groups.json") or []) for m in g]
+    shas = {root / r[Col.PATH]: r[Col.SHA256] for r in rows if root and r[Col.SHA256]}
+    document = review_document(out, _static_urls(out, shas))
+    page = render_review_page(document, mode="static", title=f"dinobatch review: {out}")
     with atomic_path(out / "review.html") as tmp:
         tmp.write_text(page, encoding="utf-8")
     return out / "review.html"
 
 
-_TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
-<style>
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.4em} h2{font-size:1.15em;margin-top:1.6em}
-table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
-th{background:#f3f3f3} td.diag{background:#dde8ff} td.off{background:#ffe0e0}
-#gallery{display:flex;flex-wrap:wrap;gap:10px}
-.card{width:180px;border:1px solid #ccc;border-radius:6px;padding:6px;font-size:12px}
-.card img,.group img{width:160px;height:160px;object-fit:contain;background:#fafafa}
-.reason{display:inline-block;background:#eee;border-radius:3px;padding:0 4px;margin:1px}
-.group{display:flex;gap:8px;margin-bottom:10px;border-bottom:1px solid #eee;padding-bottom:8px}
-.group div{width:164px;font-size:12px}
-.noimg{width:160px;height:160px;display:flex;align-items:center;justify-content:center;background:#eee}
-</style></head><body>
-<h1>dinobatch review</h1>
-<div id="summary"></div>
-<h2>Given label against prediction</h2><div id="confusion"></div>
-<h2>Review queue, most urgent first</h2>
-<label>Reason: <select id="filter"><option value="">all</option></select></label>
-<p id="shown"></p><div id="gallery"></div><p><button id="more">Show more</button></p>
-<h2>Duplicate groups</h2><div id="groups"></div>
-<script id="data" type="application/json">__DATA__</script>
-<script>
-const D = JSON.parse(document.getElementById('data').textContent);
-const esc = s => String(s ?? '').replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
-const img = (src, alt) => src ? `<img loading="lazy" src="${esc(src)}" alt="${esc(alt)}">` : `<div class="noimg">no preview</div>`;
-const S = D.summary;
-document.getElementById('summary').innerHTML =
-  `<p><b>${S.images}</b> images, <b>${S.flagged}</b> to review, <b>${S.duplicate_groups}</b> duplicate groups</p>` +
-  '<table><tr><th>reason</th><th>images</th><th>what it means</th></tr>' +
-  Object.entries(S.counts).map(([k, v]) => `<tr><td style="text-align:left">${esc(k)}</td><td>${v}</td>` +
-    `<td style="text-align:left">${esc(D.reasons[k])}</td></tr>`).join('') + '</table>' +
-  (S.breaches.length ? `<p style="color:#b00">Thresholds passed: ${S.breaches.map(esc).join('; ')}</p>` : '');
-const C = D.confusion;
-document.getElementById('confusion').innerHTML = C.labels.length ?
-  '<table><tr><th>given \\\\ predicted</th>' + C.labels.map(l => `<th>${esc(l)}</th>`).join('') + '</tr>' +
-  C.counts.map((row, i) => `<tr><th>${esc(C.labels[i])}</th>` + row.map((v, j) =>
-    `<td class="${v ? (i === j ? 'diag' : 'off') : ''}">${v || ''}</td>`).join('') + '</tr>').join('') + '</table>'
-  : '<p>No labels given (run curate with --manifest).</p>';
-const sel = document.getElementById('filter');
-Object.keys(S.counts).filter(k => S.counts[k]).forEach(k => sel.add(new Option(`${k} (${S.counts[k]})`, k)));
-let shown = 0, items = D.queue;
-const PAGE = 100;
-function card(q) {
-  return `<div class="card">${img(q.thumb, q.path)}<div><b>${esc(q.path)}</b></div>` +
-    `<div>given: <b>${esc(q.given_label ?? '-')}</b></div><div>suggested: <b>${esc(q.suggested_label ?? '-')}</b></div>` +
-    `<div>score ${Number(q.score).toFixed(2)}</div>` + q.reasons.map(r => `<span class="reason" title="${esc(D.reasons[r])}">${esc(r)}</span>`).join('') +
-    `<div title="${esc(q.details)}">${esc(String(q.details ?? '').slice(0, 160))}</div></div>`;
-}
-function render(reset) {
-  const g = document.getElementById('gallery');
-  if (reset) { g.innerHTML = ''; shown = 0; }
-  g.insertAdjacentHTML('beforeend', items.slice(shown, shown + PAGE).map(card).join(''));
-  shown = Math.min(items.length, shown + PAGE);
-  document.getElementById('shown').textContent = `showing ${shown} of ${items.length}`;
-  document.getElementById('more').style.display = shown < items.length ? '' : 'none';
-}
-sel.onchange = () => { items = sel.value ? D.queue.filter(q => q.reasons.includes(sel.value)) : D.queue; render(true); };
-document.getElementById('more').onclick = () => render(false);
-render(true);
-document.getElementById('groups').innerHTML = D.groups.length ? D.groups.map(g => '<div class="group">' +
-  g.map(m => `<div>${img(m.thumb, m.path)}<div>${esc(m.path)}${m.kept ? ' (kept)' : ''}</div>` +
-    `<div>${esc(m.label ?? '')} ${esc(m.split ?? '')}</div></div>`).join('') + '</div>').join('')
-  : '<p>No duplicate groups.</p>';
-</script></body></html>
-"""
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def review_document(queue_dir: str | Path, urls: Urls) -> dict[str, Any]:
+    """The queue as the review page shows it: the entries in review, a duplicate group as ONE item with every
+    member, the model's labels, each reason's meaning, and the queue's identity (sha256 of queue.parquet).
+
+    urls(absolute path) gives each member's (thumbnail, full-size) URLs: thumbs/ and file:// for review.html,
+    /api/thumb/{id} and /api/image/{id} for the server."""
+    import pyarrow.parquet as pq
+
+    from dinobatch.curation.curate import review_key
+
+    queue_dir = Path(queue_dir)
+    parquet = queue_dir / "queue.parquet"
+    summary = _read_json(queue_dir / "summary.json") or {}
+    entries = [q for q in pq.read_table(parquet).to_pylist() if q.get(Col.IN_REVIEW, True) is not False]
+    groups = {m[Col.DUPLICATE_GROUP]: g for g in (_read_json(queue_dir / "groups.json") or [])
+              for m in g[:1] if m.get(Col.DUPLICATE_GROUP) is not None}
+    root = Path(summary["folder"]) if summary.get("folder") else None
+    items: dict[str, list[dict[str, Any]]] = {}
+    for q in entries:  # score order: an item's first entry is its best
+        items.setdefault(review_key(q), []).append(q)
+    labels = summary.get("labels") or sorted({q[c] for q in entries for c in (Col.PREDICTED_LABEL, Col.GIVEN_LABEL)
+                                              if q[c]})
+    return {"items": [_item(key, flagged, groups, root, urls) for key, flagged in items.items()],
+            "labels": labels, "reasons": {r.value: f"{r.description} (score {r.scores()})" for r in Reason},
+            "identity": hashlib.sha256(parquet.read_bytes()).hexdigest(),
+            "summary": {k: summary.get(k) for k in ("images", "flagged", "counts", "review", "confusion")}}
+
+
+def _item(key: str, flagged: list[dict[str, Any]], groups: dict, root: Path | None, urls: Urls) -> dict[str, Any]:
+    """One review item from its flagged entries (more than one only for a duplicate group)."""
+    best = flagged[0]
+    group = best[Col.DUPLICATE_GROUP]
+    reasons = list(dict.fromkeys(r for q in flagged for r in q[Col.REASONS]))
+    details = "; ".join(dict.fromkeys(q[Col.DETAILS] for q in flagged if q[Col.DETAILS]))
+    if group is not None and group in groups:
+        members = [{Col.PATH: m[Col.PATH], "label": m[Col.LABEL], Col.PREDICTED_LABEL: m.get(Col.PREDICTED_LABEL),
+                    Col.CONFIDENCE: m.get(Col.CONFIDENCE), Col.SPLIT: m[Col.SPLIT], "kept": m["kept"]}
+                   for m in groups[group]]
+    else:
+        members = [{Col.PATH: q[Col.PATH], "label": q[Col.GIVEN_LABEL], Col.PREDICTED_LABEL: q[Col.PREDICTED_LABEL],
+                    Col.CONFIDENCE: q[Col.CONFIDENCE], Col.SPLIT: q[Col.SPLIT], "kept": None} for q in flagged]
+    for m in members:
+        m["thumb"], m["full"] = urls(root / m[Col.PATH] if root else Path(m[Col.PATH]))
+    return {"key": key, **{c: best[c] for c in (Col.PATH, Col.GIVEN_LABEL, Col.PREDICTED_LABEL, Col.SUGGESTED_LABEL,
+                                               Col.CONFIDENCE, Col.SPLIT, Col.DUPLICATE_GROUP)},
+            Col.SCORE: round(best[Col.SCORE], 4),  # float32 in the Parquet file: 0.985, not 0.98500001
+            Col.REASONS: reasons, Col.DETAILS: details, "members": members}
+
+
+def render_review_page(document: dict[str, Any] | None, *, mode: str, token: str | None = None,
+                       title: str = "dinobatch review") -> str:
+    """The review page, its JS and CSS inline. mode "static": the document is embedded and decisions stay in
+    the browser; mode "server": the page loads /api/queue and posts each decision with the token."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {', '.join(_MODES)}")
+    if mode == "server" and not token:
+        raise ValueError("the server page needs the process's token")
+    payload = json.dumps(document if mode == "static" else None)
+    parts = {"__TITLE__": html.escape(title), "__MODE__": mode, "__TOKEN__": html.escape(token or ""),
+             "__CSS__": (_STATIC / "review.css").read_text(encoding="utf-8"),
+             "__JS__": (_STATIC / "review.js").read_text(encoding="utf-8").replace("</", "<\\/"),
+             "__DATA__": payload.replace("<", "\\u003c")}  # no '</script>' or '<!--' can reach the HTML parser
+    # one pass: a value (a path in the title or the data) is never read as a placeholder
+    return re.sub("|".join(parts), lambda m: parts[m[0]], _TEMPLATE.read_text(encoding="utf-8"))

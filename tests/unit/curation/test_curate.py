@@ -87,7 +87,7 @@ def test_summary_counts_every_reason_by_name_in_the_tables_order(tmp_path):
 def test_the_review_page_says_what_each_reason_means(tmp_path):
     result = _one_reason_each(tmp_path)
     page = write_outputs(result, tmp_path / "q", html_page=True)["review.html"].read_text()
-    data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S)[1])
+    data = json.loads(re.search(r'<script type="application/json" id="dinobatch-queue">(.*?)</script>', page, re.S)[1])
     for reason in Reason:
         assert data["reasons"][reason.value].startswith(reason.description)
 
