@@ -256,8 +256,8 @@ class Journal:
 
 
 def queue_progress(current: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, int]:
-    """{"reviewed", "total"}: items whose every file has a current decision (the page's count), of all items."""
+    """{"reviewed", "total"}: items with a current decision on any of their files (as the page counts), of all."""
     def decided(item: dict[str, Any]) -> bool:
-        return all(m.get("path") in current for m in item.get("members") or [item])
+        return item.get("path") in current or any(m.get("path") in current for m in item.get("members") or ())
 
     return {"reviewed": sum(1 for item in items if decided(item)), "total": len(items)}

@@ -123,6 +123,7 @@ def test_ten_items_by_keyboard_undo_reload_resume_exact_csv_and_apply(server, cu
         page.wait_for_selector("body[data-ready='1']")
         # resumed: the same count, at the first undecided item (the one undone)
         assert page.locator("#progress").text_content() == f"9 of {len(items)} reviewed"
+        assert server.get("/api/queue")[1]["progress"] == {"reviewed": 9, "total": len(items)}  # the page's count
         _settled(page, plan[-1][0], plan[-1][1])
         page.screenshot(path=str(_artefacts(tmp_path) / "review-served.png"), full_page=True)
         browser.close()
