@@ -159,6 +159,8 @@ def test_ten_items_by_keyboard_undo_reload_resume_exact_csv_and_apply(server, cu
     undecided = set(old) - {items[i]["members"][j]["path"] for i, j, *_ in kept}
     assert all(rows[p] == old[p] for p in undecided)
     assert tree_digest(curated.images) == images_before  # the image folder is never touched
+    again = server.request("POST", "/api/apply", headers=token)[1]  # the same decisions: nothing new written
+    assert again["outcome"] == "already applied" and again["new_manifest"] == done["new_manifest"]
 
 
 def test_decisions_are_refused_without_the_token_or_outside_the_queue(server):
