@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def test_static_page_review_by_keyboard_undo_reload_and_download_what_relabel_ta
     html = write_outputs(result, tmp_path / "q", html_page=True)["review.html"]
     _open(page, html.as_uri())
     assert page.text_content("#progress") == "0 of 11 reviewed"
+    assert page.locator("#apply").is_hidden() and page.locator("#download").is_visible()  # no server to apply
     page.fill("#reviewer", "ana")
     page.locator("#item").focus()  # the name is stored when the field is left
     assert "mislabelled.png" in page.text_content("#item")
@@ -88,6 +90,8 @@ def test_static_page_review_by_keyboard_undo_reload_and_download_what_relabel_ta
     page.keyboard.press("Enter")
     page.keyboard.press("k")  # odd_one, with the note
     assert page.text_content("#progress") == "7 of 11 reviewed"
+    page.keyboard.press("A")  # Apply's key does nothing here
+    assert page.locator("#apply-dialog[open]").count() == 0 and page.text_content("#progress") == "7 of 11 reviewed"
     _artefact(page, "review-static.png", tmp_path)
 
     page.reload()
@@ -219,3 +223,43 @@ def test_server_mode_resumes_posts_with_the_token_and_never_pretends_a_failed_po
     assert posted == [{"body": {"path": document["items"][1]["members"][0]["path"], "action": "keep", "label": "",
                                 "note": ""}, "token": "secret-token"}]
     _artefact(page, "review-server-error.png", tmp_path)
+
+
+def test_server_mode_apply_shows_the_dry_run_first_and_the_servers_refusal_as_a_banner(page, tmp_path):
+    document = _two_items(tmp_path)
+    _serve_stand_in(page, document, {}, fail=False)
+    changes = [{"path": f"dir/file_{i}.png", "action": ("keep", "relabel", "remove")[i % 3], "old_label": "stegosaurus",
+                "new_label": "triceratops" if i % 3 == 1 else None, "note": ""} for i in range(12)]
+    applies: list[tuple[str, str | None]] = []
+
+    def apply(route):
+        dry = route.request.url.endswith("?dry_run=1")
+        applies.append(("dry run" if dry else "apply", route.request.headers.get("x-dinobatch-token")))
+        if dry:
+            route.fulfill(body=json.dumps({"dry_run": True, "outcome": "dry run", "manifest": "/data/m.parquet",
+                                           "new_manifest": None, "counts": {"keep": 4, "relabel": 4, "remove": 4},
+                                           "changes": changes}), content_type="application/json")
+        else:
+            route.fulfill(status=409, body=json.dumps({"error": "the manifest /data/m.parquet is held by another "
+                                                                "relabel"}), content_type="application/json")
+    page.route(re.compile(r"http://dinobatch\.test/api/apply(\?.*)?$"), apply)
+    _open(page, "http://dinobatch.test/review")
+    page.click("#apply")
+    page.wait_for_selector("#apply-dialog[open]")
+    assert page.text_content("#apply-counts") == "4 keep · 4 relabel · 4 remove"
+    assert page.locator("#apply-changes li").count() == 10 and "… and 2 more" in page.text_content("#apply-body")
+    assert "stegosaurus → triceratops" in page.text_content("#apply-changes li:nth-child(2)")
+    page.click("#apply-cancel")  # nothing applied
+    assert page.locator("#apply-dialog[open]").count() == 0 and applies == [("dry run", "secret-token")]
+    page.keyboard.press("k")  # the keys work again once the dialog is closed
+    page.wait_for_function("() => document.querySelector('#progress').textContent.startsWith('1 of')")
+    page.keyboard.press("A")
+    page.wait_for_selector("#apply-dialog[open]")
+    page.keyboard.press("k")  # no decision behind the dialog
+    page.click("#apply-confirm")
+    page.wait_for_selector("#banner:not([hidden])")
+    banner = page.text_content("#banner")
+    assert "Not applied" in banner and "HTTP 409" in banner and "held by another relabel" in banner
+    assert page.locator("#applied").is_hidden() and page.locator("#apply-dialog[open]").count() == 0
+    assert applies == [("dry run", "secret-token"), ("dry run", "secret-token"), ("apply", "secret-token")]
+    assert page.text_content("#progress").startswith("1 of")

@@ -1,5 +1,6 @@
 """Review on a real `dinobatch serve --queue` process: ten items decided by keyboard in headless Chromium, one
-undone, the page reloaded (it resumes), decisions.csv checked byte for byte, applied to a new manifest version;
+undone, the page reloaded (it resumes), decisions.csv checked byte for byte, applied from the page (its dry-run
+summary, Confirm, the new manifest version's path) and the version's labels checked;
 and a server SIGKILLed during a burst of decisions keeps every one it acknowledged."""
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _decide(page, action: str, label: str, note: str) -> None:
         page.keyboard.press({"keep": "k", "remove": "x"}[action])
 
 
-def test_ten_items_by_keyboard_undo_reload_resume_exact_csv_and_apply(server, curated, tmp_path):
+def test_ten_items_by_keyboard_undo_reload_resume_exact_csv_and_apply_from_the_page(server, curated, tmp_path):
     from playwright.sync_api import sync_playwright
 
     items = server.get("/api/queue")[1]["items"]
@@ -126,9 +127,27 @@ def test_ten_items_by_keyboard_undo_reload_resume_exact_csv_and_apply(server, cu
         assert server.get("/api/queue")[1]["progress"] == {"reviewed": 9, "total": len(items)}  # the page's count
         _settled(page, plan[-1][0], plan[-1][1])
         page.screenshot(path=str(_artefacts(tmp_path) / "review-served.png"), full_page=True)
+
+        kept = plan[:-1]
+        assert server.request("POST", "/api/apply")[0] == 403  # without the token: refused, nothing written
+        page.keyboard.press("A")  # Apply: relabel's dry run first, shown in a dialog
+        page.wait_for_selector("#apply-dialog[open]")
+        wanted = {a: sum(1 for p in kept if p[2] == a) for a in ("keep", "relabel", "remove")}
+        summary = page.text_content("#apply-body")
+        assert page.text_content("#apply-counts") == " · ".join(f"{n} {a}" for a, n in wanted.items())
+        assert f"{len(kept)} decisions" in summary and str(curated.manifest) in summary
+        first = items[kept[0][0]]["members"][kept[0][1]]["path"]
+        assert page.locator("#apply-changes li").count() == min(len(kept), 10) and first in summary
+        assert not list(curated.manifest.parent.glob("m.v*.parquet"))  # a dry run writes nothing
+        page.screenshot(path=str(_artefacts(tmp_path) / "review-served-apply.png"), full_page=True)
+        page.keyboard.press("Enter")  # Confirm has the focus
+        page.wait_for_selector("#applied:not([hidden])", timeout=30000)
+        assert page.locator("#apply-dialog[open]").count() == 0 and page.locator("#banner").is_hidden()
+        new_manifest = page.text_content("#new-manifest")
+        assert [str(v) for v in curated.manifest.parent.glob("m.v*.parquet")] == [new_manifest]
+        page.screenshot(path=str(_artefacts(tmp_path) / "review-served-applied.png"), full_page=True)
         browser.close()
 
-    kept = plan[:-1]
     text = (server.queue / DECISIONS_CSV).read_bytes().decode("utf-8")
     with open(server.queue / DECISIONS_CSV, newline="", encoding="utf-8") as fh:
         stamps = {r["path"]: (r["reviewer"], r["decided_at"]) for r in csv.DictReader(fh)}
@@ -142,15 +161,7 @@ def test_ten_items_by_keyboard_undo_reload_resume_exact_csv_and_apply(server, cu
         assert reviewer == getpass.getuser()
         assert started <= datetime.fromisoformat(when) <= datetime.now(timezone.utc) + timedelta(seconds=1)
 
-    token = {TOKEN: _token(server)}
-    assert server.request("POST", "/api/apply")[0] == 403  # without the token: refused, nothing written
-    status, dry = server.request("POST", "/api/apply?dry_run=1", headers=token)
-    wanted = {a: sum(1 for p in kept if p[2] == a) for a in ("keep", "remove", "relabel")}
-    assert status == 200 and dry["new_manifest"] is None and dry["counts"] == wanted
-    assert not list(curated.manifest.parent.glob("m.v*.parquet"))
-    status, done = server.request("POST", "/api/apply", headers=token)
-    assert status == 200 and done["outcome"] == "written"
-    rows = {r["path"]: r for r in load_manifest(done["new_manifest"]).table.to_pylist()}
+    rows = {r["path"]: r for r in load_manifest(new_manifest).table.to_pylist()}
     old = {r["path"]: r for r in load_manifest(curated.manifest).table.to_pylist()}
     for i, j, action, label, _ in kept:
         path = items[i]["members"][j]["path"]
@@ -159,8 +170,9 @@ def test_ten_items_by_keyboard_undo_reload_resume_exact_csv_and_apply(server, cu
     undecided = set(old) - {items[i]["members"][j]["path"] for i, j, *_ in kept}
     assert all(rows[p] == old[p] for p in undecided)
     assert tree_digest(curated.images) == images_before  # the image folder is never touched
+    token = {TOKEN: _token(server)}
     again = server.request("POST", "/api/apply", headers=token)[1]  # the same decisions: nothing new written
-    assert again["outcome"] == "already applied" and again["new_manifest"] == done["new_manifest"]
+    assert again["outcome"] == "already applied" and again["new_manifest"] == new_manifest
 
 
 def test_decisions_are_refused_without_the_token_or_outside_the_queue(server):

@@ -64,9 +64,7 @@
       return false;
     }
     if (!res.ok) {
-      let reason = `HTTP ${res.status}`;
-      try { const j = await res.json(); reason += `: ${j.detail ?? j.error ?? JSON.stringify(j)}`; } catch (_) { /* not JSON */ }
-      banner(`Not saved: the server refused the decision (${reason}).`);
+      banner(`Not saved: the server refused the decision (${await refusal(res)}).`);
       return false;
     }
     if (body.action === 'undo') await load();  // the path's earlier decision, if any, is current again
@@ -84,6 +82,13 @@
   }
 
   function banner(text) { const b = $('banner'); b.textContent = text; b.hidden = !text; }
+
+  // the server's reason for a refusal: its JSON {error} (or FastAPI's {detail}), after the status
+  async function refusal(res) {
+    let reason = `HTTP ${res.status}`;
+    try { const j = await res.json(); reason += `: ${j.detail ?? j.error ?? JSON.stringify(j)}`; } catch (_) { /* not JSON */ }
+    return reason;
+  }
 
   // ---- the CSV relabel takes -------------------------------------------------------------------
   // as curation.decisions.csv_text: Python's csv (minimal quoting, CRLF), text cells spreadsheet-safe
@@ -299,9 +304,84 @@
     }
   });
 
+  // ---- apply (server mode): relabel's dry run shown first, then a new manifest version ----------------
+  const ACTIONS = ['keep', 'relabel', 'remove'];
+  const SHOWN_CHANGES = 10;  // the dialog lists the first few; the counts cover them all
+
+  // POST /api/apply (with ?dry_run=1 for the summary); the answer, or null once the banner says why not
+  async function postApply(dryRun) {
+    const what = dryRun ? 'the dry run' : 'the apply';
+    let res;
+    try {
+      res = await fetch(dryRun ? '/api/apply?dry_run=1' : '/api/apply',
+                        {method: 'POST', headers: {'X-Dinobatch-Token': TOKEN}});
+    } catch (err) {
+      banner(`Not applied: the server cannot be reached for ${what} (${err.message}).`);
+      return null;
+    }
+    if (!res.ok) { banner(`Not applied: the server refused ${what} (${await refusal(res)}).`); return null; }
+    try { return await res.json(); } catch (err) { banner(`Not applied: ${what} answered no JSON (${err.message}).`); return null; }
+  }
+
+  const countsText = counts => ACTIONS.map(a => `${fmt((counts || {})[a] || 0)} ${a}`).join(' · ');
+
+  function changeHtml(c) {
+    const what = c.action === 'relabel' ? `${esc(c.old_label)} → <b>${esc(c.new_label)}</b>`
+      : c.action === 'remove' ? `<b>remove</b> (${esc(c.old_label)})` : `keep (${esc(c.old_label)})`;
+    return `<li><span title="${esc(c.path)}">${esc(c.path)}</span>: ${what}${c.note ? ` <i>${esc(c.note)}</i>` : ''}</li>`;
+  }
+
+  function dryRunHtml(dry) {
+    const changes = dry.changes || [];
+    const more = changes.length - SHOWN_CHANGES;
+    return `<p>relabel --dry-run with decisions.csv on <code>${esc(dry.manifest)}</code>: ` +
+      `<b>${fmt(changes.length)}</b> decisions, <span id="apply-counts">${countsText(dry.counts)}</span>.</p>` +
+      `<ul id="apply-changes">${changes.slice(0, SHOWN_CHANGES).map(changeHtml).join('')}</ul>` +
+      (more > 0 ? `<p>… and ${fmt(more)} more.</p>` : '') +
+      '<p>Confirm writes a new manifest version beside it (the manifest itself and the image folders are never changed).</p>';
+  }
+
+  async function openApply() {
+    if (MODE !== 'server' || busy || $('apply-dialog').open) return;
+    busy = true;  // no decision changes decisions.csv between the dry run and its summary
+    $('apply').disabled = true;
+    const dry = await postApply(true);
+    busy = false;
+    $('apply').disabled = false;
+    if (!dry) return;
+    banner('');
+    $('apply-body').innerHTML = dryRunHtml(dry);
+    $('apply-dialog').showModal();
+    $('apply-confirm').focus();  // A, then Enter applies; Esc cancels
+  }
+
+  async function confirmApply() {
+    if (busy) return;
+    busy = true;
+    $('apply-confirm').disabled = $('apply-cancel').disabled = true;
+    const done = await postApply(false);
+    busy = false;
+    $('apply-confirm').disabled = $('apply-cancel').disabled = false;
+    $('apply-dialog').close();
+    if (!done) return;
+    banner('');
+    const n = fmt((done.changes || []).length);
+    const head = done.outcome === 'written' || done.outcome === 'finished'
+      ? `Applied ${n} decisions (${countsText(done.counts)}) to <code>${esc(done.manifest)}</code>: the new manifest version is `
+      : `Already applied: these ${n} decisions are in the manifest version `;
+    $('applied').innerHTML = `${head}<code id="new-manifest">${esc(done.new_manifest)}</code>.`;
+    $('applied').hidden = false;
+  }
+
+  $('apply').addEventListener('click', openApply);
+  $('apply-confirm').addEventListener('click', confirmApply);
+  $('apply-cancel').addEventListener('click', () => $('apply-dialog').close());
+  $('apply-dialog').addEventListener('cancel', e => { if (busy) e.preventDefault(); });  // Esc while applying
+  $('apply-dialog').addEventListener('close', () => $('item').focus());
+
   // ---- keys --------------------------------------------------------------------------------------
   document.addEventListener('keydown', e => {
-    if (e.ctrlKey || e.metaKey || e.altKey || !doc) return;
+    if (e.ctrlKey || e.metaKey || e.altKey || !doc || $('apply-dialog').open) return;
     const t = e.target;
     if (t.id === 'note' && (e.key === 'Enter' || e.key === 'Escape')) { e.preventDefault(); $('item').focus(); return; }
     if (t instanceof HTMLInputElement || t instanceof HTMLSelectElement || t instanceof HTMLTextAreaElement) return;
@@ -309,7 +389,7 @@
     const actions = {
       k: () => decide('keep', ''), x: () => decide('remove', ''), r: openRelabel, u: undo,
       j: () => move(1), ArrowRight: () => move(1), ArrowLeft: () => move(-1), s: skip,
-      n: () => $('note').focus(),
+      n: () => $('note').focus(), ...(MODE === 'server' ? {A: openApply} : {}),
     };
     if (/^[1-9]$/.test(e.key) && it && Number(e.key) <= it.members.length) { e.preventDefault(); member = Number(e.key) - 1; render(); return; }
     if (actions[e.key]) { e.preventDefault(); actions[e.key](); }
