@@ -61,10 +61,12 @@ async def _predicted(request: Request, service: ModelService) -> tuple[Prepared,
     """The upload in multipart field `image`, decoded in a thread and predicted in the next batch;
     400 with the reason where it is no usable image, 413 where it is too large."""
     data, k = await _upload(request)
-    try:
-        prepared = await run_in_threadpool(service.prepare, data)
-    except UnusableImage as exc:
-        raise HTTPException(400, str(exc)) from None
+    with service.batcher.expecting():  # the batch being formed may wait for this upload's decode
+        try:
+            prepared = await run_in_threadpool(service.prepare, data)
+        except UnusableImage as exc:
+            raise HTTPException(400, str(exc)) from None
+    # submitted once no longer counted as coming: a lone request's batch does not wait for itself
     pred = await asyncio.wrap_future(service.submit(prepared))
     if isinstance(pred, str):  # stages.infer.NON_FINITE: the model cannot answer for this image
         raise HTTPException(400, pred)

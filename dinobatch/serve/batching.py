@@ -2,23 +2,26 @@
 
 Callers (request handlers, each in its own thread or task) submit one ready input and get a
 Future; one worker thread takes what has queued up, at most max_batch items, waiting at most
-max_wait_ms after the first for more, and runs them as one batch. Inputs are complete (uploaded
-and decoded) before they are submitted, so a slow client never holds a batch up.
+max_wait_ms after the first for more, and runs them as one batch. It waits only while some caller
+is still preparing an input (`expecting()`): a lone request is never delayed. Inputs are complete
+(uploaded and decoded) before they are submitted, so a slow client never holds a batch up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 __all__ = ["MicroBatcher", "BatcherClosed"]
 
 log = logging.getLogger(__name__)
 
+_POLL_S = 0.001  # while waiting for a caller still preparing, how often to see whether it gave up
 In = TypeVar("In")
 Out = TypeVar("Out")
 
@@ -41,6 +44,8 @@ class MicroBatcher(Generic[In, Out]):
         self._queue: queue.SimpleQueue[tuple[In, Future] | None] = queue.SimpleQueue()
         self._closed = threading.Event()
         self.batches = 0  # forward passes run so far (read by tests and /healthz)
+        self._preparing = 0  # callers inside expecting(): a batch waits for them, up to max_wait
+        self._preparing_lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -52,6 +57,17 @@ class MicroBatcher(Generic[In, Out]):
             return future
         self._queue.put((item, future))
         return future
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Around a caller's preparing and submitting its input: the batch being formed may wait for it."""
+        with self._preparing_lock:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._preparing_lock:
+                self._preparing -= 1
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking work; answer what is queued, then end the worker thread."""
@@ -67,18 +83,20 @@ class MicroBatcher(Generic[In, Out]):
             self._answer(batch)
 
     def _collect(self) -> list[tuple[In, Future]] | None:
-        """The next batch: the first submission (waiting for it), then whatever arrives within max_wait,
-        up to max_batch; None once closed and drained."""
+        """The next batch: the first submission (waiting for it), then what is queued, and what arrives
+        within max_wait while callers are still preparing, up to max_batch; None once closed and drained."""
         first = self._queue.get()
         if first is None:
             return self._drain_after_close()
         batch = [first]
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - time.monotonic() if self._preparing else 0  # nobody else coming: go now
             try:
-                entry = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                entry = self._queue.get(timeout=min(remaining, _POLL_S)) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
+                if remaining > 0 and time.monotonic() < deadline:
+                    continue  # still someone preparing (or not): look again
                 break
             if entry is None:  # closing: finish this batch, then the rest
                 self._queue.put(None)

@@ -94,3 +94,26 @@ def test_a_closed_batcher_refuses_new_work_with_a_clear_error():
     batcher.close()
     with pytest.raises(BatcherClosed):
         batcher.submit(1).result(timeout=1)
+
+
+def test_a_lone_request_is_not_held_back_waiting_for_others():
+    model = _Model()
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=1000)  # would hold it a second, were anyone coming
+    try:
+        assert batcher.submit(3).result(timeout=0.5) == 6
+    finally:
+        batcher.close()
+
+
+def test_a_batch_waits_for_a_caller_still_preparing_its_input():
+    model = _Model()
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=5000)
+    try:
+        with batcher.expecting():  # a second caller is decoding its upload
+            first = batcher.submit(1)
+            time.sleep(0.1)
+            second = batcher.submit(2)
+        assert (first.result(timeout=10), second.result(timeout=10)) == (2, 4)
+    finally:
+        batcher.close()
+    assert model.batches == [[1, 2]]
