@@ -19,7 +19,7 @@ from dinobatch.cli.params import FileName, ModelRef, config_type_error
 from dinobatch.config import CONFIG_ENV, MAX_BATCH_SIZE, ClassifyConfig, load_config_file
 from dinobatch.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConfigError, DinobatchError
 from dinobatch.io.terminal import printable
-from dinobatch.runtime.device import BATCH_SIZE_RULE, CUDA_MAX_WORKERS, PRECISIONS
+from dinobatch.runtime.device import AUTO_PRECISION_RULE, BATCH_SIZE_RULE, CUDA_MAX_WORKERS, PRECISIONS
 
 log = logging.getLogger("dinobatch")
 
@@ -38,7 +38,7 @@ def default_of(config: type, name: str) -> Any:
 # The --device help of every command that runs a model.
 DEVICE_HELP = "auto, cpu, cuda or cuda:N (asked for and missing: error)."
 # The --precision help of every command that runs a model (train and sweep autocast as classify does).
-PRECISION_HELP = "auto: bf16/fp16 autocast on CUDA, fp32 on CPU."
+PRECISION_HELP = f"auto: {AUTO_PRECISION_RULE}."
 # The help of the options every command that predicts as classify does has (classify, evaluate, similar).
 BATCH_SIZE_HELP = f"Images per batch [default: {BATCH_SIZE_RULE}]."
 WORKERS_HELP = ("How images are decoded [default: on CPU, between batches, a pool of one process per usable core; "

@@ -24,6 +24,7 @@ class Runtime:
 
     device: Any  # torch.device
     precision: str  # fp32 | bf16 | fp16 (never auto once resolved)
+    auto: str | None = None  # why --precision auto resolved as it did, e.g. "bf16 (amx_bf16)"; None: asked for
 
     @property
     def is_cuda(self) -> bool:
@@ -106,13 +107,26 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
         raise DeviceError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     native_bf16 = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)  # Ampere+
     if precision == "auto":
-        if dev.type == "cuda":
-            precision = "bf16" if native_bf16 else "fp16"
-        else:
-            precision = "fp32"  # measured: bf16 autocast gives no gain on CPUs without AMX
-    elif precision == "bf16" and dev.type == "cuda" and not native_bf16:
+        precision, why = _auto_precision(dev.type, native_bf16)
+        return Runtime(dev, precision, auto=f"{precision} ({why})")
+    if precision == "bf16" and dev.type == "cuda" and not native_bf16:
         raise DeviceError(f"{dev} has no native bf16 (compute capability < 8.0); use --precision fp16 or fp32")
     return Runtime(dev, precision)
+
+
+# What --precision auto picks, with the reason the summary records. On CPU, bf16 autocast only where the CPU
+# multiplies bf16 matrices in hardware (AMX): an AMX Xeon ran ResNet50 2.5x faster in bf16 (issue 17), while
+# an AMD EPYC with avx512_bf16 but no AMX gained nothing (docs/performance.md#cpu-precisions).
+AUTO_PRECISION_RULE = "bf16 autocast on CUDA (fp16 before compute capability 8.0) and on CPUs with AMX-BF16; else fp32"
+
+
+def _auto_precision(device_type: str, native_bf16: bool) -> tuple[str, str]:
+    """The precision auto resolves to on this device, and why (AUTO_PRECISION_RULE)."""
+    if device_type == "cuda":
+        return ("bf16", "compute capability >= 8.0") if native_bf16 else ("fp16", "compute capability < 8.0")
+    from dinobatch.runtime.cpu import has_amx_bf16
+
+    return ("bf16", "amx_bf16") if has_amx_bf16() else ("fp32", "no amx_bf16")
 
 
 # On a GPU, classify is bound by decoding on the CPU. Measured on an H200 with 16 cores (2026-12-04,

@@ -48,7 +48,8 @@ def tune_process(runtime: Runtime) -> dict[str, Any]:
     (measured: docs/performance.md). Keeping freed memory in the heap (no mmap for large blocks,
     no trimming) removes them; the same as GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
     glibc.malloc.trim_threshold=..., but applied at run time, so no wrapper script is needed.
-    Forked decode workers inherit it. Torch's threads are set to the cores this process may use."""
+    Forked decode workers inherit it. Torch's threads are set to the cores this process may use. On CPU
+    it also records the CPU's features (runtime.cpu), and wherever --precision auto ran, why it chose."""
     import torch
 
     applied: dict[str, Any] = {"allocator": _tune_allocator() if runtime.device.type == "cpu" else "system"}
@@ -56,6 +57,12 @@ def tune_process(runtime: Runtime) -> dict[str, Any]:
         torch.set_num_threads(usable_cores())
     applied["threads"] = torch.get_num_threads()
     applied["channels_last"] = True  # Runtime.prepare and to_device
+    if runtime.device.type == "cpu":
+        from dinobatch.runtime.cpu import cpu_features
+
+        applied["cpu_features"] = cpu_features()  # what bf16 and int8 can use here (AMX, AVX-512 bf16, VNNI)
+    if runtime.auto is not None:
+        applied["precision_auto"] = runtime.auto  # why auto ran at this precision, e.g. "fp32 (no amx_bf16)"
     return applied
 
 
