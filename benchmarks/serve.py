@@ -13,7 +13,9 @@ same model, device and precision; they run one after the other, never together:
 For each number of concurrent clients (each a thread with its own keep-alive connection, posting
 the photos in turn) it sends --requests requests after a short warm-up and prints requests/s and
 the p50/p95/p99 latency of each server, and batched/naive. The goal (issue 15): at 32 clients at
-least 3x the naive throughput with a p99 no worse.
+least 3x the naive throughput with a p99 no worse. Last, the model alone in this process (the same
+settings classify and serve apply) at batch 1 and at the batch size: the most batching can give on
+this device is their ratio, and a server's requests/s cannot pass the batched ceiling.
 """
 
 from __future__ import annotations
@@ -138,6 +140,31 @@ def measure(model: Path, extra: list[str], images, levels: list[int], requests: 
     return out, server.health
 
 
+def ceilings(model: Path, batch_size: int, device: str, precision: str, rounds: int = 3) -> dict[int, float]:
+    """{batch: images/s} of the model's forward pass alone at batch 1 and batch_size, 224 px inputs."""
+    import torch
+
+    from dinobatch.models.file import load_model
+    from dinobatch.runtime.device import resolve_runtime
+    from dinobatch.runtime.memory import tune_process
+
+    runtime = resolve_runtime(device, precision)
+    tune_process(runtime)
+    loaded = load_model(model)
+    module, crop = runtime.prepare(loaded.module), loaded.spec.preprocessing.crop
+    out = {}
+    for batch in (1, batch_size):
+        x = torch.randn(batch, 3, crop, crop).to(runtime.device, memory_format=torch.channels_last)
+        with torch.inference_mode(), runtime.autocast():
+            module(x)
+            t, n = time.perf_counter(), 0
+            while n < max(rounds * batch, 32):
+                module(x)
+                n += batch
+        out[batch] = n / (time.perf_counter() - t)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", default=str(REPO.parent / "shared" / "data" / "dinos"))
@@ -166,6 +193,13 @@ def main() -> None:
         n, b = naive[c], batched[c]
         print(f"{c:>7} | {n[0]:>11.1f} {n[1]:>6.0f}ms {n[2]:>6.0f}ms {n[3]:>6.0f}ms | "
               f"{b[0]:>13.1f} {b[1]:>6.0f}ms {b[2]:>6.0f}ms {b[3]:>6.0f}ms | {b[0] / n[0]:>6.2f}x")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else make_model(Path(tmp) / "resnet50.pt")
+        ceiling = ceilings(model, args.batch_size, args.device, args.precision)
+    one, many = ceiling[1], ceiling[args.batch_size]
+    print(f"the model alone: batch 1 {one:.1f} img/s, batch {args.batch_size} {many:.1f} img/s: batching can give "
+          f"at most {many / one:.2f}x here; batched at {max(levels)} clients reached "
+          f"{batched[max(levels)][0] / many:.0%} of the batched ceiling")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     from dinobatch.imaging import decode_budget
     from dinobatch.models.file import resolve_model
     from dinobatch.runtime.device import resolve_runtime
+    from dinobatch.runtime.memory import tune_process
     from dinobatch.serve.predict import ModelService
     from dinobatch.store.species import default_species_csv, load_species
 
     runtime = resolve_runtime(cfg.device, cfg.precision)
+    tune_process(runtime)  # classify's process settings (the allocator, torch's threads) before the model loads
     model = resolve_model(cfg.model)
     species = load_species(cfg.species or default_species_csv())
     decode_budget.install(decode_budget.from_env())  # concurrent uploads share classify's decode memory budget
