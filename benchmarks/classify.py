@@ -1,10 +1,12 @@
-"""`dinobatch classify` on CPU beside the model's own ceiling and a timm-style loop, in one run.
+"""`dinobatch classify` on CPU beside the model's own ceiling and a timm-style loop, in one run; with
+--precisions, the same for bf16 autocast and an int8 model, beside the decode-only ceiling.
 
     .venv/bin/python benchmarks/classify.py [FOLDER] [--limit N] [--batch-size 32] [--repeats 3]
+    .venv/bin/python benchmarks/classify.py FOLDER --limit 300 --precisions fp32,bf16,int8 [--compile]
 
 FOLDER defaults to ../shared/data/dinos (read in place; a sample is linked, never copied). The
 model is a randomly initialised torchvision ResNet50 with 15 classes (speed depends on the
-architecture, not the weights), fp32, the same in every row. dinobatch's process settings
+architecture, not the weights), the same in every row. dinobatch's process settings
 (device.tune_process: glibc allocator, threads) are applied once at the start, so every row runs
 under them; the first row repeats the ceiling without them in a subprocess, for comparison.
 
@@ -14,11 +16,22 @@ Rows (images/s; ratio = row / ceiling):
                 with 2 workers, channels-last model: what a hand-written inference script does
   dinobatch     classify() end to end with default options on the sample: wall time from call to
                 return (walk, sha256, decode, hashes, model, duplicates, Parquet), fresh output
+
+With --precisions (fp32 always measured first in each round, as the baseline of the others):
+  ceiling P     the forward pass as classify runs it at precision P (Runtime.autocast: bf16 autocast;
+                int8: the int8 model file's module), random tensors, channels-last
+  decode        the decode ceiling: sha256 of every file and the decode stage (facts, hashes, model
+                input) in classify's burst pool on every core, no model: what classify can reach at best
+  e2e P         classify() end to end at precision P (--precision bf16; int8: `dinobatch model quantize`
+                of the same model, calibrated on the sample), with the share of its time in the model
+  goals         bf16 e2e / fp32 e2e, int8 e2e / fp32 e2e, and each e2e / min(its ceiling, decode)
+  --compile     fp32 (and int8) e2e with classify --compile: compile time included, as a run pays it
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -27,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -101,8 +115,8 @@ def timm_style(model_path: Path, paths: list[Path], batch_size: int, workers: in
 
 def dinobatch_run(folder: Path, model_path: Path, out: Path, **options) -> tuple[float, object]:
     """classify() end to end with default options (plus any given): wall seconds and summary."""
-    from dinobatch.jobs.classify import classify
     from dinobatch.config import ClassifyConfig
+    from dinobatch.jobs.classify import classify
 
     t = time.perf_counter()
     summary = classify(ClassifyConfig(folder=str(folder), out=str(out), model=str(model_path),
@@ -130,6 +144,236 @@ def sample_folder(folder: Path, dest: Path, limit: int | None) -> list[Path]:
     return paths
 
 
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def int8_file(model: Path, sample: Path, out: Path) -> Path | None:
+    """The int8 model file of model (`dinobatch model quantize`, calibrated on the sample), or None
+    where this checkout has no such command (then fx_int8 stands in)."""
+    cmd = [sys.executable, "-m", "dinobatch", "model", "quantize", str(model), "--calibration", str(sample),
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+    if done.returncode != 0:
+        print(f"`dinobatch model quantize` failed (exit {done.returncode}): {done.stderr.strip()[-300:]}; "
+              "int8 rows use torch's FX API directly, calibrated on random tensors")
+        return None
+    return out
+
+
+def fx_int8(model_path: Path, crop: int = 224):
+    """Static int8 (FX graph mode, x86 backend) of the model's (logits, features) forward, calibrated on
+    random tensors (speed does not depend on the scales): the stand-in where models.quantize is missing."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from dinobatch.models.file import load_model
+    from dinobatch.models.forward import forward_with_features
+
+    class WithFeatures(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return forward_with_features(self.net, x)
+
+    x = torch.randn(8, 3, crop, crop)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(WithFeatures(load_model(model_path).module.eval()),
+                              get_default_qconfig_mapping("x86"), example_inputs=(x,))
+        prepared(x)
+        module = convert_fx(prepared).eval()
+    module.dinobatch_returns_features = True  # models.forward calls it whole, as it calls an int8 file's
+    return module
+
+
+def _forward(module):
+    """The forward pass classify's Predictor runs: (logits, features) of a network or of an int8 graph."""
+    from dinobatch.models.forward import forward_with_features
+
+    if getattr(module, "dinobatch_returns_features", False):
+        return module
+    return lambda x: forward_with_features(module, x)
+
+
+def module_rate(module, precision: str, batch_size: int, batches: int, repeats: int, crop: int = 224,
+                compile: bool = False) -> tuple[float, float]:
+    """Model-only images/s of module as classify runs it at precision (Runtime.prepare and autocast;
+    int8: the int8 graph in fp32 autocast), random input, median of repeats; and the seconds of the
+    first call (warm-up; with compile, the compile)."""
+    import torch
+
+    from dinobatch.runtime.device import Runtime
+
+    runtime = Runtime(torch.device("cpu"), "fp32" if precision == "int8" else precision)
+    module = runtime.prepare(module)
+    forward = _forward(module)
+    if compile:
+        forward = torch.compile(forward, dynamic=False)
+    x = torch.randn(batch_size, 3, crop, crop).contiguous(memory_format=torch.channels_last)
+    rates = []
+    with runtime.autocast():
+        t = time.perf_counter()
+        forward(x)  # warm-up: oneDNN primitives, the allocator's first growth (and the compile)
+        first = time.perf_counter() - t
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(batches):
+                forward(x)
+            rates.append(batch_size * batches / (time.perf_counter() - t))
+    return statistics.median(rates), first
+
+
+def decode_rate(paths: list[Path], batch_size: int) -> float:
+    """The decode ceiling, files/s: sha256 of every file, then the decode stage (facts, pHash/dHash,
+    224 px model input) of each content in classify's burst pool on every core, and no model."""
+    import hashlib
+
+    from dinobatch.engines.local import ImageDataset, decoded_batches
+    from dinobatch.models.file import Preprocessing
+    from dinobatch.runtime.device import resolve_runtime
+    from dinobatch.stages.decode import WorkItem
+
+    t = time.perf_counter()
+    contents: dict[str, list[str]] = {}
+    for p in paths:
+        contents.setdefault(hashlib.sha256(p.read_bytes()).hexdigest(), []).append(str(p))
+    items = [WorkItem(tuple(files), sha) for sha, files in contents.items()]
+    for _ in decoded_batches(ImageDataset(items, Preprocessing()), resolve_runtime("cpu", "fp32"), batch_size, None):
+        pass
+    return len(paths) / (time.perf_counter() - t)
+
+
+@contextlib.contextmanager
+def model_clock(module=None) -> Iterator[list[float]]:
+    """Seconds classify spends in its Predictor's forward passes (the rest is walk, sha256, decode,
+    duplicates, rows); with module, the Predictor runs it instead of the file's (the int8 stand-in)."""
+    from dinobatch.stages import infer
+
+    call, init, spent = infer.Predictor.__call__, infer.Predictor.__init__, [0.0]
+
+    def timed(self, x):
+        t = time.perf_counter()
+        try:
+            return call(self, x)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    def swapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if module is not None:
+            self.module = self.runtime.prepare(module)
+            self._forward = _forward(self.module)
+
+    infer.Predictor.__call__, infer.Predictor.__init__ = timed, swapped
+    try:
+        yield spent
+    finally:
+        infer.Predictor.__call__, infer.Predictor.__init__ = call, init
+
+
+def _module(precision: str, model: Path, int8: Path | None, standin):
+    """The network a precision's ceiling runs: the model file's, or the int8 file's (or its stand-in)."""
+    from dinobatch.models.file import load_model
+
+    if precision != "int8":
+        return load_model(model).module
+    return load_model(int8).module if int8 is not None else standin
+
+
+def _e2e(precision: str, sample: Path, model: Path, int8: Path | None, standin, out: Path,
+         compile: bool = False) -> tuple[float, float]:
+    """classify() end to end at precision into a fresh out: images/s and the model's share of the wall time."""
+    n = len(list(sample.iterdir()))
+    ref = int8 if precision == "int8" and int8 is not None else model
+    options = {"precision": "fp32" if precision == "int8" else precision, "compile": compile}
+    if precision == "int8" and int8 is not None:
+        options.pop("precision")  # the int8 file as a user runs it: --precision auto
+    with model_clock(standin if precision == "int8" and int8 is None else None) as spent:
+        wall, _ = dinobatch_run(sample, ref, out, **options)
+    return n / wall, spent[0] / wall
+
+
+def precision_rounds(args, folder: Path) -> None:
+    """--precisions: each precision's model ceiling and classify end to end beside fp32's of the same
+    round, and the decode ceiling of the same round; then the goals' ratios and, with --compile, the
+    compiled rows."""
+    wanted = ["fp32"] + [p for p in args.precisions.split(",") if p in PRECISIONS and p != "fp32"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = make_model(tmp / "resnet50-random.pt")
+        paths = sample_folder(folder, tmp / "sample", args.limit)
+        int8 = int8_file(model, tmp / "sample", tmp / "resnet50-int8.pt") if "int8" in wanted else None
+        standin = fx_int8(model) if "int8" in wanted and int8 is None else None
+        print(f"{len(paths)} files; int8 model: {int8 or 'stand-in (FX, random calibration)'}", flush=True)
+        rounds = []
+        for r in range(args.repeats):  # this machine drifts: each precision's e2e sits between its own ceilings
+            got: dict[str, tuple[float, float, float]] = {"decode": (decode_rate(paths, args.batch_size), 0, 0)}
+            for p in wanted:
+                module = _module(p, model, int8, standin)
+                before, _ = module_rate(module, p, args.batch_size, args.ceiling_batches, 2)
+                e2e, share = _e2e(p, tmp / "sample", model, int8, standin, tmp / f"out-{p}-{r}")
+                after, _ = module_rate(module, p, args.batch_size, args.ceiling_batches, 2)
+                got[p] = ((before + after) / 2, e2e, share)
+            rounds.append(got)
+            print(f"round {r + 1}: " + "; ".join(f"{k} ceiling {v[0]:.2f} e2e {v[1]:.2f}" if k != "decode"
+                                                  else f"decode {v[0]:.2f}" for k, v in got.items()), flush=True)
+        print_precision_table(rounds, wanted, len(paths), args.batch_size)
+        if args.compile:
+            compile_rows(wanted, model, int8, standin, tmp, paths, args)
+
+
+def print_precision_table(rounds: list[dict], wanted: list[str], n: int, bs: int) -> None:
+    """Medians over rounds, each precision beside fp32 and beside the lower of its ceiling and decode's."""
+    def med(key: str, i: int) -> float:
+        return statistics.median(r[key][i] for r in rounds)
+
+    decode = med("decode", 0)
+    print(f"\nResNet50 (random weights), batch {bs}, CPU, {n} files; medians of {len(rounds)} rounds")
+    print(f"{'measure':<58} {'img/s':>8} {'x fp32':>7} {'/ bound':>8} {'model %':>8}")
+    print(f"{'decode ceiling: sha256 + decode stage, burst pool, no model':<58} {decode:>8.2f}")
+    for p in wanted:
+        print(f"{'ceiling ' + p + ': forward only, channels-last, tuned':<58} {med(p, 0):>8.2f} "
+              f"{med(p, 0) / med('fp32', 0):>7.2f}")
+    for p in wanted:
+        bound = min(med(p, 0), decode)
+        ratio = statistics.median(r[p][1] / min(r[p][0], r["decode"][0]) for r in rounds)
+        print(f"{'classify end to end, ' + p:<58} {med(p, 1):>8.2f} {med(p, 1) / med('fp32', 1):>7.2f} "
+              f"{ratio:>8.2f} {100 * med(p, 2):>7.0f}%   (bound {bound:.2f}: "
+              f"{'decode' if decode < med(p, 0) else 'model'})")
+    for p in wanted[1:]:
+        goal = {"bf16": 2.0, "int8": 3.0}.get(p)
+        print(f"goal: {p} e2e / fp32 e2e = {med(p, 1) / med('fp32', 1):.2f} (goal >= {goal}; "
+              f"e2e / min(ceiling, decode) goal >= 0.80)")
+
+
+def compile_rows(wanted: list[str], model: Path, int8: Path | None, standin, tmp: Path, paths, args) -> None:
+    """classify --compile (compile time included) beside the eager run, and the compiled ceiling with its
+    compile seconds, for fp32 and int8: where compiling pays back, and after how many files."""
+    n = len(paths)
+    print(f"\n--compile on CPU, {n} files (one run each; the compile is paid once per run)")
+    print(f"{'precision':<10} {'eager e2e':>10} {'compiled e2e':>13} {'x':>6} {'ceiling':>8} {'compiled':>9} "
+          f"{'compile s':>10} {'break-even files':>17}")
+    for p in [p for p in wanted if p in ("fp32", "int8")]:
+        module = _module(p, model, int8, standin)
+        eager_ceiling, _ = module_rate(module, p, args.batch_size, args.ceiling_batches, 2)
+        try:
+            compiled_ceiling, first = module_rate(module, p, args.batch_size, args.ceiling_batches, 2, compile=True)
+            compiled, _ = _e2e(p, tmp / "sample", model, int8, standin, tmp / f"out-{p}-compiled", compile=True)
+        except Exception as exc:  # a compile that fails is a result here: printed, not fatal
+            print(f"{p:<10} torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        eager, _ = _e2e(p, tmp / "sample", model, int8, standin, tmp / f"out-{p}-eager")
+        saved = 1 / eager_ceiling - 1 / compiled_ceiling  # seconds a file saves once compiled
+        even = f"{first / saved:.0f}" if saved > 0 else "never"
+        print(f"{p:<10} {eager:>10.2f} {compiled:>13.2f} {compiled / eager:>6.2f} {eager_ceiling:>8.2f} "
+              f"{compiled_ceiling:>9.2f} {first:>10.1f} {even:>17}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", nargs="?", default=str(HERE.parent.parent / "shared" / "data" / "dinos"))
@@ -138,6 +382,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="ceiling / classify / ceiling rounds")
     ap.add_argument("--workers", type=int, default=None, help="classify --workers [default: dinobatch's]")
     ap.add_argument("--ceiling-batches", type=int, default=3, help="batches per ceiling measurement (x2)")
+    ap.add_argument("--precisions", default=None, help="e.g. fp32,bf16,int8: ceilings and end to end per precision "
+                    "beside fp32's and the decode ceiling [default: the fp32 rows above]")
+    ap.add_argument("--compile", action="store_true", help="with --precisions: classify --compile rows too")
     args = ap.parse_args()
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -148,7 +395,10 @@ def main() -> None:
     from dinobatch.runtime.memory import tune_process
 
     settings = tune_process(resolve_runtime("cpu", "fp32"))
-    print(f"machine: {len(os.sched_getaffinity(0))} cpus, torch {torch.__version__}; settings {json.dumps(settings)}")
+    print(f"machine: {len(os.sched_getaffinity(0))} cpus, torch {torch.__version__}; settings {json.dumps(settings)}; "
+          f"load average {os.getloadavg()[0]:.1f} (others' work shares these cores)")
+    if args.precisions:
+        return precision_rounds(args, folder)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = make_model(tmp / "resnet50-random.pt")
