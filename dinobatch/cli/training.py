@@ -216,11 +216,15 @@ def _num(x) -> str:
 @click.option("-m", "--model", type=MODEL_REF, envvar=MODEL_ENV, required=True, help=f"Model file [env {MODEL_ENV}].")
 @click.option("--split", default="test", help="Split to evaluate (train, val, test, or 'all').")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder for the report.")
+@click.option("--compare", type=MODEL_REF, default=None,
+              help="A reference model (e.g. the fp32 one MODEL was quantized from): its accuracy and the agreement.")
 @click.option("--device", default=default_of(ClassifyConfig, "device"), help=DEVICE_HELP)
 @predict_options
 @_wait_option
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json's content on stdout instead of the table.")
 @verbosity
-def evaluate(manifest_path, model, split, out, device, precision, batch_size, workers, wait, quiet, verbose) -> None:
+def evaluate(manifest_path, model, split, out, compare, device, precision, batch_size, workers, wait, as_json, quiet,
+             verbose) -> None:
     """Loss, top-1/top-3, F1, per-class figures and confusion matrix of MODEL on a split."""
     setup_logging(quiet, verbose)
 
@@ -228,12 +232,14 @@ def evaluate(manifest_path, model, split, out, device, precision, batch_size, wo
         from dinobatch.training.evaluate import evaluate as run_evaluate
         from dinobatch.training.evaluate import format_table
 
-        progress = Progress(enabled=not quiet)
+        progress = Progress(enabled=not quiet and not as_json)
         result = run_evaluate(manifest_path, model, out, split=None if split == "all" else split, device=device,
                               precision=precision, batch_size=batch_size, workers=workers, wait=wait,
-                              progress=progress)
+                              progress=progress, compare=compare)
         progress.close()
-        if not quiet:
+        if as_json:
+            click.echo(json.dumps(result.metrics, indent=2))
+        elif not quiet:
             click.echo(printable(format_table(result.metrics), keep_newlines=True))
             click.echo(f"wrote {printable(result.out)}/metrics.json, predictions.parquet, confusion.png")
 

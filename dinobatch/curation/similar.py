@@ -87,6 +87,7 @@ def similar(images: Sequence[str], model_ref: str, reference: str, *, top_k: int
 
     runtime = resolve_runtime(device, precision)
     model = resolve_model(model_ref)
+    runtime = runtime.for_model(model.spec.precision, precision)  # an int8 file: CPU only, int8
     labels, ref, ref_paths = reference_embeddings(reference, model, runtime, cache_dir=cache_dir or default_cache_dir(),
                                                   batch_size=batch_size, workers=workers)
     species = load_species(species_csv or default_species_csv())

@@ -87,6 +87,7 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
         runtime = resolve_runtime(cfg.device, cfg.precision)
         process = tune_process(runtime)  # before the model allocates: the allocator settings apply from here
         model = resolve_model(cfg.model)
+        runtime = runtime.for_model(model.spec.precision, cfg.precision)  # an int8 file: CPU only, int8
         species = load_species(cfg.species if cfg.species else default_species_csv())
         # the run id is taken under the lock and after every earlier run's, so 'newest run' is the
         # run that scanned last, even after a --wait or a clock stepped back

@@ -6,6 +6,9 @@ code in the file ever runs)::
     {"format": "dinobatch-model", "format_version": 1,
      "spec": "<JSON: arch, labels, preprocessing, source, temperature>",
      "state_dict": {parameter name: tensor}}
+
+An int8 file (models.quantize) is format version 2: its spec adds precision "int8" and the
+calibration's provenance, and its state_dict is the quantized module's (still tensors only).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 import os
 import shlex
 import socket
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,9 @@ from dinobatch.models.diagnose import describe_not_torch, matching_archs, refuse
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "INT8_FORMAT_VERSION",
+    "PRECISION_FP32",
+    "PRECISION_INT8",
     "ARCHS",
     "MAX_RESIZE",
     "MAX_CROP",
@@ -49,6 +56,11 @@ __all__ = [
 
 FORMAT = "dinobatch-model"
 FORMAT_VERSION = 1
+# int8 files are version 2, so that a dinobatch without int8 says "newer format version" instead of
+# failing to fit quantized weights into an fp32 network; fp32 files stay version 1, byte for byte
+INT8_FORMAT_VERSION = 2
+PRECISION_FP32 = "fp32"
+PRECISION_INT8 = "int8"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
@@ -101,14 +113,21 @@ class ModelSpec:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     source: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0  # softmax temperature; 1.0 means uncalibrated
+    precision: str = PRECISION_FP32  # int8: the weights are models.quantize's quantized module's
+    calibration: dict[str, Any] | None = None  # int8: the images its activation ranges were measured on
 
     def __post_init__(self) -> None:
         if not (self.temperature > 0 and self.temperature < float("inf")):
             raise ModelError(f"softmax temperature must be a positive number, got {self.temperature}")
+        if self.precision not in (PRECISION_FP32, PRECISION_INT8):
+            raise ModelError(f"unknown model precision {self.precision!r}; use {PRECISION_FP32} or {PRECISION_INT8}")
 
     def to_json(self) -> str:
-        """Serialise for the model file."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """Serialise for the model file; an fp32 spec is written without the int8 fields, as before them."""
+        raw = asdict(self)
+        if self.precision == PRECISION_FP32 and self.calibration is None:
+            del raw["precision"], raw["calibration"]
+        return json.dumps(raw, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
@@ -119,7 +138,8 @@ class ModelSpec:
                                     "mean": tuple(raw["preprocessing"]["mean"]),
                                     "std": tuple(raw["preprocessing"]["std"])})
             return cls(arch=raw["arch"], labels=tuple(raw["labels"]), preprocessing=prep,
-                       source=dict(raw.get("source", {})), temperature=float(raw.get("temperature", 1.0)))
+                       source=dict(raw.get("source", {})), temperature=float(raw.get("temperature", 1.0)),
+                       precision=str(raw.get("precision", PRECISION_FP32)), calibration=raw.get("calibration"))
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"model file has an invalid spec: {exc}") from exc
 
@@ -191,7 +211,11 @@ def _torch_load(path: Path) -> tuple[Any, str]:
     import torch
 
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), hashlib.sha256(data).hexdigest()
+        with warnings.catch_warnings():  # torch's own rebuild of an int8 file's quantized tensors warns
+            warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return payload, hashlib.sha256(data).hexdigest()
     except pickle.UnpicklingError as exc:
         refused = refused_global(str(exc))
         if refused is None:
@@ -235,11 +259,16 @@ def load_model(path: str | Path) -> LoadedModel:
     payload, fingerprint = _torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise _not_a_model_file(path, payload)
-    if payload.get("format_version") != FORMAT_VERSION:
+    if payload.get("format_version") not in (FORMAT_VERSION, INT8_FORMAT_VERSION):
         raise ModelError(f"{path} has model format version {payload.get('format_version')!r}; "
-                         f"this dinobatch reads version {FORMAT_VERSION}")
+                         f"this dinobatch reads versions {FORMAT_VERSION} and {INT8_FORMAT_VERSION}")
     spec = ModelSpec.from_json(str(payload.get("spec", "")))
-    module = _module_with_weights(spec.arch, spec.labels, payload.get("state_dict"), str(path))
+    if spec.precision == PRECISION_INT8:
+        from dinobatch.models.quantize import int8_module
+
+        module = int8_module(spec, payload.get("state_dict"), str(path))
+    else:
+        module = _module_with_weights(spec.arch, spec.labels, payload.get("state_dict"), str(path))
     return LoadedModel(spec, module, fingerprint, path.name)
 
 
@@ -363,6 +392,9 @@ def initial_module(arch: str, labels: tuple[str, ...], pretrained: str):
         start = {"pretrained": f"torchvision:{type(weights).__name__}.{weights.name}"}
     else:
         loaded = load_model(pretrained)
+        if loaded.spec.precision == PRECISION_INT8:
+            raise ModelError(f"--pretrained {pretrained} is an int8 model, which cannot be trained; start from "
+                             f"the fp32 model it was quantized from ({loaded.spec.source.get('model', '?')})")
         if loaded.spec.arch != arch:
             raise ModelError(f"--pretrained {pretrained} is a {loaded.spec.arch}, but --arch is {arch}")
         module = loaded.module

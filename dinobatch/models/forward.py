@@ -7,6 +7,9 @@ def forward_with_features(module, x):
     """Logits and the penultimate (pooled) features of a torchvision ResNet in one pass."""
     import torch
 
+    if getattr(module, "dinobatch_returns_features", False):  # an int8 graph (models.quantize) returns both
+        return module(x)
+
     x = module.maxpool(module.relu(module.bn1(module.conv1(x))))
     x = module.layer4(module.layer3(module.layer2(module.layer1(x))))
     features = torch.flatten(module.avgpool(x), 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ log = logging.getLogger(__name__)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The precision of an int8 model file (models.quantize): not an autocast a --precision picks, but what
+# such a file runs at; a run's saved configuration records it, and resolve_runtime takes it back.
+INT8 = "int8"
 
 
 
@@ -23,7 +27,7 @@ class Runtime:
     """Where and how the model runs: a resolved device and precision."""
 
     device: Any  # torch.device
-    precision: str  # fp32 | bf16 | fp16 (never auto once resolved)
+    precision: str  # fp32 | bf16 | fp16 | int8 (an int8 model file's; never auto once resolved)
     auto: str | None = None  # why --precision auto resolved as it did, e.g. "bf16 (amx_bf16)"; None: asked for
 
     @property
@@ -53,6 +57,22 @@ class Runtime:
             device = f"cuda:{torch.cuda.current_device()}"
         return {"device": device, "precision": self.precision}
 
+    def for_model(self, model_precision: str, asked: str = "auto") -> "Runtime":
+        """The runtime a model file runs under: an int8 file runs its quantized CPU kernels, never silently
+        in fp32, so it is refused on CUDA and with another precision asked for; an fp32 file never at int8."""
+        if model_precision != INT8:
+            if self.precision == INT8:
+                raise DeviceError("precision int8 needs an int8 model file (dinobatch model quantize); this "
+                                  "model is fp32: leave --precision auto")
+            return self
+        if self.is_cuda:
+            raise DeviceError(f"this is an int8 model file: it runs on the CPU only (torch's quantized x86 "
+                              f"kernels have no CUDA version), and {self.device} was chosen. Use --device cpu, "
+                              f"or the fp32 model it was quantized from on the GPU")
+        if asked not in ("auto", INT8):
+            raise DeviceError(f"this is an int8 model file: it runs in int8, not {asked}; leave --precision auto")
+        return dataclasses.replace(self, precision=INT8, auto="int8 (an int8 model file)" if asked == "auto" else None)
+
     def prepare(self, module):
         """Move a model to the device in eval mode and channels-last layout (faster convolutions)."""
         import torch
@@ -70,7 +90,7 @@ class Runtime:
         """Mixed precision for the forward pass when a lower precision was resolved."""
         import torch
 
-        if self.precision == "fp32":
+        if self.precision in ("fp32", INT8):  # an int8 graph quantizes its own input
             with torch.inference_mode():
                 yield
             return
@@ -103,6 +123,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     import torch
 
     dev = _resolve_device(device, torch)
+    if precision == INT8:  # a saved configuration of an int8 model's run; Runtime.for_model checks the model
+        return Runtime(dev, INT8).for_model(INT8)
     if precision not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     native_bf16 = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)  # Ampere+

@@ -66,6 +66,7 @@ class Predictor:
         import torch
 
         spec = model.spec
+        runtime = runtime.for_model(spec.precision)  # an int8 file: refused on CUDA, never run in fp32
         self.runtime, self.embeddings, self.preprocessing = runtime, embeddings, spec.preprocessing
         self.labels, self.temperature = spec.labels, spec.temperature
         self.module = runtime.prepare(model.module)

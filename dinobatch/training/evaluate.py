@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dinobatch.engines.local import predict
-from dinobatch.errors import InputError
+from dinobatch.errors import InputError, ModelError
 from dinobatch.io.arrow import write_table
 from dinobatch.io.files import atomic_path, json_plain
 from dinobatch.io.lock import exclusive
@@ -37,27 +37,31 @@ class Evaluation:
 
 def evaluate(manifest_path: str, model_ref: str, out: str, *, split: str | None = "test", device: str = "auto",
              precision: str = "auto", batch_size: int | None = None, workers: int | None = None, wait: float = 0.0,
-             progress: Callable[[str, int, int], None] | None = None) -> Evaluation:
+             progress: Callable[[str, int, int], None] | None = None, compare: str | None = None) -> Evaluation:
     """Predict every usable row of the split; write metrics.json, predictions.parquet and .json, confusion.png.
 
     Images are decoded and batched as classify does: batch_size and workers None take its defaults.
+    compare: a reference model (e.g. the fp32 model an int8 one came from) run on the same images; its
+    accuracy and the two models' agreement go into metrics["compare"].
     One run at a time writes OUT (a second exits with LockedError, after `wait` seconds)."""
     out_dir = Path(out)
     with exclusive(out_dir / ".lock", wait=wait):
         return _evaluate(manifest_path, model_ref, out_dir, split=split, device=device, precision=precision,
-                         batch_size=batch_size, workers=workers, progress=progress)
+                         batch_size=batch_size, workers=workers, progress=progress, compare=compare)
 
 
 def _evaluate(manifest_path: str, model_ref: str, out_dir: Path, *, split: str | None, device: str, precision: str,
               batch_size: int | None, workers: int | None,
-              progress: Callable[[str, int, int], None] | None) -> Evaluation:
+              progress: Callable[[str, int, int], None] | None, compare: str | None) -> Evaluation:
     """evaluate's work, under its lock."""
     manifest = load_manifest(manifest_path)
     rows = manifest.rows(split)
     if not rows:
         raise InputError(f"{manifest_path} has no usable rows in split {split!r}")
-    runtime = resolve_runtime(device, precision)
+    device_runtime = resolve_runtime(device, precision)
     model = resolve_model(model_ref)
+    runtime = device_runtime.for_model(model.spec.precision, precision)  # an int8 file: CPU only, int8
+    reference = _reference(compare, model, device_runtime, precision)
     labels = list(model.spec.labels)
     known = [r for r in rows if r[Col.LABEL] in labels]
     if len(known) < len(rows):
@@ -74,8 +78,11 @@ def _evaluate(manifest_path: str, model_ref: str, out_dir: Path, *, split: str |
     probs = np.array([results[r[Col.SHA256]].prediction[Col.PROBS] for r in scored]).reshape(-1, len(labels))
     y = [labels.index(r[Col.LABEL]) for r in scored]
     metrics = {**report(y, probs, labels), "split": split, "model": model.name,
-               "model_fingerprint": model.fingerprint, "manifest_sha256": manifest.sha256,
-               "unknown_label": len(rows) - len(known), "failed": len(unreadable)}
+               "model_fingerprint": model.fingerprint, "precision": runtime.precision,
+               "manifest_sha256": manifest.sha256, "unknown_label": len(rows) - len(known), "failed": len(unreadable)}
+    if reference is not None:
+        ref_results = _predict(manifest, scored, *reference, batch_size=batch_size, workers=workers, progress=progress)
+        metrics["compare"] = _comparison(reference, scored, results, ref_results, labels, metrics["top1"])
     kinds = sorted({r.get(Col.KIND) for r in scored if r.get(Col.KIND)})
     if len(kinds) > 1:
         metrics["by_kind"] = {k: _subset_report(scored, y, probs, labels, k) for k in kinds}
@@ -98,6 +105,45 @@ def _predict(manifest, rows, model, runtime, *, batch_size: int | None, workers:
         if progress:
             progress("evaluate", len(results), len(items))
     return results
+
+
+def _reference(compare: str | None, model, device_runtime, precision: str):
+    """The --compare model and its runtime, or None; it must predict the same labels in the same order."""
+    if compare is None:
+        return None
+    ref = resolve_model(compare)
+    if list(ref.spec.labels) != list(model.spec.labels):
+        raise ModelError(f"--compare {compare} predicts other labels than {model.name} (or in another order); "
+                         f"agreement needs the same classes")
+    return ref, device_runtime.for_model(ref.spec.precision, precision)
+
+
+# The reference's confidence from which agreement is reported on its own: below it the reference is
+# unsure and a near-tie may flip under any change of arithmetic.
+CONFIDENT = 0.5
+
+
+def _comparison(reference, scored: list[dict[str, Any]], results: dict[str, Any], ref_results: dict[str, Any],
+                labels: list[str], top1: float) -> dict[str, Any]:
+    """The reference's accuracy on the images both models read, and how often the two agree."""
+    ref_model, ref_runtime = reference
+    both = [r for r in scored if ref_results[r[Col.SHA256]].error is None]
+    ours = [results[r[Col.SHA256]].prediction for r in both]
+    theirs = [ref_results[r[Col.SHA256]].prediction for r in both]
+    same = np.array([a[Col.LABEL] == b[Col.LABEL] for a, b in zip(ours, theirs)], bool)
+    ref_conf = np.array([b[Col.CONFIDENCE] for b in theirs], float)
+    diff = np.abs(np.array([a[Col.CONFIDENCE] for a in ours], float) - ref_conf)
+    ref_correct = np.array([b[Col.LABEL] == r[Col.LABEL] for b, r in zip(theirs, both)], bool)
+    sure = ref_conf >= CONFIDENT
+    return {"model": ref_model.name, "model_fingerprint": ref_model.fingerprint, "precision": ref_runtime.precision,
+            "count": len(both), "top1": _mean(ref_correct), "top1_drop": _mean(ref_correct) - top1 if both else None,
+            "agreement": _mean(same), "confident_threshold": CONFIDENT, "confident_count": int(sure.sum()),
+            "agreement_confident": _mean(same[sure]), "mean_abs_confidence_difference": _mean(diff)}
+
+
+def _mean(values: np.ndarray) -> float | None:
+    """The mean as a plain float, or None for no values (JSON has no NaN)."""
+    return float(values.mean()) if len(values) else None
 
 
 def _write_report(out_dir: Path, metrics: dict[str, Any], table, labels: list[str]) -> None:
@@ -173,11 +219,28 @@ def format_table(metrics: dict[str, Any]) -> str:
     for kind, m in metrics.get("by_kind", {}).items():
         lines.append(f"  {kind:<10} {m['count']:>5} images: top-1 {m['top1']:.3f}  top-3 {m['top3']:.3f}  "
                      f"macro F1 {m['macro_f1']:.3f}")
+    if metrics.get("compare"):
+        lines += _compare_lines(metrics)
     width = max(len(c["label"]) for c in metrics["per_class"])
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")
     for c in metrics["per_class"]:
         lines.append(f"{c['label']:<{width}}  {c['precision']:>9.3f}  {c['recall']:>6.3f}  {c['f1']:>5.3f}  {c['support']:>7}")
     return "\n".join(lines)
+
+
+def _compare_lines(metrics: dict[str, Any]) -> list[str]:
+    """The printed comparison with the --compare model."""
+    c = metrics["compare"]
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    diff = c["mean_abs_confidence_difference"]
+    return [f"compared with {c['model']} ({c['precision']}) on {c['count']} images: top-1 {pct(c['top1'])} there, "
+            f"{pct(metrics['top1'])} here ({metrics['precision']})",
+            f"  top-1 agreement {pct(c['agreement'])}; where its confidence >= {c['confident_threshold']} "
+            f"({c['confident_count']} images) {pct(c['agreement_confident'])}; mean |confidence difference| "
+            f"{'n/a' if diff is None else f'{diff:.4f}'}"]
 
 
 def confusion_png(confusion: list[list[int]], labels: list[str], path: Path, cell: int = 28) -> Path:
