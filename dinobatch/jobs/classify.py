@@ -23,6 +23,7 @@ from dinobatch.errors import OutputError
 from dinobatch.imaging import decode_budget
 from dinobatch.io.lock import exclusive
 from dinobatch.io.walk import check_folder, walk_table
+from dinobatch.jobs import unchanged
 from dinobatch.models.file import LoadedModel, resolve_model
 from dinobatch.runtime import faults
 from dinobatch.runtime.device import Runtime, default_batch_size, resolve_runtime
@@ -84,21 +85,70 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
     out.ensure()
     # the lock first: a run that finds the output in use exits 9 at once, before torch and the model load
     with exclusive(out.path / ".lock", wait=cfg.wait):
+        hashed_at = time.time_ns()  # before any file (the model too) is statted or read: see write_file_index
+        found = unchanged.find(cfg, out)
+        if found is not None:  # nothing to infer: the rows come from the cache, torch is never imported
+            return _rerun_unchanged(cfg, out, found, t0=t0, hashed_at=hashed_at)
+        model_stat = unchanged.model_stat(cfg.model)  # before it is read: indexed only if it held still
         runtime = resolve_runtime(cfg.device, cfg.precision)
         process = tune_process(runtime)  # before the model allocates: the allocator settings apply from here
         model = resolve_model(cfg.model)
         runtime = runtime.for_model(model.spec.precision, cfg.precision)  # an int8 file: CPU only, int8
+        model_row = unchanged.model_seen(model_stat, unchanged.model_stat(cfg.model), model.fingerprint)
         species = load_species(cfg.species if cfg.species else default_species_csv())
-        # the run id is taken under the lock and after every earlier run's, so 'newest run' is the
-        # run that scanned last, even after a --wait or a clock stepped back
-        started = max(datetime.now(timezone.utc), out.newest_run_time() + timedelta(microseconds=1))
+        started = _start_time(out)
         out.remove_leftovers()
         metadata = schema_metadata(version=__version__, model_name=model.name, model_fingerprint=model.fingerprint,
                                    labels=list(model.spec.labels), folder=cfg.folder)
         with open_engine(cfg, runtime, model, progress=progress) as engine:  # the Ray engine: joined for the run
             run = _Run(cfg=cfg, out=out, run_id=new_run_id(started), t0=t0, started=started, runtime=runtime,
-                       model=model, species=species, process=process, metadata=metadata, engine=engine)
+                       model=model, species=species, process=process, metadata=metadata, engine=engine,
+                       hashed_at=hashed_at, model_row=model_row)
             return _classify_locked(run)
+
+
+def _start_time(out: ResultsDir) -> datetime:
+    """The run's start, under the lock and after every earlier run's, so that 'newest run' is the run
+    that scanned last, even after a --wait or a clock stepped back."""
+    return max(datetime.now(timezone.utc), out.newest_run_time() + timedelta(microseconds=1))
+
+
+# An unchanged rerun's summary 'process': it applied no process setting, since it ran no model.
+UNCHANGED_PROCESS = {"torch": "not imported: an unchanged rerun, every prediction came from the cache"}
+
+
+def _rerun_unchanged(cfg: ClassifyConfig, out: ResultsDir, found: unchanged.Unchanged, *, t0: float,
+                     hashed_at: int) -> RunSummary:
+    """The rows, summary and file index the normal path writes when it finds nothing to infer, rebuilt
+    from the cache: the model, runtime and resolved configuration are the last run's, which asked the same."""
+    species = load_species(cfg.species if cfg.species else default_species_csv())
+    started = _start_time(out)
+    out.remove_leftovers()
+    model, run_id = found.previous["model"], new_run_id(started)
+    metadata = schema_metadata(version=__version__, model_name=model["name"], model_fingerprint=model["fingerprint"],
+                               labels=found.labels, folder=cfg.folder)
+    ctx = RowContext(run_id=run_id, model_name=model["name"], model_fingerprint=model["fingerprint"],
+                     labels=found.labels, top_k=cfg.top_k, embeddings=cfg.embeddings, species=species)
+    outcomes = _outcomes(cfg, found.files, found.shas, found.errors, _Inferred({}, set(), 0.0, None), found.content)
+    stats = row_stats(outcomes)
+    rows_file = out.write_rows(run_id, row_batches(outcomes, found.content, ctx), row_schema(metadata))
+    log.info("unchanged rerun: %d files, every prediction from the cache (torch not imported)", found.files.num_rows)
+    summary = RunSummary(
+        run_id=run_id, rows_file=str(rows_file), files=found.files.num_rows, counts=stats.counts, inferred=0,
+        reused=found.content.num_rows, duplicate_groups=stats.groups, seconds=round(time.monotonic() - t0, 3),
+        images_per_second=None, model=model, runtime=found.previous["runtime"], config=found.config,
+        process=UNCHANGED_PROCESS, started=started.isoformat(), finished=datetime.now(timezone.utc).isoformat(),
+        errors=stats.errors)
+    return _record(out, summary, _seen(found.files, found.shas, found.model_row), hashed_at, metadata)
+
+
+def _seen(files: pa.Table, shas: pa.ChunkedArray, model_row: pa.Table | None) -> pa.Table:
+    """The file index to save: each hashed file's stat and sha256, and the model file's (when known),
+    so that the next run trusts both without reading them."""
+    schema = file_index_schema()
+    seen = files.select([Col.ABSPATH, Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE]).append_column(Col.SHA256, shas)
+    tables = [seen.filter(shas.is_valid())] + ([model_row] if model_row is not None else [])
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
 
 
 @dataclass(frozen=True)
@@ -116,6 +166,8 @@ class _Run:
     process: dict[str, Any]  # what tune_process applied
     metadata: dict[bytes, bytes]  # the rows' and cache parts' schema metadata
     engine: Engine
+    hashed_at: int  # time.time_ns() before any file was statted: the file index's racy-clean rule
+    model_row: pa.Table | None  # the model file's stat and sha256 for the file index (None: not a file)
 
 
 @dataclass(frozen=True)
@@ -136,7 +188,6 @@ def _classify_locked(run: _Run) -> RunSummary:
     if not files.num_rows:  # a quiet night in cron, or a newcomer's first run: not an error, but say so
         log.info("no files to classify under %s (names starting with '.', such as .gitkeep, are skipped): "
                  "put the images there, in any sub-folders, and run again", cfg.folder)
-    hashed_at = time.time_ns()
     index = file_index_schema().empty_table() if cfg.force else out.read_file_index()
     shas, errors = run.engine.fingerprint(files, index)
     del index
@@ -160,7 +211,7 @@ def _classify_locked(run: _Run) -> RunSummary:
     content = out.read_cache(model.fingerprint, wanted.filter(pc.invert(pc.is_in(wanted, value_set=failed))),
                              with_embeddings=cfg.embeddings)
     release_memory()
-    outcomes = _outcomes(run, files, shas, errors, inferred, content)
+    outcomes = _outcomes(cfg, files, shas, errors, inferred, content)
     stats = row_stats(outcomes)
     rows_file = out.write_rows(run.run_id, row_batches(outcomes, content, _row_context(run)),
                                row_schema(run.metadata))
@@ -175,8 +226,7 @@ def _classify_locked(run: _Run) -> RunSummary:
                "classes": len(model.spec.labels)},
         runtime=run.runtime.describe(), config=_resolved_config(run, inferred), process=run.process,
         started=run.started.isoformat(), finished=datetime.now(timezone.utc).isoformat(), errors=stats.errors)
-    seen = files.select([Col.ABSPATH, Col.BYTES, Col.MTIME_NS, Col.CTIME_NS, Col.INODE]).append_column(Col.SHA256, shas)
-    return _record(out, summary, seen.filter(shas.is_valid()), hashed_at, run.metadata)
+    return _record(out, summary, _seen(files, shas, run.model_row), run.hashed_at, run.metadata)
 
 
 def _infer(run: _Run, todo: Contents) -> _Inferred:
@@ -199,7 +249,7 @@ def _infer(run: _Run, todo: Contents) -> _Inferred:
     return _Inferred(failed, changed, time.monotonic() - t, predictor.batch_size)
 
 
-def _outcomes(run: _Run, files: pa.Table, shas: pa.ChunkedArray, errors: pa.ChunkedArray, inferred: _Inferred,
+def _outcomes(cfg: ClassifyConfig, files: pa.Table, shas: pa.ChunkedArray, errors: pa.ChunkedArray, inferred: _Inferred,
               content: pa.Table) -> FileOutcomes:
     """Each file's final error, prediction row and duplicate group (the group stage), in path order."""
     failed = pa.table({Col.SHA256: pa.array(list(inferred.failed), pa.string()),
@@ -208,7 +258,7 @@ def _outcomes(run: _Run, files: pa.Table, shas: pa.ChunkedArray, errors: pa.Chun
     errors, own = file_errors(shas, errors, abspaths=files[Col.ABSPATH], changed=changed, failed=failed,
                               content=content)
     order = path_order(files)
-    groups = duplicates(content, own, order, phash_max=run.cfg.phash_max, dhash_max=run.cfg.dhash_max)
+    groups = duplicates(content, own, order, phash_max=cfg.phash_max, dhash_max=cfg.dhash_max)
     return FileOutcomes(files=files, shas=shas, errors=errors, own=own, groups=groups, order=order)
 
 

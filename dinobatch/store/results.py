@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from dinobatch.errors import OutputError
 from dinobatch.io.files import atomic_path, output_error, write_json
 from dinobatch.runtime import faults
-from dinobatch.schema import Col, cache_schema, file_index_schema
+from dinobatch.schema import Col, cache_schema, file_index_schema, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,18 @@ class ResultsDir:
                                         pa.nulls(table.num_rows, pa.list_(pa.float32())))
         return table
 
+    def cache_labels(self, fingerprint: str) -> list[str] | None:
+        """The class labels stored with a model's newest cache part (None: no readable part), so that an
+        unchanged rerun can write the rows without loading the model."""
+        for part in reversed(self._cache_parts(fingerprint)):
+            try:
+                labels = read_metadata(pq.read_schema(part)).get("labels")
+            except (OSError, pa.ArrowException, ValueError):
+                continue
+            if isinstance(labels, list):
+                return labels
+        return None
+
     def compact_cache(self, fingerprint: str, run_id: str, metadata: dict[bytes, bytes]) -> int:
         """Merge a model's cache parts into one when there are many; returns the parts removed.
 
@@ -224,6 +236,14 @@ class ResultsDir:
                     writer.write_batch(batch)
                     faults.point("rows")
         return target
+
+    def latest_summary(self) -> dict[str, Any] | None:
+        """DIR/_summary.json, the latest run's summary (None when absent or unreadable)."""
+        try:
+            summary = json.loads((self.path / "_summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) else None
 
     def write_summary(self, run_id: str, summary: dict[str, Any]) -> Path:
         """DIR/_runs/<run_id>.json for the record, and DIR/_summary.json for monitoring.
