@@ -34,8 +34,9 @@ def cpu_features() -> list[str]:
 
 
 def has_amx_bf16() -> bool:
-    """Whether bf16 matrix products run on AMX tiles, the one case where bf16 autocast beats fp32 on a CPU.
+    """Whether bf16 matrix products run on AMX tiles: where --precision auto picks bf16 autocast on a CPU.
 
-    Measured: an AMX Xeon ran ResNet50 at 89 img/s in bf16 against 36 in fp32 (issue 17); an AMD EPYC with
-    avx512_bf16 but no AMX gained nothing (docs/performance.md#cpu-precisions)."""
+    Measured: an AMX Xeon ran ResNet50 at 89 img/s in bf16 against 36 in fp32 (issue 17). A CPU with
+    avx512_bf16 but no AMX is left at fp32 by the issue's rule, although the development VM's AMD EPYC
+    (family 26) ran bf16 about 2x faster too (docs/performance.md#cpu-precisions)."""
     return "amx_bf16" in _flags()

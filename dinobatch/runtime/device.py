@@ -136,9 +136,10 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     return Runtime(dev, precision)
 
 
-# What --precision auto picks, with the reason the summary records. On CPU, bf16 autocast only where the CPU
-# multiplies bf16 matrices in hardware (AMX): an AMX Xeon ran ResNet50 2.5x faster in bf16 (issue 17), while
-# an AMD EPYC with avx512_bf16 but no AMX gained nothing (docs/performance.md#cpu-precisions).
+# What --precision auto picks, with the reason the summary records. On CPU, bf16 autocast where the CPU
+# multiplies bf16 matrices on AMX tiles: an AMX Xeon ran ResNet50 2.5x faster in bf16 (issue 17). Elsewhere
+# fp32, as the issue asks, although an EPYC with avx512_bf16 (no AMX) measured about 2x too
+# (docs/performance.md#cpu-precisions): --precision bf16 opts in there.
 AUTO_PRECISION_RULE = "bf16 autocast on CUDA (fp16 before compute capability 8.0) and on CPUs with AMX-BF16; else fp32"
 
 

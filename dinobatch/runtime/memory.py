@@ -61,9 +61,15 @@ def tune_process(runtime: Runtime) -> dict[str, Any]:
         from dinobatch.runtime.cpu import cpu_features
 
         applied["cpu_features"] = cpu_features()  # what bf16 and int8 can use here (AMX, AVX-512 bf16, VNNI)
-    if runtime.auto is not None:
-        applied["precision_auto"] = runtime.auto  # why auto ran at this precision, e.g. "fp32 (no amx_bf16)"
-    return applied
+    return with_precision(applied, runtime)
+
+
+def with_precision(process: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
+    """The summary's process field with runtime's precision_auto: why --precision auto ran at this precision
+    (e.g. "fp32 (no amx_bf16)"), none where it was asked for. The model's runtime may not be the one tuned
+    (an int8 file runs in int8 whatever auto chose), so the job records the one that ran."""
+    process = {k: v for k, v in process.items() if k != "precision_auto"}
+    return process if runtime.auto is None else {**process, "precision_auto": runtime.auto}
 
 
 def _tune_allocator() -> str:

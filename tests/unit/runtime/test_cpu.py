@@ -83,3 +83,16 @@ def test_classify_runs_and_records_what_auto_chose(cpuinfo, tmp_path, tiny_model
     assert summary.config["precision"] == precision  # the saved configuration reruns at the same precision
     assert summary.process["precision_auto"].startswith(precision + " (")
     assert [r["status"] for r in rows.values()] == ["ok"] * 3
+
+
+@pytest.mark.slow
+def test_an_int8_files_run_records_int8_not_what_auto_chose_for_fp32(cpuinfo, tmp_path, tiny_model):
+    from dinobatch.models.quantize import quantize_file
+
+    cpuinfo(_cpuinfo(XEON_AMX))  # auto would pick bf16 for an fp32 model here
+    for i in range(3):
+        save(picture(i), tmp_path / "in" / f"{i}.jpg")
+    quantize_file(str(tiny_model), tmp_path / "in", tmp_path / "int8.pt", count=3)
+    summary, _ = run_classify(tmp_path / "in", tmp_path / "out", tmp_path / "int8.pt", precision="auto")
+    assert summary.config["precision"] == "int8"
+    assert summary.process["precision_auto"] == "int8 (an int8 model file)"
