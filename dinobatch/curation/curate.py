@@ -171,8 +171,10 @@ def _given(row: dict[str, Any], index, folder: str | None) -> tuple[str | None, 
 
 def curate(cfg: CurateConfig) -> CurateResult:
     """Build the review queue from a classify output folder (and, optionally, the labels people gave)."""
+    from dinobatch.curation.decisions import refuse_earlier_review
     from dinobatch.store.runs import latest_run
 
+    refuse_earlier_review(cfg.out)
     table, summary = latest_run(cfg.predictions)
     labels = read_metadata(table.schema).get("labels") or []
     table = check_predictions(table, labels, f"{cfg.predictions} (run {summary.get('run_id')})")

@@ -193,13 +193,20 @@ class Journal:
             if decision.action == UNDO and decision.path not in replay(self._events):
                 raise DataError(f"{decision.path}: no decision to undo")
             self._append(fd, decision)
-            self._write_csv()
+            try:
+                self._write_csv()
+            except (OSError, OutputError) as exc:  # the journal holds it: acknowledged, and the CSV catches up later
+                log.error("decision on %s journalled, but %s could not be rewritten (%s); it is rebuilt at the next "
+                          "decision, at Apply and when the server starts", decision.path, self.csv_path, exc)
             return replay(self._events)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """No decision is written during the block (relabel reads decisions.csv as it is)."""
-        with self._locked():
+        """No decision is written during the block, and decisions.csv holds every journalled one (relabel
+        reads it as it is)."""
+        with self._locked() as fd:
+            self._catch_up(fd)
+            self._write_csv()
             yield
 
     @contextlib.contextmanager
@@ -253,6 +260,18 @@ class Journal:
     def _write_csv(self) -> None:
         with atomic_path(self.csv_path) as tmp:
             tmp.write_text(csv_text(replay(self._events)), encoding="utf-8", newline="")
+
+
+def refuse_earlier_review(folder: str | os.PathLike) -> None:
+    """A new queue is never written over a folder holding a review's decisions: they name the old queue's
+    files and would be shown as done, and applied, on the new one (ConfigError, nothing written)."""
+    journal = Path(folder) / JOURNAL
+    if journal.exists():
+        from dinobatch.errors import ConfigError
+
+        raise ConfigError(f"{folder} holds the decisions of an earlier review ({journal.name}, {DECISIONS_CSV}); "
+                          "apply them (dinobatch relabel, or Apply on the review page) and write the new queue to "
+                          "another folder, or move them away first")
 
 
 def queue_progress(current: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, int]:

@@ -134,7 +134,7 @@ def serve(cfg: ServeConfig, *, access_log: bool = False) -> None:
 
     if not cfg.loopback:
         log.warning("listening on %s: every machine that can reach this address can use the model and "
-                    "read the served images; the review page's token is the only guard on decisions", cfg.host)
+                    "read the reference images", cfg.host)
     sock = listening_socket(cfg.host, cfg.port)  # before the model loads: a taken port fails at once
     app = create_app(cfg)
     host, port = sock.getsockname()[:2]

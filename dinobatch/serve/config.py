@@ -49,6 +49,12 @@ class ServeConfig:
             raise ConfigError(f"max_upload_mb must be a positive number, got {self.max_upload_mb}")
         if self.top_k < 1:
             raise ConfigError("top_k must be at least 1")
+        if self.queue is not None and not self.loopback:
+            # the review page hands its token to whoever loads it: on a network address anyone who can
+            # reach the port could post decisions and apply them; a reviewer elsewhere uses a tunnel
+            raise ConfigError(f"--queue is served on a loopback address only (not --host {self.host}): the review "
+                              "page's token guards decisions against other web pages, not against other machines; "
+                              "from another machine, reach it through an SSH tunnel (ssh -L 8000:127.0.0.1:8000)")
 
     @property
     def max_upload_bytes(self) -> int:

@@ -78,7 +78,9 @@ class _Review:
         if not self.journal.current():
             raise DataError("no decisions yet: nothing to apply")
         with self.journal.held():  # decisions.csv stays as relabel read it (its sha256 is the version's origin)
-            done = relabel(str(self.journal.csv_path), str(manifest), dry_run=dry_run, user=user)
+            # the labels the page offers (the model's) may be new to the manifest: relabel's --new-label
+            done = relabel(str(self.journal.csv_path), str(manifest), dry_run=dry_run, user=user,
+                           new_labels=sorted(self.labels))
         counts: dict[str, int] = {}
         for c in done.changes:
             counts[c.action] = counts.get(c.action, 0) + 1
@@ -133,7 +135,7 @@ def review_router(ctx: ServeContext) -> APIRouter:
     async def decisions(request: Request) -> JSONResponse:
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             return JSONResponse({"error": "the body is not JSON: {path, action, label, note}"}, status_code=400)
         try:  # in a thread: the fsyncs must not stall the other requests
             return JSONResponse(await run_in_threadpool(review.decide, body, request.headers.get(REVIEWER_HEADER)))
@@ -146,5 +148,7 @@ def review_router(ctx: ServeContext) -> APIRouter:
             return JSONResponse(await run_in_threadpool(review.apply, dry_run, request.headers.get(REVIEWER_HEADER)))
         except DinobatchError as exc:
             return _error(exc)
+        except OSError as exc:  # relabel could not write the new version (a full disk): the request was fine
+            return JSONResponse({"error": f"not applied: {exc.strerror or exc}"}, status_code=503)
 
     return router

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import csv
 import getpass
+import json
 import os
 import re
 import shutil
 import threading
+import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from dinobatch.curation.decisions import DECISIONS_CSV, JOURNAL, read_journal, replay
@@ -240,3 +243,45 @@ def test_a_sigkill_during_a_burst_loses_no_acknowledged_decision(curated, tiny_m
         proc.stop()
     done = relabel(str(queue / DECISIONS_CSV), str(curated.manifest), dry_run=True)
     assert len(done.changes) == len(served) == len(paths) and skipped == []
+
+
+def test_json_nested_thousands_deep_is_a_400_not_a_500(server):
+    deep = ("[" * 100_000 + "]" * 100_000).encode()
+    req = urllib.request.Request(server.url + "/api/decisions", data=deep, method="POST",
+                                 headers={"Content-Type": "application/json", TOKEN: _token(server)})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as res:
+            status = res.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    assert status == 400
+
+
+def test_a_relabel_to_a_model_label_the_manifest_lacks_applies(curated, tiny_model, tmp_path):
+    """The page offers the model's labels; one the manifest has no file of yet must apply, not be
+    acknowledged and then refused by every Apply."""
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "copy"
+    shutil.copytree(curated.queue.parent, root)  # images, manifest, queue: summary.json names the manifest
+    queue = root / curated.queue.name
+    manifest = root / curated.manifest.name
+    summary = json.loads((queue / "summary.json").read_text())
+    summary["manifest"] = str(manifest)
+    (queue / "summary.json").write_text(json.dumps(summary))
+    table = pq.read_table(manifest)
+    missing = LABELS[2]
+    labels = [LABELS[1] if v == missing else v for v in table["label"].to_pylist()]
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels)), manifest)
+    proc = ServeProcess(tiny_model, queue, root / "serve.log")
+    try:
+        proc.start()
+        token = {TOKEN: _token(proc)}
+        path = proc.get("/api/queue")[1]["items"][0]["path"]
+        assert proc.request("POST", "/api/decisions", {"path": path, "action": "relabel", "label": missing},
+                            token)[0] == 200
+        status, answer = proc.request("POST", "/api/apply?dry_run=1", None, token)
+        assert status == 200, answer
+        assert [c["new_label"] for c in answer["changes"]] == [missing]
+    finally:
+        proc.stop()

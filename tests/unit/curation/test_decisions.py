@@ -132,3 +132,42 @@ def test_progress_counts_items_with_a_decision_on_any_of_their_files():
              {"path": "b.png", "members": [{"path": "b.png"}, {"path": "b2.png"}]}, {"path": "c.png"}]
     assert queue_progress({"b2.png": 1}, items) == {"reviewed": 1, "total": 3}
     assert queue_progress({"a.png": 1, "b.png": 1, "c.png": 1}, items) == {"reviewed": 3, "total": 3}
+
+
+def test_a_decision_journalled_when_the_csv_cannot_be_rewritten_is_acknowledged_and_caught_up(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """The journal is the record: once a decision is in it, the reviewer is told it is saved (never "not
+    saved" for a decision that Apply would then apply), and decisions.csv catches up before Apply reads it."""
+    journal = Journal(tmp_path)
+    journal.record(new_decision("a.png", "keep", reviewer="ann"))
+    write = Journal._write_csv
+
+    def full_disk(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Journal, "_write_csv", full_disk)
+    current = journal.record(new_decision("b.png", "remove", reviewer="ann"))  # no exception: acknowledged
+    assert set(current) == {"a.png", "b.png"}
+    assert "could not be rewritten" in caplog.text
+    assert _rows(tmp_path) == [("a.png", "keep", "", "", "ann")]  # stale until the next write
+    monkeypatch.setattr(Journal, "_write_csv", write)
+    with journal.held():  # what Apply does before relabel reads the CSV
+        assert _rows(tmp_path) == [("a.png", "keep", "", "", "ann"), ("b.png", "remove", "", "", "ann")]
+
+
+def test_curate_refuses_to_write_a_new_queue_over_an_earlier_reviews_decisions(tmp_path):
+    """A second curate into the review's folder would show the old decisions as done on the new queue, and
+    Apply would apply them to whatever manifest the new queue names: refused, the decisions untouched."""
+    from click.testing import CliRunner
+
+    from dinobatch.cli.main import cli
+    from dinobatch.errors import EXIT_CONFIG
+
+    out, results = tmp_path / "review", tmp_path / "results"
+    results.mkdir()
+    Journal(out).record(new_decision("a.png", "remove", reviewer="ann"))
+    before = (out / JOURNAL).read_bytes(), (out / DECISIONS_CSV).read_bytes()
+    result = CliRunner().invoke(cli, ["curate", str(results), "-o", str(out)])
+    assert result.exit_code == EXIT_CONFIG, result.output
+    assert "decisions of an earlier review" in result.output
+    assert ((out / JOURNAL).read_bytes(), (out / DECISIONS_CSV).read_bytes()) == before
