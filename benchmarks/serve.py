@@ -35,19 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-
-
-def make_model(path: Path) -> Path:
-    """A random ResNet50 with 15 labels, as benchmarks/classify.py makes it."""
-    import torch
-
-    from dinobatch.models.file import ModelSpec, build_module, save_model
-
-    torch.manual_seed(0)
-    labels = tuple(f"class_{i}" for i in range(15))
-    save_model(path, ModelSpec("resnet50", labels, source={"kind": "benchmark"}),
-               build_module("resnet50", 15).state_dict())
-    return path
+sys.path.insert(0, str(HERE))  # benchmarks/classify.py's make_model: the benchmarks' random ResNet50
 
 
 def photos(folder: Path, count: int) -> list[tuple[str, bytes]]:
@@ -166,6 +154,8 @@ def ceilings(model: Path, batch_size: int, device: str, precision: str, rounds: 
 
 
 def main() -> None:
+    from classify import make_model
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", default=str(REPO.parent / "shared" / "data" / "dinos"))
     parser.add_argument("--model", default=None, help="model file [default: a random ResNet50]")
