@@ -147,57 +147,14 @@ def sample_folder(folder: Path, dest: Path, limit: int | None) -> list[Path]:
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
-def int8_file(model: Path, sample: Path, out: Path) -> Path | None:
-    """The int8 model file of model (`dinobatch model quantize`, calibrated on the sample), or None
-    where this checkout has no such command (then fx_int8 stands in)."""
+def int8_file(model: Path, sample: Path, out: Path) -> Path:
+    """The int8 model file of model (`dinobatch model quantize`, calibrated on the sample)."""
     cmd = [sys.executable, "-m", "dinobatch", "model", "quantize", str(model), "--calibration", str(sample),
            "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
     if done.returncode != 0:
-        print(f"`dinobatch model quantize` failed (exit {done.returncode}): {done.stderr.strip()[-300:]}; "
-              "int8 rows use torch's FX API directly, calibrated on random tensors")
-        return None
+        sys.exit(f"`dinobatch model quantize` failed (exit {done.returncode}): {done.stderr.strip()[-300:]}")
     return out
-
-
-def fx_int8(model_path: Path, crop: int = 224):
-    """Static int8 (FX graph mode, x86 backend) of the model's (logits, features) forward, calibrated on
-    random tensors (speed does not depend on the scales): the stand-in where models.quantize is missing."""
-    import warnings
-
-    import torch
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    from dinobatch.models.file import load_model
-    from dinobatch.models.forward import forward_with_features
-
-    class WithFeatures(torch.nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return forward_with_features(self.net, x)
-
-    x = torch.randn(8, 3, crop, crop)
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(WithFeatures(load_model(model_path).module.eval()),
-                              get_default_qconfig_mapping("x86"), example_inputs=(x,))
-        prepared(x)
-        module = convert_fx(prepared).eval()
-    module.dinobatch_returns_features = True  # models.forward calls it whole, as it calls an int8 file's
-    return module
-
-
-def _forward(module):
-    """The forward pass classify's Predictor runs: (logits, features) of a network or of an int8 graph."""
-    from dinobatch.models.forward import forward_with_features
-
-    if getattr(module, "dinobatch_returns_features", False):
-        return module
-    return lambda x: forward_with_features(module, x)
 
 
 def module_rate(module, precision: str, batch_size: int, batches: int, repeats: int, crop: int = 224,
@@ -205,13 +162,16 @@ def module_rate(module, precision: str, batch_size: int, batches: int, repeats: 
     """Model-only images/s of module as classify runs it at precision (Runtime.prepare and autocast;
     int8: the int8 graph in fp32 autocast), random input, median of repeats; and the seconds of the
     first call (warm-up; with compile, the compile)."""
+    import functools
+
     import torch
 
+    from dinobatch.models.forward import forward_with_features
     from dinobatch.runtime.device import Runtime
 
     runtime = Runtime(torch.device("cpu"), "fp32" if precision == "int8" else precision)
     module = runtime.prepare(module)
-    forward = _forward(module)
+    forward = functools.partial(forward_with_features, module)  # (logits, features), as the Predictor runs it
     if compile:
         forward = torch.compile(forward, dynamic=False)
     x = torch.randn(batch_size, 3, crop, crop).contiguous(memory_format=torch.channels_last)
@@ -249,12 +209,12 @@ def decode_rate(paths: list[Path], batch_size: int) -> float:
 
 
 @contextlib.contextmanager
-def model_clock(module=None) -> Iterator[list[float]]:
+def model_clock() -> Iterator[list[float]]:
     """Seconds classify spends in its Predictor's forward passes (the rest is walk, sha256, decode,
-    duplicates, rows); with module, the Predictor runs it instead of the file's (the int8 stand-in)."""
+    duplicates, rows)."""
     from dinobatch.stages import infer
 
-    call, init, spent = infer.Predictor.__call__, infer.Predictor.__init__, [0.0]
+    call, spent = infer.Predictor.__call__, [0.0]
 
     def timed(self, x):
         t = time.perf_counter()
@@ -263,37 +223,28 @@ def model_clock(module=None) -> Iterator[list[float]]:
         finally:
             spent[0] += time.perf_counter() - t
 
-    def swapped(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        if module is not None:
-            self.module = self.runtime.prepare(module)
-            self._forward = _forward(self.module)
-
-    infer.Predictor.__call__, infer.Predictor.__init__ = timed, swapped
+    infer.Predictor.__call__ = timed
     try:
         yield spent
     finally:
-        infer.Predictor.__call__, infer.Predictor.__init__ = call, init
+        infer.Predictor.__call__ = call
 
 
-def _module(precision: str, model: Path, int8: Path | None, standin):
-    """The network a precision's ceiling runs: the model file's, or the int8 file's (or its stand-in)."""
+def _module(precision: str, model: Path, int8: Path | None):
+    """The network a precision's ceiling runs: the model file's, or the int8 file's."""
     from dinobatch.models.file import load_model
 
-    if precision != "int8":
-        return load_model(model).module
-    return load_model(int8).module if int8 is not None else standin
+    return load_model(int8 if precision == "int8" else model).module
 
 
-def _e2e(precision: str, sample: Path, model: Path, int8: Path | None, standin, out: Path,
+def _e2e(precision: str, sample: Path, model: Path, int8: Path | None, out: Path,
          compile: bool = False) -> tuple[float, float]:
     """classify() end to end at precision into a fresh out: images/s and the model's share of the wall time."""
     n = len(list(sample.iterdir()))
-    ref = int8 if precision == "int8" and int8 is not None else model
-    options = {"precision": "fp32" if precision == "int8" else precision, "compile": compile}
-    if precision == "int8" and int8 is not None:
-        options.pop("precision")  # the int8 file as a user runs it: --precision auto
-    with model_clock(standin if precision == "int8" and int8 is None else None) as spent:
+    # the int8 file as a user runs it: --precision auto
+    ref, options = (int8, {"compile": compile}) if precision == "int8" else (model, {"precision": precision,
+                                                                                   "compile": compile})
+    with model_clock() as spent:
         wall, _ = dinobatch_run(sample, ref, out, **options)
     return n / wall, spent[0] / wall
 
@@ -308,15 +259,14 @@ def precision_rounds(args, folder: Path) -> None:
         model = make_model(tmp / "resnet50-random.pt")
         paths = sample_folder(folder, tmp / "sample", args.limit)
         int8 = int8_file(model, tmp / "sample", tmp / "resnet50-int8.pt") if "int8" in wanted else None
-        standin = fx_int8(model) if "int8" in wanted and int8 is None else None
-        print(f"{len(paths)} files; int8 model: {int8 or 'stand-in (FX, random calibration)'}", flush=True)
+        print(f"{len(paths)} files; int8 model: {int8 or 'not asked'}", flush=True)
         rounds = []
         for r in range(args.repeats):  # this machine drifts: each precision's e2e sits between its own ceilings
             got: dict[str, tuple[float, float, float]] = {"decode": (decode_rate(paths, args.batch_size), 0, 0)}
             for p in wanted:
-                module = _module(p, model, int8, standin)
+                module = _module(p, model, int8)
                 before, _ = module_rate(module, p, args.batch_size, args.ceiling_batches, 2)
-                e2e, share = _e2e(p, tmp / "sample", model, int8, standin, tmp / f"out-{p}-{r}")
+                e2e, share = _e2e(p, tmp / "sample", model, int8, tmp / f"out-{p}-{r}")
                 after, _ = module_rate(module, p, args.batch_size, args.ceiling_batches, 2)
                 got[p] = ((before + after) / 2, e2e, share)
             rounds.append(got)
@@ -324,7 +274,7 @@ def precision_rounds(args, folder: Path) -> None:
                                                   else f"decode {v[0]:.2f}" for k, v in got.items()), flush=True)
         print_precision_table(rounds, wanted, len(paths), args.batch_size)
         if args.compile:
-            compile_rows(wanted, model, int8, standin, tmp, paths, args)
+            compile_rows(wanted, model, int8, tmp, paths, args)
 
 
 def print_precision_table(rounds: list[dict], wanted: list[str], n: int, bs: int) -> None:
@@ -351,7 +301,7 @@ def print_precision_table(rounds: list[dict], wanted: list[str], n: int, bs: int
               f"e2e / min(ceiling, decode) goal >= 0.80)")
 
 
-def compile_rows(wanted: list[str], model: Path, int8: Path | None, standin, tmp: Path, paths, args) -> None:
+def compile_rows(wanted: list[str], model: Path, int8: Path | None, tmp: Path, paths, args) -> None:
     """classify --compile (compile time included) beside the eager run, and the compiled ceiling with its
     compile seconds, for fp32 and int8: where compiling pays back, and after how many files."""
     n = len(paths)
@@ -359,15 +309,15 @@ def compile_rows(wanted: list[str], model: Path, int8: Path | None, standin, tmp
     print(f"{'precision':<10} {'eager e2e':>10} {'compiled e2e':>13} {'x':>6} {'ceiling':>8} {'compiled':>9} "
           f"{'compile s':>10} {'break-even files':>17}")
     for p in [p for p in wanted if p in ("fp32", "int8")]:
-        module = _module(p, model, int8, standin)
+        module = _module(p, model, int8)
         eager_ceiling, _ = module_rate(module, p, args.batch_size, args.ceiling_batches, 2)
         try:
             compiled_ceiling, first = module_rate(module, p, args.batch_size, args.ceiling_batches, 2, compile=True)
-            compiled, _ = _e2e(p, tmp / "sample", model, int8, standin, tmp / f"out-{p}-compiled", compile=True)
+            compiled, _ = _e2e(p, tmp / "sample", model, int8, tmp / f"out-{p}-compiled", compile=True)
         except Exception as exc:  # a compile that fails is a result here: printed, not fatal
             print(f"{p:<10} torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
-        eager, _ = _e2e(p, tmp / "sample", model, int8, standin, tmp / f"out-{p}-eager")
+        eager, _ = _e2e(p, tmp / "sample", model, int8, tmp / f"out-{p}-eager")
         saved = 1 / eager_ceiling - 1 / compiled_ceiling  # seconds a file saves once compiled
         even = f"{first / saved:.0f}" if saved > 0 else "never"
         print(f"{p:<10} {eager:>10.2f} {compiled:>13.2f} {compiled / eager:>6.2f} {eager_ceiling:>8.2f} "
