@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from dinobatch.imaging import decode_budget
-from dinobatch.imaging.decode import DecodeError, decode
+from dinobatch.imaging.decode import decode
 from dinobatch.imaging.preprocess import model_input
 from dinobatch.models.file import LoadedModel
 from dinobatch.runtime.device import Runtime
-from dinobatch.schema import SPECIES_COLUMNS, Col
+from dinobatch.schema import SPECIES_COLUMNS
 from dinobatch.serve.batching import MicroBatcher
+from dinobatch.stages.decode import decode_error, facts
 from dinobatch.stages.infer import Predictor
 
 __all__ = ["Prepared", "UnusableImage", "ModelService", "species_facts"]
@@ -61,13 +62,9 @@ class ModelService:
         try:
             dec = decode(data, min_side=self.prep.resize, heavy=decode_budget.hold)
             pixels = model_input(dec.image, self.prep)
-        except DecodeError as exc:
-            raise UnusableImage(str(exc)) from exc
         except Exception as exc:  # as stages.decode.decode_item: a hostile file's error, not the server's
-            raise UnusableImage(f"cannot prepare image for the model: {type(exc).__name__}: {exc}") from exc
-        facts = {Col.FORMAT: dec.format, Col.WIDTH: dec.width, Col.HEIGHT: dec.height, Col.MODE: dec.mode,
-                 Col.PHASH: dec.phash, Col.DHASH: dec.dhash}
-        return Prepared(hashlib.sha256(data).hexdigest(), facts, pixels)
+            raise UnusableImage(decode_error(exc)) from exc
+        return Prepared(hashlib.sha256(data).hexdigest(), facts(dec), pixels)
 
     def submit(self, prepared: Prepared) -> Future:
         """Queue a prepared upload for the next forward pass; the Future gets infer's prediction

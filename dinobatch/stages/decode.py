@@ -117,15 +117,24 @@ def decode_item(item: WorkItem, prep: Preprocessing, prepare: Callable[[Any], di
             record[Rec.ORIENTATION] = dec.orientation
         else:
             record.update(prepare(dec.image))
-    except DecodeError as exc:
-        record[Rec.ERROR] = str(exc)
-        return record
     except Exception as exc:  # e.g. MemoryError on a hostile file: this file's row, not the run's end
-        record[Rec.ERROR] = f"cannot prepare image for the model: {type(exc).__name__}: {exc}"
+        record[Rec.ERROR] = decode_error(exc)
         return record
-    record[Rec.FACTS] = {Col.FORMAT: dec.format, Col.WIDTH: dec.width, Col.HEIGHT: dec.height,
-                       Col.MODE: dec.mode, Col.PHASH: dec.phash, Col.DHASH: dec.dhash}
+    record[Rec.FACTS] = facts(dec)
     return record
+
+
+def decode_error(exc: Exception) -> str:
+    """Why a content could not be decoded or prepared for the model, as its row (and serve's 400) says."""
+    if isinstance(exc, DecodeError):
+        return str(exc)
+    return f"cannot prepare image for the model: {type(exc).__name__}: {exc}"
+
+
+def facts(dec: Any) -> dict[str, Any]:
+    """A decoded image's facts and hashes, as a row has them (imaging.decode's result)."""
+    return {Col.FORMAT: dec.format, Col.WIDTH: dec.width, Col.HEIGHT: dec.height, Col.MODE: dec.mode,
+            Col.PHASH: dec.phash, Col.DHASH: dec.dhash}
 
 
 def decode_batch(batch: pa.Table | pa.RecordBatch, prep: Preprocessing, *,
