@@ -86,7 +86,8 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
     # the lock first: a run that finds the output in use exits 9 at once, before torch and the model load
     with exclusive(out.path / ".lock", wait=cfg.wait):
         hashed_at = time.time_ns()  # before any file (the model too) is statted or read: see write_file_index
-        found = unchanged.find(cfg, out)
+        files = walk_table(cfg.folder, exclude=cfg.out)  # one walk, whichever path the run takes
+        found = unchanged.find(cfg, out, files)
         if found is not None:  # nothing to infer: the rows come from the cache, torch is never imported
             return _rerun_unchanged(cfg, out, found, t0=t0, hashed_at=hashed_at)
         model_stat = unchanged.model_stat(cfg.model)  # before it is read: indexed only if it held still
@@ -105,7 +106,7 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
             run = _Run(cfg=cfg, out=out, run_id=new_run_id(started), t0=t0, started=started, runtime=runtime,
                        model=model, species=species, process=process, metadata=metadata, engine=engine,
                        hashed_at=hashed_at, model_row=model_row)
-            return _classify_locked(run)
+            return _classify_locked(run, files)
 
 
 def _start_time(out: ResultsDir) -> datetime:
@@ -181,10 +182,10 @@ class _Inferred:
     batch_size: int | None  # None: nothing to infer, so no batch was sized
 
 
-def _classify_locked(run: _Run) -> RunSummary:
-    """The run itself: list -> fingerprint -> decode+infer what is new -> group -> rows -> summary."""
+def _classify_locked(run: _Run, files: pa.Table) -> RunSummary:
+    """The run itself over the walked files (an --out inside the folder is not input): fingerprint ->
+    decode+infer what is new -> group -> rows -> summary."""
     cfg, out, model = run.cfg, run.out, run.model
-    files = walk_table(cfg.folder, exclude=cfg.out)  # an --out inside the folder is not input
     log.info("found %d files under %s", files.num_rows, cfg.folder)
     if not files.num_rows:  # a quiet night in cron, or a newcomer's first run: not an error, but say so
         log.info("no files to classify under %s (names starting with '.', such as .gitkeep, are skipped): "

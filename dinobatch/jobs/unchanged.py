@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from dinobatch import __version__
 from dinobatch.config import ClassifyConfig
-from dinobatch.io.walk import sha256_file, walk_table
+from dinobatch.io.walk import sha256_file
 from dinobatch.models.file import imagenet_weights_name
 from dinobatch.schema import Col, file_index_schema
 from dinobatch.stages.fingerprint import known_shas
@@ -71,9 +71,9 @@ def model_seen(before: pa.Table | None, after: pa.Table | None, fingerprint: str
     return before.append_column(Col.SHA256, pa.array([fingerprint], pa.string()))
 
 
-def find(cfg: ClassifyConfig, out: ResultsDir) -> Unchanged | None:
-    """The unchanged rerun cfg amounts to, or None when it must take the normal path (what it lacks is
-    logged): --force, torchvision weights, other options or another model than the last run, a file the
+def find(cfg: ClassifyConfig, out: ResultsDir, files: pa.Table) -> Unchanged | None:
+    """The unchanged rerun cfg amounts to over the walked files, or None when it must take the normal path
+    (what it lacks is logged): --force, torchvision weights, other options or another model than the last run, a file the
     file index does not vouch for, or a content without a cached prediction (a file that failed to decode
     is retried every run, so a folder holding one is never unchanged)."""
     previous = out.latest_summary()
@@ -85,7 +85,6 @@ def find(cfg: ClassifyConfig, out: ResultsDir) -> Unchanged | None:
     fingerprint = previous.get("model", {}).get("fingerprint")
     if model_row is None or model_row[Col.SHA256][0].as_py() != fingerprint:
         return _no("the model is not the file the last run used")
-    files = walk_table(cfg.folder, exclude=cfg.out)
     shas, errors = known_shas(files, index), files[Col.ERROR]
     del index
     if pc.any(pc.and_(errors.is_null(), shas.is_null())).as_py():
