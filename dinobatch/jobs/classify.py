@@ -11,6 +11,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -24,11 +25,11 @@ from dinobatch.imaging import decode_budget
 from dinobatch.io.lock import exclusive
 from dinobatch.io.walk import check_folder, walk_table
 from dinobatch.jobs import unchanged
-from dinobatch.models.file import LoadedModel, resolve_model
+from dinobatch.models.file import LoadedModel, imagenet_weights_name, model_file_fingerprint, resolve_model
 from dinobatch.runtime import faults
 from dinobatch.runtime.device import Runtime, default_batch_size, resolve_runtime
 from dinobatch.runtime.memory import release_memory, tune_process, with_precision
-from dinobatch.schema import Col, file_index_schema, row_schema, schema_metadata
+from dinobatch.schema import Col, cache_schema, file_index_schema, row_schema, schema_metadata
 from dinobatch.stages.decode import Contents
 from dinobatch.stages.group import duplicates
 from dinobatch.stages.infer import Predictor
@@ -87,6 +88,8 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
     with exclusive(out.path / ".lock", wait=cfg.wait):
         hashed_at = time.time_ns()  # before any file (the model too) is statted or read: see write_file_index
         files = walk_table(cfg.folder, exclude=cfg.out)  # one walk, whichever path the run takes
+        if not files.num_rows:  # before the model: offline, torchvision's weights may not be fetchable
+            return _classify_empty(cfg, out, files, t0=t0, hashed_at=hashed_at)
         found = unchanged.find(cfg, out, files)
         if found is not None:  # nothing to infer: the rows come from the cache, torch is never imported
             return _rerun_unchanged(cfg, out, found, t0=t0, hashed_at=hashed_at)
@@ -113,6 +116,52 @@ def _start_time(out: ResultsDir) -> datetime:
     """The run's start, under the lock and after every earlier run's, so that 'newest run' is the run
     that scanned last, even after a --wait or a clock stepped back."""
     return max(datetime.now(timezone.utc), out.newest_run_time() + timedelta(microseconds=1))
+
+
+def _classify_empty(cfg: ClassifyConfig, out: ResultsDir, files: pa.Table, *, t0: float,
+                    hashed_at: int) -> RunSummary:
+    """A folder with nothing to classify (a quiet night in cron, or a newcomer's first run): the rows file (no
+    rows), summary and file index any run writes, with the model named but neither loaded nor fetched."""
+    log.info("no files to classify under %s (names starting with '.', such as .gitkeep, are skipped): "
+             "put the images there, in any sub-folders, and run again", cfg.folder)
+    model, model_row = _unloaded_model(cfg.model)
+    species = load_species(cfg.species if cfg.species else default_species_csv())
+    started = _start_time(out)
+    out.remove_leftovers()
+    run_id, fingerprint = new_run_id(started), model["fingerprint"] or ""
+    metadata = schema_metadata(version=__version__, model_name=model["name"], model_fingerprint=fingerprint,
+                               labels=[], folder=cfg.folder)
+    ctx = RowContext(run_id=run_id, model_name=model["name"], model_fingerprint=fingerprint, labels=[],
+                     top_k=cfg.top_k, embeddings=cfg.embeddings, species=species)
+    shas = pa.chunked_array([], pa.string())
+    content = cache_schema().empty_table()
+    outcomes = _outcomes(cfg, files, shas, files[Col.ERROR], _Inferred({}, set(), 0.0, None), content)
+    stats = row_stats(outcomes)
+    rows_file = out.write_rows(run_id, row_batches(outcomes, content, ctx), row_schema(metadata))
+    summary = RunSummary(
+        run_id=run_id, rows_file=str(rows_file), files=0, counts=stats.counts, inferred=0, reused=0,
+        duplicate_groups=0, seconds=round(time.monotonic() - t0, 3), images_per_second=None, model=model,
+        runtime=NO_RUNTIME, config=cfg.to_dict(), process=NO_TORCH_PROCESS, started=started.isoformat(),
+        finished=datetime.now(timezone.utc).isoformat())
+    return _record(out, summary, _seen(files, shas, model_row), hashed_at, metadata)
+
+
+# A run that loads no model: its summary's runtime, and its saved configuration keeps the device and precision
+# as asked (e.g. auto: valid input for a rerun), since nothing was resolved.
+NO_RUNTIME = "none: nothing to classify, no model loaded"
+NO_TORCH_PROCESS = {"torch": "not imported: nothing to classify"}
+
+
+def _unloaded_model(ref: str) -> tuple[dict[str, Any], pa.Table | None]:
+    """The summary's model and the file index's row for a run that loads none: a model file by its name and
+    sha256 (read, not loaded: a path that is not a readable file is refused as loading refuses it);
+    torchvision's weights by the name asked, with no fingerprint (that of a cached file fetching may need)."""
+    if imagenet_weights_name(ref) is not None:
+        return {"name": ref, "fingerprint": None, "arch": None, "classes": None}, None
+    before = unchanged.model_stat(ref)
+    fingerprint = model_file_fingerprint(ref)
+    model = {"name": Path(ref).name, "fingerprint": fingerprint, "arch": None, "classes": None}
+    return model, unchanged.model_seen(before, unchanged.model_stat(ref), fingerprint)
 
 
 # An unchanged rerun's summary 'process': it applied no process setting, since it ran no model.
@@ -187,9 +236,6 @@ def _classify_locked(run: _Run, files: pa.Table) -> RunSummary:
     decode+infer what is new -> group -> rows -> summary."""
     cfg, out, model = run.cfg, run.out, run.model
     log.info("found %d files under %s", files.num_rows, cfg.folder)
-    if not files.num_rows:  # a quiet night in cron, or a newcomer's first run: not an error, but say so
-        log.info("no files to classify under %s (names starting with '.', such as .gitkeep, are skipped): "
-                 "put the images there, in any sub-folders, and run again", cfg.folder)
     index = file_index_schema().empty_table() if cfg.force else out.read_file_index()
     shas, errors = run.engine.fingerprint(files, index)
     del index
@@ -305,15 +351,16 @@ def _write_summary(out: ResultsDir, summary: RunSummary) -> None:
                           f"space and rerun to write a summary") from exc
 
 
-def _after_commit(out: ResultsDir, seen: pa.Table, hashed_at: int, fingerprint: str, run_id: str,
+def _after_commit(out: ResultsDir, seen: pa.Table, hashed_at: int, fingerprint: str | None, run_id: str,
                   metadata: dict[bytes, bytes]) -> list[str]:
     """Save the file index and compact the cache, once the run is committed and recorded. Both only
     save later runs work, so a failure (a full disk) is a warning, not a failed run: the old index
-    and every cache part are left as they were, and the next run tries again."""
+    and every cache part are left as they were, and the next run tries again. A run that loaded no model
+    (fingerprint None) has no cache to compact."""
     steps = [("the file index was not updated", "the next run hashes again the files it does not list",
               lambda: out.write_file_index(seen, hashed_at)),
              ("the cache was not compacted", "its parts are intact and the next run tries again",
-              lambda: out.compact_cache(fingerprint, run_id, metadata))]
+              lambda: out.compact_cache(fingerprint, run_id, metadata) if fingerprint else 0)]
     warnings = []
     for what, consequence, step in steps:
         try:

@@ -51,6 +51,7 @@ __all__ = [
     "initial_module",
     "resolve_model",
     "file_sha256",
+    "model_file_fingerprint",
     "torch_save_atomic",
 ]
 
@@ -193,18 +194,29 @@ def save_model(path: str | Path, spec: ModelSpec, state_dict: dict) -> str:
     return file_sha256(path)
 
 
-def _torch_load(path: Path) -> tuple[Any, str]:
-    """The file's content (weights only, no code run) and the sha256 of exactly those bytes."""
-    import pickle
-
+def _read_model_bytes(path: Path) -> bytes:
+    """A model file's bytes, or the ModelError that says why the path cannot be read as one."""
     try:
-        data = path.read_bytes()  # read once: the fingerprint must describe the weights loaded
+        return path.read_bytes()
     except FileNotFoundError as exc:
         raise ModelError(f"model file not found: {path}") from exc
     except IsADirectoryError as exc:
         raise ModelError(f"model path is a folder, not a file: {path}") from exc
     except OSError as exc:
         raise ModelError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+
+
+def model_file_fingerprint(path: str | Path) -> str:
+    """A model file's fingerprint without loading it (nor importing torch), for a run with nothing to
+    classify; a path that cannot be read is refused as load_model refuses it."""
+    return hashlib.sha256(_read_model_bytes(Path(path))).hexdigest()
+
+
+def _torch_load(path: Path) -> tuple[Any, str]:
+    """The file's content (weights only, no code run) and the sha256 of exactly those bytes."""
+    import pickle
+
+    data = _read_model_bytes(path)  # read once: the fingerprint must describe the weights loaded
     what = describe_not_torch(data)
     if what is not None:  # named before torch.load, whose errors on such bytes mislead
         raise ModelError(f"{path} is not a PyTorch file: {what}")

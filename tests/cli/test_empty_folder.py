@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from dinobatch.cli.main import cli
+from dinobatch.store.runs import current_rows
 
 
 @pytest.fixture
@@ -52,3 +54,49 @@ def test_a_folder_with_images_gets_no_such_warning(tmp_path, tiny_model):
     save(picture(0), tmp_path / "in" / "a.png")
     result = invoke("classify", tmp_path / "in", "-m", tiny_model, "-o", tmp_path / "out", "-j", "0", "-q")
     assert result.exit_code == 0 and "no files to" not in result.stderr
+
+
+def _offline(monkeypatch, tmp_path) -> None:
+    """No cached torchvision weights, and any download fails at once (nothing listens on the proxy)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+
+
+def test_an_empty_folder_offline_exits_0_without_the_default_weights(empty_inbox, tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
+    result = invoke("classify", empty_inbox, "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["files"] == 0 and summary["model"]["name"] == "imagenet"
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["run_id"] == summary["run_id"]
+    assert pq.read_table(summary["rows_file"]).num_rows == 0
+    assert not (tmp_path / "torch").exists()  # nothing was fetched
+
+
+def test_an_empty_folder_names_the_model_file_without_loading_it(empty_inbox, tiny_model, tmp_path, monkeypatch):
+    from dinobatch.models.file import file_sha256
+
+    def no_load(path):
+        raise AssertionError(f"loaded {path}")
+
+    from tests.helpers import picture, save
+
+    save(picture(0), tmp_path / "in" / "a.png")
+    first = invoke("classify", tmp_path / "in", "-m", tiny_model, "-o", tmp_path / "out", "-j", "0", "-q")
+    assert first.exit_code == 0 and len(current_rows(tmp_path / "out")) == 1
+    monkeypatch.setattr("dinobatch.models.file.load_model", no_load)
+    result = invoke("classify", empty_inbox, "-m", tiny_model, "-o", tmp_path / "out", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["model"]["fingerprint"] == file_sha256(tiny_model)
+    # the empty rows file is that model's newest run, as when the model is loaded: its earlier rows
+    # (the image classified before) are no longer current
+    assert len(current_rows(tmp_path / "out")) == 0
+
+
+def test_an_empty_folder_still_refuses_a_missing_model_file(empty_inbox, tmp_path):
+    result = invoke("classify", empty_inbox, "-m", tmp_path / "nope.pt", "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 4 and "model file not found" in result.stderr
