@@ -176,11 +176,10 @@ def curate(cfg: CurateConfig) -> CurateResult:
 
     refuse_earlier_review(cfg.out)
     table, summary = latest_run(cfg.predictions)
-    labels = read_metadata(table.schema).get("labels") or []
-    table = check_predictions(table, labels, f"{cfg.predictions} (run {summary.get('run_id')})")
-    rows = table.to_pylist()
-    if not rows:
+    if not table.num_rows:  # before the labels: a run with nothing to classify loaded no model to name them
         raise InputError(f"{cfg.predictions}: the latest classify run has no rows")
+    labels = read_metadata(table.schema).get("labels") or []
+    rows = check_predictions(table, labels, f"{cfg.predictions} (run {summary.get('run_id')})").to_pylist()
     index = _manifest_index(cfg.manifest)
     flags: dict[int, dict[str, tuple[float, str]]] = {}
 

@@ -100,3 +100,10 @@ def test_an_empty_folder_names_the_model_file_without_loading_it(empty_inbox, ti
 def test_an_empty_folder_still_refuses_a_missing_model_file(empty_inbox, tmp_path):
     result = invoke("classify", empty_inbox, "-m", tmp_path / "nope.pt", "-o", tmp_path / "out", "-q")
     assert result.exit_code == 4 and "model file not found" in result.stderr
+
+
+
+def test_curate_after_an_empty_night_says_the_run_has_no_rows(empty_inbox, tiny_model, tmp_path):
+    assert invoke("classify", empty_inbox, "-m", tiny_model, "-o", tmp_path / "out", "-q").exit_code == 0
+    result = CliRunner().invoke(cli, ["curate", str(tmp_path / "out"), "-o", str(tmp_path / "queue")])
+    assert result.exit_code == 6 and "the latest classify run has no rows" in result.stderr
