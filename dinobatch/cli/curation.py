@@ -75,8 +75,8 @@ def curate(predictions, manifest_path, out, html_page, low_confidence, rank_by, 
         result = run_curate(cfg)
         paths = write_outputs(result, out, html_page=html_page)
         if not quiet:
-            click.echo(f"{result.images} images, {len(result.queue)} to review: " +
-                       ", ".join(f"{k} {v}" for k, v in result.counts.items() if v))
+            reasons = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v)
+            click.echo(f"{result.images} images, {len(result.queue)} to review" + (f": {reasons}" if reasons else ""))
             left = sum(1 for q in result.queue if not q[Col.IN_REVIEW])
             if left:
                 click.echo(f"the review page shows the first {max_review} items; {left} flagged files beyond them "

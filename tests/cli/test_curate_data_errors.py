@@ -1,5 +1,6 @@
 """dinobatch curate on predictions whose values are wrong: exit 10 naming the column and the rows,
-and nothing written, instead of a traceback (exit 1) or a queue quietly missing its label errors."""
+and nothing written, instead of a traceback (exit 1) or a queue quietly missing its label errors; and
+what curate prints when the values are sound but nothing is flagged."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from dinobatch.jobs.classify import new_run_id
 from dinobatch.cli.main import cli
 from dinobatch.errors import EXIT_DATA
-from dinobatch.store.results import ResultsDir
 from dinobatch.io.walk import sha256_file
+from dinobatch.jobs.classify import new_run_id
 from dinobatch.schema import Col, row_schema, schema_metadata
+from dinobatch.store.results import ResultsDir
 from tests.helpers import picture, save
 
 LABELS = ["stegosaurus", "triceratops", "velociraptor"]
@@ -87,3 +88,15 @@ def test_wrong_predictions_are_exit_10_naming_column_and_rows_and_nothing_is_wri
     if "missing" not in named and "string" not in named:
         assert "row 1 '1.png'" in done.stderr or "row 0 '0.png'" in done.stderr
     assert not (tmp_path / "queue").exists()
+
+
+def test_nothing_flagged_prints_no_dangling_reason_list(tmp_path, photos):
+    def large(table):  # photos of a size that is not flagged as tiny, all predicted with 0.8
+        for col in ("width", "height"):
+            at = table.schema.get_field_index(col)
+            table = table.set_column(at, table.schema.field(at), pa.array([640] * N, table.schema.field(at).type))
+        return table
+
+    result = CliRunner().invoke(cli, ["curate", str(predictions(tmp_path, photos, large)), "-o", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"{N} images, 0 to review"
