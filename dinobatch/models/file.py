@@ -154,6 +154,22 @@ class LoadedModel:
     fingerprint: str  # sha256 of the model file's bytes
     name: str
 
+    def __reduce_ex__(self, protocol):
+        """Pickled as usual, except an int8 model: its module (quantized modules in an FX graph) does not
+        survive pickling, by which a Ray actor receives the model, so it travels as its state_dict and is
+        rebuilt as load_model builds it."""
+        if self.spec.precision != PRECISION_INT8:
+            return super().__reduce_ex__(protocol)
+        state = {k: v.detach() if hasattr(v, "detach") else v for k, v in self.module.state_dict().items()}
+        return _int8_model, (self.spec, state, self.fingerprint, self.name)
+
+
+def _int8_model(spec: ModelSpec, state_dict: dict, fingerprint: str, name: str) -> LoadedModel:
+    """An int8 LoadedModel rebuilt from its state_dict (LoadedModel.__reduce_ex__)."""
+    from dinobatch.models.quantize import int8_module
+
+    return LoadedModel(spec, int8_module(spec, state_dict, name), fingerprint, name)
+
 
 def build_module(arch: str, num_classes: int):
     """A randomly initialised torchvision ResNet-family network with num_classes outputs."""

@@ -123,6 +123,16 @@ def test_unreadable_calibration_files_are_passed_over_and_counted(tiny_model, tm
         quantize_file(str(tiny_model), tmp_path / "in", tmp_path / "q2.pt", count=5)
 
 
+def test_an_int8_model_survives_pickling_as_a_ray_actor_receives_it(int8, photos):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(int8))
+    assert (again.spec, again.fingerprint, again.name) == (int8.spec, int8.fingerprint, int8.name)
+    x = _pixels(photos, int8.spec)[:4].float()
+    with torch.inference_mode():
+        assert all(torch.equal(a, b) for a, b in zip(int8.module(x), again.module(x)))
+
+
 def test_an_int8_model_is_refused_on_cuda_and_with_another_precision_asked_for(int8):
     cuda = Runtime(torch.device("cuda", 0), "bf16")
     with pytest.raises(DeviceError, match="int8 model file: it runs on the CPU only") as err:
