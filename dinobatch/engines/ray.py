@@ -144,7 +144,7 @@ class RayEngine:
                 self.model, self.precision, self.batch_size))
             pool = _Pool(device="cuda", actors=gpus, gpus=1, batch_size=batch_size)
         else:
-            ran = {"device": "cpu", "precision": _cpu_precision(self.precision)}
+            ran = _cpu_resolved(self.model, self.precision)
             cpus = int(ray.cluster_resources().get("CPU", 1))
             pool = _Pool(device="cpu", actors=max(1, cpus), gpus=0,
                          batch_size=self.batch_size or _cpu_batch_size())
@@ -170,11 +170,12 @@ def _cpu_batch_size() -> int:
     return CPU_BATCH_SIZE
 
 
-def _cpu_precision(precision: str) -> str:
-    """The precision resolve_runtime gives on a CPU."""
+def _cpu_resolved(model: LoadedModel, precision: str) -> dict[str, str]:
+    """The device and precision the model runs at on a CPU, as the local engine resolves them (Runtime.for_model:
+    an int8 file runs in int8, whatever auto picks)."""
     from dinobatch.runtime.device import resolve_runtime
 
-    return resolve_runtime("cpu", precision).precision
+    return resolve_runtime("cpu", precision).for_model(model.spec.precision, precision).resolved()
 
 
 _FINGERPRINTED = pa.schema([*FINGERPRINT_SCHEMA, pa.field(_ROW, pa.int64())])

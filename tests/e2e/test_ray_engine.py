@@ -96,6 +96,16 @@ def test_ray_rows_equal_the_local_engines_on_the_weird_files(tmp_path, tiny_mode
     _assert_same_rows(local, ray)
 
 
+def test_a_ray_run_of_an_int8_model_records_int8(tmp_path, awkward, tiny_model, ray_cluster):
+    int8 = tmp_path / "tiny-int8.pt"
+    made = CliRunner().invoke(cli, ["model", "quantize", str(tiny_model), "--calibration", str(awkward),
+                                    "--calibration-images", "4", "-o", str(int8)], catch_exceptions=False)
+    assert made.exit_code == 0, made.output
+    summary, _ = _ray(awkward, tmp_path / "out", int8, ray_cluster.address)
+    assert (summary["config"]["precision"], summary["config"]["device"]) == ("int8", "cpu")
+    assert summary["runtime"] == "cpu, int8"
+
+
 def test_a_file_that_kills_its_ray_worker_is_an_error_row(tmp_path, awkward, tiny_model, ray_cluster, monkeypatch):
     _, local = run_local(awkward, tmp_path / "local", tiny_model)
     monkeypatch.setenv(faults.ENV, "decode:1:p2.jpg")  # every process that decodes it dies (SIGKILL)
