@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Collection, Mapping
 from dinobatch.dedupe import DEFAULT_DHASH_MAX, DEFAULT_PHASH_MAX, HASH_BITS
 from dinobatch.engines import ENGINE_LOCAL, check_engine
 from dinobatch.errors import ConfigError
-from dinobatch.runtime.device import CUDA_MAX_BATCH_SIZE
+from dinobatch.runtime.device import CUDA_MAX_BATCH_SIZE, INT8, PRECISIONS
 
 if TYPE_CHECKING:
     from dinobatch.models.file import Preprocessing
@@ -125,6 +125,9 @@ class TrainConfig:
         if (self.final_lr is not None and self.final_lr <= 0) or not 0 <= self.momentum < 1 or self.weight_decay < 0:
             raise ConfigError("final_lr > 0, 0 <= momentum < 1 and weight_decay >= 0 are required")
         multiplier(self.augment_level)  # validates the level
+        if self.precision not in PRECISIONS:  # --precision's choices; a TrainConfig built otherwise is checked here
+            why = " (int8 is an int8 model file's, which runs inference only)" if self.precision == INT8 else ""
+            raise ConfigError(f"precision {self.precision!r} cannot train{why}; use one of {', '.join(PRECISIONS)}")
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of a 0-based epoch: lr, then final_lr for the final epochs."""

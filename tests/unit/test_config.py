@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from dinobatch.config import MAX_BATCH_SIZE, ClassifyConfig, load_config_file
+from dinobatch.config import MAX_BATCH_SIZE, ClassifyConfig, TrainConfig, load_config_file
 from dinobatch.errors import EXIT_CONFIG, ConfigError
 
 
@@ -36,6 +36,14 @@ def test_values_a_run_cannot_use_are_refused_naming_the_setting(values, named):
     with pytest.raises(ConfigError, match=named) as caught:
         ClassifyConfig(folder="/photos", **values)
     assert caught.value.exit_code == EXIT_CONFIG
+
+
+@pytest.mark.parametrize("precision, named", [("int8", "int8 is an int8 model file's"), ("fp8", "cannot train")])
+def test_train_refuses_a_precision_it_cannot_train_in(precision, named):
+    with pytest.raises(ConfigError, match=named) as caught:  # train autocast anything but fp32 and bf16 in fp16
+        TrainConfig(manifest="/m.csv", out="/m.pt", precision=precision)
+    assert caught.value.exit_code == EXIT_CONFIG
+    assert TrainConfig(manifest="/m.csv", out="/m.pt", precision="bf16").precision == "bf16"
 
 
 def test_the_limits_themselves_are_accepted():
