@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from dinobatch.engines import Progress
 from dinobatch.engines.ray_common import CRASHED, each_alone, map_blocks
 from dinobatch.errors import DeviceError
-from dinobatch.models.file import LoadedModel, Preprocessing
+from dinobatch.models.file import PRECISION_INT8, LoadedModel, Preprocessing
 from dinobatch.schema import PREDICTION_FIELDS, Col
 from dinobatch.stages.decode import ABSPATHS, CHANGED_PATHS, DECODED_SCHEMA, Contents, decode_batch
 from dinobatch.stages.fingerprint import FINGERPRINT_SCHEMA, KNOWN_SHA256, fingerprint, with_known_shas
@@ -132,14 +132,15 @@ class RayEngine:
         return dict(self.ran)
 
     def _pool(self, predictor: Predictor) -> _Pool:
-        """The actor pool for this cluster: one actor per GPU where it has GPUs (unless --device cpu), else
+        """The actor pool for this cluster: one actor per GPU where it has GPUs (unless --device cpu or an int8
+        model, which runs on the CPU only: the job has refused --device cuda for one), else
         one per CPU, each with a fractional CPU; the batch size as asked, else the rule where they run."""
         import ray
 
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if self.device.startswith("cuda") and not gpus:
             raise DeviceError(f"--device {self.device} was asked for, but the Ray cluster has no GPU")
-        if gpus and self.device != "cpu":
+        if gpus and self.device != "cpu" and self.model.spec.precision != PRECISION_INT8:  # int8: CPU only
             ran, batch_size = ray.get(ray.remote(_probe).options(num_gpus=1).remote(
                 self.model, self.precision, self.batch_size))
             pool = _Pool(device="cuda", actors=gpus, gpus=1, batch_size=batch_size)

@@ -28,7 +28,7 @@ from dinobatch.jobs import unchanged
 from dinobatch.models.file import LoadedModel, imagenet_weights_name, model_file_fingerprint, resolve_model
 from dinobatch.runtime import faults
 from dinobatch.runtime.device import Runtime, default_batch_size, resolve_runtime
-from dinobatch.runtime.memory import release_memory, tune_process, with_precision
+from dinobatch.runtime.memory import release_memory, retuned, tune_process
 from dinobatch.schema import Col, cache_schema, file_index_schema, row_schema, schema_metadata
 from dinobatch.stages.decode import Contents
 from dinobatch.stages.group import duplicates
@@ -97,8 +97,8 @@ def classify(cfg: ClassifyConfig, progress: Progress | None = None) -> RunSummar
         runtime = resolve_runtime(cfg.device, cfg.precision)
         process = tune_process(runtime)  # before the model allocates: the allocator settings apply from here
         model = resolve_model(cfg.model)
-        runtime = runtime.for_model(model.spec.precision, cfg.precision)  # an int8 file: CPU only, int8
-        process = with_precision(process, runtime)  # the precision that runs, and why (an int8 file: int8)
+        tuned, runtime = runtime, runtime.for_model(model.spec.precision, cfg.precision)  # an int8 file: CPU, int8
+        process = retuned(process, tuned, runtime)  # the precision that runs, and why (an int8 file: int8)
         model_row = unchanged.model_seen(model_stat, unchanged.model_stat(cfg.model), model.fingerprint)
         species = load_species(cfg.species if cfg.species else default_species_csv())
         started = _start_time(out)

@@ -29,6 +29,7 @@ class Runtime:
     device: Any  # torch.device
     precision: str  # fp32 | bf16 | fp16 | int8 (an int8 model file's; never auto once resolved)
     auto: str | None = None  # why --precision auto resolved as it did, e.g. "bf16 (amx_bf16)"; None: asked for
+    device_auto: bool = False  # --device auto chose the device (so for_model may choose the CPU instead)
 
     @property
     def is_cuda(self) -> bool:
@@ -59,12 +60,19 @@ class Runtime:
 
     def for_model(self, model_precision: str, asked: str = "auto") -> "Runtime":
         """The runtime a model file runs under: an int8 file runs its quantized CPU kernels, never silently
-        in fp32, so it is refused on CUDA and with another precision asked for; an fp32 file never at int8."""
+        in fp32, so --device auto chooses the CPU for it, and it is refused on CUDA asked for and with another
+        precision asked for; an fp32 file never at int8."""
         if model_precision != INT8:
             if self.precision == INT8:
                 raise DeviceError("precision int8 needs an int8 model file (dinobatch model quantize); this "
                                   "model is fp32: leave --precision auto")
             return self
+        if self.is_cuda and self.device_auto:  # auto means choose: the one device an int8 file runs on
+            import torch
+
+            log.info("this is an int8 model file, which runs on the CPU only: --device auto chose the CPU, not %s",
+                     self.device)
+            return dataclasses.replace(self, device=torch.device("cpu")).for_model(model_precision, asked)
         if self.is_cuda:
             raise DeviceError(f"this is an int8 model file: it runs on the CPU only (torch's quantized x86 "
                               f"kernels have no CUDA version), and {self.device} was chosen. Use --device cpu, "
@@ -122,18 +130,18 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Resolve 'auto' choices; a device or precision asked for and missing is an error, never a fallback."""
     import torch
 
-    dev = _resolve_device(device, torch)
+    dev, chosen = _resolve_device(device, torch), device == "auto"
     if precision == INT8:  # a saved configuration of an int8 model's run; Runtime.for_model checks the model
-        return Runtime(dev, INT8).for_model(INT8)
+        return Runtime(dev, INT8, device_auto=chosen).for_model(INT8)
     if precision not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     native_bf16 = dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)  # Ampere+
     if precision == "auto":
         precision, why = _auto_precision(dev.type, native_bf16)
-        return Runtime(dev, precision, auto=f"{precision} ({why})")
+        return Runtime(dev, precision, auto=f"{precision} ({why})", device_auto=chosen)
     if precision == "bf16" and dev.type == "cuda" and not native_bf16:
         raise DeviceError(f"{dev} has no native bf16 (compute capability < 8.0); use --precision fp16 or fp32")
-    return Runtime(dev, precision)
+    return Runtime(dev, precision, device_auto=chosen)
 
 
 # What --precision auto picks, with the reason the summary records. On CPU, bf16 autocast where the CPU

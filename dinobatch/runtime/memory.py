@@ -72,6 +72,12 @@ def with_precision(process: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
     return process if runtime.auto is None else {**process, "precision_auto": runtime.auto}
 
 
+def retuned(process: dict[str, Any], tuned: Runtime, runtime: Runtime) -> dict[str, Any]:
+    """The summary's process field once the model's runtime is known: tune_process's settings again where the
+    model moved to another device (an int8 file that --device auto put on the CPU), else with its precision."""
+    return tune_process(runtime) if runtime.device != tuned.device else with_precision(process, runtime)
+
+
 def _tune_allocator() -> str:
     """Keep freed memory in glibc's heap (see tune_process); 'system' where not glibc or opted out."""
     if os.environ.get(MALLOC_ENV, "").lower() == "system":

@@ -34,10 +34,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     from dinobatch.serve.predict import ModelService
     from dinobatch.store.species import default_species_csv, load_species
 
-    runtime = resolve_runtime(cfg.device, cfg.precision)
-    tune_process(runtime)  # classify's process settings (the allocator, torch's threads) before the model loads
+    tuned = resolve_runtime(cfg.device, cfg.precision)
+    tune_process(tuned)  # classify's process settings (the allocator, torch's threads) before the model loads
     model = resolve_model(cfg.model)
-    runtime = runtime.for_model(model.spec.precision, cfg.precision)  # an int8 file: CPU only, int8
+    runtime = tuned.for_model(model.spec.precision, cfg.precision)  # an int8 file: CPU only, int8
+    if runtime.device != tuned.device:  # an int8 file that --device auto put on the CPU: the CPU's settings
+        tune_process(runtime)
     species = load_species(cfg.species or default_species_csv())
     decode_budget.install(decode_budget.from_env())  # concurrent uploads share classify's decode memory budget
     ctx = ServeContext(token=secrets.token_urlsafe(32), images=ImageRegistry(),

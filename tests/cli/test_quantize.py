@@ -77,6 +77,33 @@ def test_an_int8_model_on_cuda_exits_with_the_device_code(int8_file, labelled, t
     assert r.exit_code == EXIT_DEVICE and "runs on the CPU only" in r.output
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch says this machine has one CUDA device (Ampere-class); nothing may touch it in these tests."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+
+
+def test_device_auto_runs_an_int8_model_on_the_cpu_where_there_is_a_gpu(int8_file, labelled, tmp_path, fake_gpu):
+    r = invoke("classify", labelled, "-m", int8_file, "-o", tmp_path / "out", "-j", "0", "-b", "4", "--species",
+               REPO / "manifests" / "species.csv", "--json", "-v")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert (summary["config"]["device"], summary["config"]["precision"], summary["runtime"]) == ("cpu", "int8",
+                                                                                               "cpu, int8")
+    assert "--device auto chose the CPU" in r.stderr
+    assert summary["process"]["allocator"] != "system"  # the CPU's process settings, not CUDA's
+    r = invoke("evaluate", labelled / "m.csv", "-m", int8_file, "-o", tmp_path / "ev", "-j", "0", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["precision"] == "int8"
+    r = invoke("evaluate", labelled / "m.csv", "-m", int8_file, "--device", "cuda", "-o", tmp_path / "ev2")
+    assert r.exit_code == EXIT_DEVICE and "runs on the CPU only" in r.output
+
+
 def test_evaluate_compare_reports_both_accuracies_and_their_agreement(int8_file, tiny_model, labelled, tmp_path):
     r = invoke("evaluate", labelled / "m.csv", "-m", tiny_model, "--compare", tiny_model, "-o", tmp_path / "same",
                "--json", "-j", "0")
