@@ -28,7 +28,7 @@ from dinobatch.jobs import unchanged
 from dinobatch.models.file import LoadedModel, imagenet_weights_name, model_file_fingerprint, resolve_model
 from dinobatch.runtime import faults
 from dinobatch.runtime.device import Runtime, default_batch_size, resolve_runtime
-from dinobatch.runtime.memory import release_memory, retuned, tune_process
+from dinobatch.runtime.memory import release_memory, retuned, tune_process, untuned_process
 from dinobatch.schema import Col, cache_schema, file_index_schema, row_schema, schema_metadata
 from dinobatch.stages.decode import Contents
 from dinobatch.stages.group import duplicates
@@ -141,7 +141,7 @@ def _classify_empty(cfg: ClassifyConfig, out: ResultsDir, files: pa.Table, *, t0
     summary = RunSummary(
         run_id=run_id, rows_file=str(rows_file), files=0, counts=stats.counts, inferred=0, reused=0,
         duplicate_groups=0, seconds=round(time.monotonic() - t0, 3), images_per_second=None, model=model,
-        runtime=NO_RUNTIME, config=cfg.to_dict(), process=NO_TORCH_PROCESS, started=started.isoformat(),
+        runtime=NO_RUNTIME, config=cfg.to_dict(), process=untuned_process(_EMPTY), started=started.isoformat(),
         finished=datetime.now(timezone.utc).isoformat())
     return _record(out, summary, _seen(files, shas, model_row), hashed_at, metadata)
 
@@ -149,7 +149,9 @@ def _classify_empty(cfg: ClassifyConfig, out: ResultsDir, files: pa.Table, *, t0
 # A run that loads no model: its summary's runtime, and its saved configuration keeps the device and precision
 # as asked (e.g. auto: valid input for a rerun), since nothing was resolved.
 NO_RUNTIME = "none: nothing to classify, no model loaded"
-NO_TORCH_PROCESS = {"torch": "not imported: nothing to classify"}
+# Why a run imported no torch, in its summary's process field (runtime.memory.untuned_process).
+_EMPTY = "nothing to classify"
+_UNCHANGED = "an unchanged rerun, every prediction came from the cache"
 
 
 def _unloaded_model(ref: str) -> tuple[dict[str, Any], pa.Table | None]:
@@ -164,8 +166,6 @@ def _unloaded_model(ref: str) -> tuple[dict[str, Any], pa.Table | None]:
     return model, unchanged.model_seen(before, unchanged.model_stat(ref), fingerprint)
 
 
-# An unchanged rerun's summary 'process': it applied no process setting, since it ran no model.
-UNCHANGED_PROCESS = {"torch": "not imported: an unchanged rerun, every prediction came from the cache"}
 
 
 def _rerun_unchanged(cfg: ClassifyConfig, out: ResultsDir, found: unchanged.Unchanged, *, t0: float,
@@ -188,8 +188,8 @@ def _rerun_unchanged(cfg: ClassifyConfig, out: ResultsDir, found: unchanged.Unch
         run_id=run_id, rows_file=str(rows_file), files=found.files.num_rows, counts=stats.counts, inferred=0,
         reused=found.content.num_rows, duplicate_groups=stats.groups, seconds=round(time.monotonic() - t0, 3),
         images_per_second=None, model=model, runtime=found.previous["runtime"], config=found.config,
-        process=UNCHANGED_PROCESS, started=started.isoformat(), finished=datetime.now(timezone.utc).isoformat(),
-        errors=stats.errors)
+        process=untuned_process(_UNCHANGED, found.previous.get("process")), started=started.isoformat(),
+        finished=datetime.now(timezone.utc).isoformat(), errors=stats.errors)
     return _record(out, summary, _seen(found.files, found.shas, found.model_row), hashed_at, metadata)
 
 

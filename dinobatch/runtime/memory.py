@@ -57,11 +57,35 @@ def tune_process(runtime: Runtime) -> dict[str, Any]:
         torch.set_num_threads(usable_cores())
     applied["threads"] = torch.get_num_threads()
     applied["channels_last"] = True  # Runtime.prepare and to_device
+    applied["torch"] = torch.__version__
     if runtime.device.type == "cpu":
         from dinobatch.runtime.cpu import cpu_features
 
         applied["cpu_features"] = cpu_features()  # what bf16 and int8 can use here (AMX, AVX-512 bf16, VNNI)
     return with_precision(applied, runtime)
+
+
+def untuned_process(why: str, last: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The process field of a classify run that imports no torch (an unchanged rerun, a folder with nothing to
+    classify): tune_process's keys, with what applied (the allocator as found, no channels-last tensors), the
+    threads a model would run on here by tune_process's rule (computed without torch, so that monitoring sees
+    a changed cpuset), the CPU's features and why auto chose the precision where the last run (whose runtime
+    stands) recorded them, and in 'torch' why torch was not imported."""
+    process: dict[str, Any] = {"allocator": "system", "threads": _threads(), "channels_last": False}
+    if last and "cpu_features" in last:
+        from dinobatch.runtime.cpu import cpu_features
+
+        process["cpu_features"] = cpu_features()
+    if last and "precision_auto" in last:
+        process["precision_auto"] = last["precision_auto"]
+    return {**process, "torch": f"not imported: {why}"}
+
+
+def _threads() -> int:
+    """torch's threads as tune_process leaves them on a CPU: OMP_NUM_THREADS where it is a positive whole
+    number (torch takes it), else the cores this process may use."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(omp) if omp.isdigit() and int(omp) > 0 else usable_cores()
 
 
 def with_precision(process: dict[str, Any], runtime: Runtime) -> dict[str, Any]:

@@ -76,6 +76,10 @@ def test_an_unchanged_rerun_imports_no_torch_and_writes_the_same_rows_and_summar
     for key in ("counts", "duplicate_groups", "model", "config", "runtime", "errors"):
         assert second[key] == first[key], key
     assert second["counts"] == {"ok": 5, "duplicate": 1, "error": 0}
+    # the same process keys; the threads a model would run on here (the same rule, without torch)
+    assert sorted(second["process"]) == sorted(first["process"])
+    assert second["process"]["threads"] == first["process"]["threads"]
+    assert second["process"]["torch"].startswith("not imported") and first["process"]["torch"][0].isdigit()
     assert second["images_per_second"] is None and second["run_id"] != first["run_id"]
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["run_id"] == second["run_id"]
     assert _rows(second) == _rows(first)
