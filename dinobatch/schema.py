@@ -32,7 +32,7 @@ __all__ = [
     "read_metadata",
 ]
 
-SCHEMA_VERSION = "2"  # 2: path_bytes
+SCHEMA_VERSION = "3"  # 2: path_bytes; 3: precision
 
 STATUS_OK = "ok"
 STATUS_DUPLICATE = "duplicate"
@@ -73,6 +73,7 @@ class Col:
     MARGIN = "margin"
     ENTROPY = "entropy"
     EMBEDDING = "embedding"
+    PRECISION = "precision"  # what the prediction was made at: fp32, bf16, fp16 or int8
     SPECIES_COMMON_NAME = "species_common_name"
     SPECIES_SCIENTIFIC_NAME = "species_scientific_name"
     SPECIES_PERIOD = "species_period"
@@ -124,7 +125,8 @@ FACT_FIELDS = [
     pa.field(Col.PHASH, pa.string()),  # 16 hex digits, as str(imagehash.phash(img))
     pa.field(Col.DHASH, pa.string()),
 ]
-# What the model says about one content (cached per sha256 and model), in the model's label order.
+# What the model says about one content (cached per sha256 and model), in the model's label order, and
+# the precision it said it at (a cached prediction keeps the precision it was made at).
 PREDICTION_FIELDS = [
     pa.field(Col.LABEL, pa.string()),
     pa.field(Col.CONFIDENCE, pa.float32()),
@@ -132,6 +134,7 @@ PREDICTION_FIELDS = [
     pa.field(Col.MARGIN, pa.float32()),
     pa.field(Col.ENTROPY, pa.float32()),
     pa.field(Col.EMBEDDING, _FLOATS),
+    pa.field(Col.PRECISION, pa.string()),  # null in a cache part written before it was recorded
 ]
 # Derived from probs when rows are written, so that --top-k applies to cached predictions too.
 TOPK_FIELDS = [

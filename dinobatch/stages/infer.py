@@ -36,7 +36,7 @@ class ContentResult:
     sha256: str
     error: str | None = None
     facts: dict[str, Any] | None = None  # format, width, height, mode, phash, dhash
-    prediction: dict[str, Any] | None = None  # label, confidence, probs, margin, entropy, embedding
+    prediction: dict[str, Any] | None = None  # label, confidence, probs, margin, entropy, embedding, precision
     changed: tuple[str, ...] = ()  # files whose bytes no longer match sha256 (changed during the run)
 
 
@@ -85,7 +85,8 @@ class Predictor:
 
         with self.runtime.autocast():
             logits, features = self._forward(x.to(torch.float32, copy=True).sub_(self._mean).div_(self._std))
-        return postprocess(logits, features, self.labels, self.temperature, self.embeddings)
+        return postprocess(logits, features, self.labels, self.temperature, self.embeddings,
+                           precision=self.runtime.precision)
 
     def table(self, pixels: np.ndarray) -> pa.Table:
         """The batch form: uint8 NHWC pixels (decode_batch's) in, a PREDICTED_SCHEMA table out, row for row."""
@@ -96,9 +97,10 @@ class Predictor:
         return predictions_table(self(self.runtime.to_device(torch.from_numpy(pixels).permute(0, 3, 1, 2))))
 
 
-def postprocess(logits, features, labels: Sequence[str], temperature: float,
-                embeddings: bool) -> list[dict[str, Any] | str]:
-    """Probabilities (temperature-scaled softmax), margin and entropy per row; a reason where not finite."""
+def postprocess(logits, features, labels: Sequence[str], temperature: float, embeddings: bool, *,
+                precision: str) -> list[dict[str, Any] | str]:
+    """Probabilities (temperature-scaled softmax), margin and entropy per row, with the precision the
+    logits were computed at (the runtime's); a reason where not finite."""
     import torch
 
     probs = torch.softmax(logits.float() / temperature, dim=1).cpu()  # one device-to-host copy per batch
@@ -113,7 +115,7 @@ def postprocess(logits, features, labels: Sequence[str], temperature: float,
             continue
         out.append({Col.LABEL: labels[i[0]], Col.CONFIDENCE: p[0], Col.PROBS: probs[row].tolist(),
                     Col.MARGIN: p[0] - p[1] if len(p) > 1 else p[0], Col.ENTROPY: float(entropy[row]),
-                    Col.EMBEDDING: feats[row].tolist() if feats is not None else None})
+                    Col.EMBEDDING: feats[row].tolist() if feats is not None else None, Col.PRECISION: precision})
     return out
 
 

@@ -192,7 +192,7 @@ class ResultsDir:
                 for part, rows in zip(parts, keep):
                     table = _read_part(part, None)
                     if table is not None and len(rows):  # an unreadable part's work is redone anyway
-                        pending.append(table.select(writer.schema.names).take(pa.array(rows, pa.int64())))
+                        pending.append(_conform(table, writer.schema).take(pa.array(rows, pa.int64())))
                         pending_bytes += pending[-1].nbytes
                     if pending_bytes >= _ROW_GROUP_BYTES:
                         _write_row_group(writer, pending)
@@ -322,10 +322,19 @@ def _take_rows(path: Path, schema: pa.Schema, rows: np.ndarray) -> list[pa.Recor
         hi = lo + batch.num_rows
         mine = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)] - lo
         if len(mine):
-            out.append(batch.select(schema.names).take(pa.array(mine, pa.int64())).cast(schema))
+            out.append(_conform(batch, schema).take(pa.array(mine, pa.int64())))
         lo = hi
 
     return None if _read_part_batches(path, schema.names, take) is None else out
+
+
+def _conform(table: pa.Table | pa.RecordBatch, schema: pa.Schema) -> pa.Table | pa.RecordBatch:
+    """table's columns as schema has them: a column a part written by an earlier version lacks (precision)
+    comes back null, so its predictions are still reused rather than inferred again."""
+    columns = [table.column(f.name) if f.name in table.schema.names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    kind = pa.Table if isinstance(table, pa.Table) else pa.RecordBatch
+    return kind.from_arrays(columns, names=schema.names).cast(schema)
 
 
 def _part_keys(parts: list[Path], *, with_embedding: bool) -> tuple[pa.Table, list[int | None]]:

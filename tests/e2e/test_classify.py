@@ -65,7 +65,7 @@ def test_metadata_names_model_and_labels_and_dataset_reads_as_one(tmp_path, inbo
     summary, _ = run(inbox["a.jpg"].parent, out, tiny_model)
     meta = read_metadata(pq.read_schema(summary.rows_file))
     assert meta["model_fingerprint"] == file_sha256(tiny_model)
-    assert meta["labels"] == list(LABELS) and meta["schema_version"] == "2" and meta["version"]
+    assert meta["labels"] == list(LABELS) and meta["schema_version"] == "3" and meta["version"]
     run(inbox["a.jpg"].parent, out, tiny_model)
     table = pq.read_table(out)  # every run's rows; _summary.json and _cache/ are not in the way
     assert table.num_rows == 30 and len(set(table["run_id"].to_pylist())) == 2

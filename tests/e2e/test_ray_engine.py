@@ -24,7 +24,7 @@ from tests.helpers import run_classify as run_local
 WEIRD = REPO.parent / "shared" / "data" / "weird"
 # what must agree exactly between the engines (probabilities and the floats made from them: within 1e-5)
 _EXACT = ("path", "status", "error", "sha256", "duplicate_of", "duplicate_kind", "label", "topk_labels", "format",
-          "width", "height", "mode", "phash", "dhash")
+          "width", "height", "mode", "phash", "dhash", "precision")
 _CLOSE = ("confidence", "probs", "topk_probs", "margin", "entropy")
 
 
@@ -72,6 +72,7 @@ def test_ray_rows_equal_the_local_engines_on_awkward_files(tmp_path, awkward, ti
     summary, ray = _ray(awkward, tmp_path / "ray", tiny_model, ray_cluster.address)
     _assert_same_rows(local, ray)
     assert {p for p, r in ray.items() if r["status"] == "error"} == {"corrupt.jpg", "empty.png", "unreadable.jpg"}
+    assert {r["precision"] for r in ray.values() if r["status"] != "error"} == {summary["config"]["precision"]}
     assert (ray["p0.jpg"]["duplicate_of"], ray["small_copy.jpg"]["duplicate_of"]) == ("copy_of_p0.jpg", "big.png")
     assert summary["config"]["engine"] == "ray" and summary["config"]["device"] == "cpu"
     assert summary["inferred"] == 7  # eight readable contents, one an exact copy
@@ -96,14 +97,23 @@ def test_ray_rows_equal_the_local_engines_on_the_weird_files(tmp_path, tiny_mode
     _assert_same_rows(local, ray)
 
 
+def test_a_ray_run_at_bf16_says_bf16_in_every_row_as_a_local_run_does(tmp_path, awkward, tiny_model, ray_cluster):
+    _, local = run_local(awkward, tmp_path / "local", tiny_model, precision="bf16")
+    summary, ray = _ray(awkward, tmp_path / "ray", tiny_model, ray_cluster.address, "--precision", "bf16")
+    assert summary["config"]["precision"] == "bf16"
+    assert {p: r["precision"] for p, r in ray.items()} == {p: r["precision"] for p, r in local.items()}
+    assert {r["precision"] for r in ray.values() if r["status"] != "error"} == {"bf16"}
+
+
 def test_a_ray_run_of_an_int8_model_records_int8(tmp_path, awkward, tiny_model, ray_cluster):
     int8 = tmp_path / "tiny-int8.pt"
     made = CliRunner().invoke(cli, ["model", "quantize", str(tiny_model), "--calibration", str(awkward),
                                     "--calibration-images", "4", "-o", str(int8)], catch_exceptions=False)
     assert made.exit_code == 0, made.output
-    summary, _ = _ray(awkward, tmp_path / "out", int8, ray_cluster.address)
+    summary, rows = _ray(awkward, tmp_path / "out", int8, ray_cluster.address)
     assert (summary["config"]["precision"], summary["config"]["device"]) == ("int8", "cpu")
     assert summary["runtime"] == "cpu, int8"
+    assert {r["precision"] for r in rows.values() if r["status"] != "error"} == {"int8"}  # what the actors ran
 
 
 def test_a_file_that_kills_its_ray_worker_is_an_error_row(tmp_path, awkward, tiny_model, ray_cluster, monkeypatch):

@@ -37,6 +37,7 @@ def test_pixels_in_a_prediction_per_row_out(tiny_model):
     rows = predictor.table(pixels).to_pylist()
     assert len(rows) == 3 and all(r[Col.ERROR] is None for r in rows)
     for r in rows:
+        assert r[Col.PRECISION] == "fp32"  # the runtime's: what the prediction was made at
         assert r[Col.LABEL] in LABELS and math.isclose(sum(r[Col.PROBS]), 1, rel_tol=1e-5)
         assert r[Col.CONFIDENCE] == max(r[Col.PROBS]) and len(r[Col.EMBEDDING]) == 512
     again = predictor.table(pixels[1:2]).to_pylist()  # a row's prediction does not depend on its batch
@@ -46,8 +47,9 @@ def test_pixels_in_a_prediction_per_row_out(tiny_model):
 
 def test_non_finite_outputs_are_that_row_s_error():
     logits = torch.tensor([[1.0, 2.0, 0.5], [float("nan"), 0.0, 0.0]])
-    preds = postprocess(logits, torch.zeros(2, 4), LABELS, 1.0, embeddings=False)
+    preds = postprocess(logits, torch.zeros(2, 4), LABELS, 1.0, embeddings=False, precision="bf16")
     assert preds[1] == NON_FINITE and preds[0][Col.LABEL] == "stegosaurus" and preds[0][Col.EMBEDDING] is None
+    assert preds[0][Col.PRECISION] == "bf16"
     table = predictions_table(preds).to_pylist()
     assert table[1] == {Col.ERROR: NON_FINITE, **{c: None for c in table[1] if c != Col.ERROR}}
     assert table[0][Col.ERROR] is None and table[0][Col.LABEL] == "stegosaurus"

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dinobatch.errors import InputError
-from dinobatch.schema import Col, file_index_schema, row_schema, schema_metadata
+from dinobatch.schema import Col, cache_schema, file_index_schema, row_schema, schema_metadata
 from dinobatch.store.results import COMPACT_PARTS, ResultsDir
 from dinobatch.store.runs import current_rows, latest_run
 
@@ -116,6 +116,34 @@ def test_compaction_merges_many_parts_and_reads_the_same(out):
     assert merged.count("s0") == 2  # its newest row, and its newest with an embedding (what --embeddings reads)
     assert len(merged) == len(set(merged)) + 1  # every other content once
     assert {w: _labels(out.read_cache(fingerprint, wanted, with_embeddings=w)) for w in (False, True)} == before
+
+
+def _old_part(out: ResultsDir, fingerprint: str, name: str, rows: list[dict]) -> None:
+    """A cache part as a dinobatch before the precision column wrote it."""
+    schema = cache_schema(_meta("f1"))
+    schema = schema.remove(schema.get_field_index(Col.PRECISION))
+    folder = out.path / "_cache" / fingerprint[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / f"part-{name}.parquet")
+
+
+def test_cache_parts_written_before_the_precision_column_are_read_and_compacted_with_it_null(out):
+    fingerprint = "b" * 64
+    _old_part(out, fingerprint, _run_id(1), [_cached("old", "a", embedding=True), _cached("both", "a")])
+    writer = out.cache_writer(fingerprint, _run_id(2), _meta("f1"))
+    writer.write([{**_cached("new", "b"), Col.PRECISION: "bf16"}, {**_cached("both", "b"), Col.PRECISION: "int8"}])
+    for i in range(COMPACT_PARTS):  # enough parts to be merged
+        writer.write([{**_cached(f"t{i}", "a"), Col.PRECISION: "fp32"}])
+
+    def precisions(with_embeddings: bool) -> dict[str, str | None]:
+        table = out.read_cache(fingerprint, pa.array(["old", "new", "both"]), with_embeddings=with_embeddings)
+        return dict(zip(table[Col.SHA256].to_pylist(), table[Col.PRECISION].to_pylist()))
+
+    assert precisions(False) == {"old": None, "new": "bf16", "both": "int8"}  # reused, not inferred again
+    assert precisions(True) == {"old": None}
+    assert out.compact_cache(fingerprint, _run_id(3), _meta("f1")) == COMPACT_PARTS + 2
+    assert precisions(False) == {"old": None, "new": "bf16", "both": "int8"}
+    assert precisions(True) == {"old": None}
 
 
 def test_a_few_cache_parts_are_left_as_they_are(out):
