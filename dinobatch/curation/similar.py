@@ -78,8 +78,8 @@ def similar(images: Sequence[str], model_ref: str, reference: str, *, top_k: int
             device: str = "auto", precision: str = "auto", species_csv: str | None = None,
             cache_dir: Path | None = None, batch_size: int | None = None,
             workers: int | None = None) -> list[dict[str, Any]]:
-    """For each image: the top-k species by embedding similarity, its nearest reference images, and
-    the species facts; an unreadable image gets its error."""
+    """For each image: the precision its embedding was computed at, the top-k species by embedding
+    similarity, its nearest reference images, and the species facts; an unreadable image gets its error."""
     from dinobatch.io.walk import sha256_file
     from dinobatch.models.file import resolve_model
     from dinobatch.runtime.device import resolve_runtime
@@ -108,7 +108,7 @@ def similar(images: Sequence[str], model_ref: str, reference: str, *, top_k: int
             continue
         ranked = rank(r.prediction[Col.EMBEDDING], labels, ref, ref_paths, top_k=top_k, neighbours=neighbours,
                       species=species)
-        out.append({"image": image, "error": None, **ranked})
+        out.append({"image": image, "error": None, "precision": r.prediction[Col.PRECISION], **ranked})
     return out
 
 

@@ -39,7 +39,7 @@ def api_router(service: ModelService, *, species: Mapping[str, Any], reference: 
                "species": species_facts(species, label), "sha256": prepared.sha256,
                "phash": prepared.facts[Col.PHASH], "dhash": prepared.facts[Col.DHASH],
                "format": prepared.facts[Col.FORMAT], "width": prepared.facts[Col.WIDTH],
-               "height": prepared.facts[Col.HEIGHT]}
+               "height": prepared.facts[Col.HEIGHT], "precision": pred[Col.PRECISION]}
         if reference is not None:
             out["duplicates"] = reference.duplicates(prepared.sha256, prepared.facts[Col.PHASH],
                                                      prepared.facts[Col.DHASH])

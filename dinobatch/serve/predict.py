@@ -68,7 +68,7 @@ class ModelService:
 
     def submit(self, prepared: Prepared) -> Future:
         """Queue a prepared upload for the next forward pass; the Future gets infer's prediction
-        (label, confidence, probs, margin, entropy, embedding) or stages.infer.NON_FINITE."""
+        (label, confidence, probs, margin, entropy, embedding, precision) or stages.infer.NON_FINITE."""
         return self.batcher.submit(prepared.pixels)
 
     def _forward(self, pixels: Sequence[Any]) -> list[dict[str, Any] | str]:

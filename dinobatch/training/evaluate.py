@@ -176,8 +176,8 @@ def _losses(probs: np.ndarray, y: list[int]) -> list[float]:
 
 def _predictions_table(rows, results, losses: list[float | None]):
     """One row per image of the split the model knows, in manifest order: its label, the model's
-    prediction (label and confidence as classify reports them), whether it was right and its loss
-    (losses: one per row, None where unreadable), or why it could not be read."""
+    prediction (label and confidence as classify reports them, and the precision it ran at), whether it
+    was right and its loss (losses: one per row, None where unreadable), or why it could not be read."""
     import pyarrow as pa
 
     out = []
@@ -189,7 +189,7 @@ def _predictions_table(rows, results, losses: list[float | None]):
             pred = res.prediction
             row.update({Col.PREDICTED: pred[Col.LABEL], Col.CONFIDENCE: pred[Col.CONFIDENCE],
                         Col.CORRECT: pred[Col.LABEL] == r[Col.LABEL], Col.LOSS: loss,
-                        Col.PROBS: pred[Col.PROBS]})
+                        Col.PROBS: pred[Col.PROBS], Col.PRECISION: pred[Col.PRECISION]})
         out.append(row)
     return pa.Table.from_pylist(out, schema=_predictions_schema())
 
@@ -201,7 +201,8 @@ def _predictions_schema():
         pa.field(Col.PATH, pa.string()), pa.field(Col.PATH_BYTES, pa.binary()), pa.field(Col.LABEL, pa.string()),
         pa.field(Col.KIND, pa.string()), pa.field(Col.SPLIT, pa.string()), pa.field(Col.PREDICTED, pa.string()),
         pa.field(Col.CONFIDENCE, pa.float32()), pa.field(Col.CORRECT, pa.bool_()), pa.field(Col.LOSS, pa.float32()),
-        pa.field(Col.PROBS, pa.list_(pa.float32())), pa.field(Col.ERROR, pa.string()),
+        pa.field(Col.PROBS, pa.list_(pa.float32())), pa.field(Col.PRECISION, pa.string()),
+        pa.field(Col.ERROR, pa.string()),
     ])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -62,6 +63,8 @@ def test_classify_runs_an_int8_model_says_so_and_keeps_its_rows_apart(int8_file,
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["config"]["precision"] == "int8" and summary["runtime"] == "cpu, int8"
     assert summary["inferred"] == 12 and summary["reused"] == 0  # nothing reused from the fp32 model's cache
+    rows = [r for r in pq.read_table(summary["rows_file"]).to_pylist() if r["status"] == "ok"]  # m.csv: an error
+    assert len(rows) == 12 and {r["precision"] for r in rows} == {"int8"}  # each row says what it was made at
 
 
 def test_an_int8_model_on_cuda_exits_with_the_device_code(int8_file, labelled, tmp_path, monkeypatch):
@@ -116,6 +119,19 @@ def test_evaluate_compare_reports_both_accuracies_and_their_agreement(int8_file,
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     c = metrics["compare"]
     assert metrics["precision"] == "int8" and c["precision"] == "fp32"
+    written = pq.read_table(tmp_path / "ev" / "predictions.parquet").to_pylist()
+    assert len(written) == 12 and {r["precision"] for r in written} == {"int8"}
     assert 0 <= c["agreement"] <= 1 and 0 <= c["mean_abs_confidence_difference"] <= 1
     assert c["top1_drop"] == pytest.approx(c["top1"] - metrics["top1"])
     assert c["confident_count"] <= c["count"] == 12
+
+
+def test_similar_says_the_precision_each_image_was_embedded_at(int8_file, tiny_model, labelled, tmp_path):
+    def asked(model, *extra):
+        r = invoke("similar", labelled / "00.png", labelled / "01.png", "-m", model, "--reference", labelled / "m.csv",
+                   "--cache", tmp_path / "cache", "--json", "-j", "0", *extra)
+        assert r.exit_code == 0, r.output
+        return [answer["precision"] for answer in json.loads(r.stdout)]
+
+    assert asked(int8_file) == ["int8", "int8"]
+    assert asked(tiny_model, "--precision", "bf16") == ["bf16", "bf16"]

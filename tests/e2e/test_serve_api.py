@@ -112,6 +112,7 @@ def test_predictions_equal_classify_rows_for_the_same_files(server, inbox, tiny_
     _, rows = run_classify(inbox["a.jpg"].parent, tmp_path / "out", tiny_model)
     own = {path: row for path, row in rows.items() if row["status"] != "duplicate"}  # duplicates carry their keeper's
     assert len(own) >= 10
+    precision = server.get("/healthz").json()["precision"]
     for path, row in own.items():
         answer = _post(server, inbox["a.jpg"].parent / path)
         if row["status"] == "error":
@@ -122,6 +123,7 @@ def test_predictions_equal_classify_rows_for_the_same_files(server, inbox, tiny_
         assert (got["label"], got["sha256"], got["phash"], got["dhash"]) == (
             row["label"], row["sha256"], row["phash"], row["dhash"]), path
         assert got["confidence"] == pytest.approx(row["confidence"], abs=1e-5)
+        assert got["precision"] == row["precision"] == precision, path  # what the prediction was made at
         assert [t["label"] for t in got["topk"]] == row["topk_labels"]
         assert [t["prob"] for t in got["topk"]] == pytest.approx(row["topk_probs"], abs=1e-5)
         assert got["species"]["common_name"] == row["species_common_name"]
