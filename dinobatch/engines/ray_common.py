@@ -18,8 +18,8 @@ from dinobatch.engines import RAY_EXTRA
 from dinobatch.errors import ConfigError
 from dinobatch.runtime import faults
 
-__all__ = ["CRASHED", "RETRIES", "FORWARDED", "CONNECT_TIMEOUT", "ray_module", "connected", "gcs_endpoint", "map_blocks",
-           "each_alone"]
+__all__ = ["CRASHED", "RETRIES", "FORWARDED", "CONNECT_TIMEOUT", "worker_config", "ray_module", "connected",
+           "gcs_endpoint", "map_blocks", "each_alone"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,16 @@ _CLIENT_PORT = 10001  # Ray Client's default port (ray://host without a port)
 # driver's listing used and a node started earlier (ray start) cannot know. Never credentials: those
 # come from each node's own environment or instance role, as for any AWS client (docs/cluster.md).
 FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def worker_config(node_cpus: int) -> dict[str, int]:
+    """The Ray system config a cluster for dinobatch should start with (a local Ray gets it; docs/cluster.md
+    shows `ray start --system-config`): keep up to two idle worker processes a CPU of the largest node. Ray's
+    default keeps one a CPU, which the model actors already fill, so a decode task's worker idle for a
+    second (held back while the actors catch up) is killed, and the next decode task pays a new worker's
+    start and imports (about 1 s): measured on two one-CPU nodes, a sixth of the run's CPU time
+    (docs/performance.md, Ray scaling)."""
+    return {"num_workers_soft_limit": 2 * max(1, node_cpus)}
 
 
 def ray_module() -> Any:
@@ -59,6 +69,7 @@ def connected(address: str | None) -> Iterator[None]:
     options: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address is None:
         options["include_dashboard"] = False
+        options["_system_config"] = worker_config(os.cpu_count() or 1)
     try:
         ray.init(address=address or "local", **options)
     except (ConnectionError, TimeoutError) as exc:  # a wrong --address or a cluster that is down: not a bug
