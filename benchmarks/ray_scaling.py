@@ -18,6 +18,8 @@ on the head machine of a real cluster: "1 node" is one core doing everything, "2
 one-core machines would be. --no-pin lets every process use every core (the nodes then share them,
 and the one-node row gets the second core's help). The local row is never pinned (every core).
 Other processes' load changes every row: each row prints the load average (1 min) before and after.
+Each setting also prints every core's busy share during its timed runs (/proc/stat: all processes'
+work): a pinned node's core that is not near 100% waited for work, which the wall clock cannot tell.
 --copies K makes the folder K times larger at run time, in a temporary folder that is removed after:
 each file once as it is (linked) and K-1 times re-encoded as JPEG (qualities 92, 88, ...: new
 contents of the same pixels, so nothing is answered from the cache and decoding costs about the
@@ -99,17 +101,46 @@ def small_model(path: Path) -> Path:
     return path
 
 
+def cpu_times() -> dict[str, tuple[int, int]]:
+    """(busy, total) clock ticks of each core since boot, from /proc/stat (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        name, *ticks = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            values = [int(v) for v in ticks]
+            idle = values[3] + values[4]  # idle + iowait
+            out[name[3:]] = (sum(values[:8]) - idle, sum(values[:8]))
+    return out
+
+
+def busy(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> str:
+    """Each core's busy share between two cpu_times() (every process's work, this run's and others')."""
+    shares = []
+    for core, (b1, t1) in sorted(after.items(), key=lambda kv: int(kv[0])):
+        b0, t0 = before.get(core, (b1, t1))
+        shares.append(f"core {core} {100 * (b1 - b0) / max(1, t1 - t0):.0f}%")
+    return ", ".join(shares)
+
+
+BUSY: dict[str, str] = {}  # each timed run's per-core busy shares, by its output folder's name
+
+
 def classify(folder: Path, out: Path, model: Path, engine: str, address: str | None = None,
              cores: set[int] | None = None) -> float:
     """Wall seconds of `python -m dinobatch classify` as a user runs it (on cores, where given: the head's);
-    raises RuntimeError if it fails."""
+    raises RuntimeError if it fails. Each core's busy share during the run goes to BUSY."""
     args = [sys.executable, "-m", "dinobatch", "classify", str(folder), "-o", str(out), "-m", str(model), "-q",
             "--species", str(SPECIES), "--engine", engine, *(["--address", address] if address else []),
             "--summary-json", str(out.parent / f"{out.name}.json")]
-    t = time.perf_counter()
+    ticks, t = cpu_times(), time.perf_counter()
     done = subprocess.run(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     wall = time.perf_counter() - t
+    BUSY[out.name] = busy(ticks, cpu_times())
     if done.returncode != 0:
         raise RuntimeError(f"classify --engine {engine} exited {done.returncode}:\n{done.stderr[-3000:]}")
     summary = json.loads((out.parent / f"{out.name}.json").read_text())
@@ -127,7 +158,8 @@ def runs(tag: str, folders: tuple[Path, Path, Path], model: Path, tmp: Path, rou
     classify(folders[2], tmp / f"warm-{tag}", model, engine, address, cores)  # first run on fresh nodes: not timed
     fixed = classify(folders[0], tmp / f"fixed-{tag}", model, engine, address, cores)
     walls = [classify(folders[1], tmp / f"out-{tag}-{r}", model, engine, address, cores) for r in range(rounds)]
-    print(f"  {tag}: load average {load:.1f} before, {os.getloadavg()[0]:.1f} after", flush=True)
+    print(f"  {tag}: load average {load:.1f} before, {os.getloadavg()[0]:.1f} after; busy during the full "
+          f"runs: {'; '.join(BUSY[f'out-{tag}-{r}'] for r in range(rounds))}", flush=True)
     return fixed, statistics.median(walls)
 
 
@@ -260,6 +292,17 @@ def started_on(cores: set[int] | None) -> Iterator[None]:
             os.sched_setaffinity(0, before)
 
 
+def cluster_config(node_cpus: int) -> dict[str, int]:
+    """The Ray system config docs/cluster.md recommends (engines.ray_common.worker_config), or Ray's defaults
+    with --ray-defaults."""
+    from dinobatch.engines.ray_common import worker_config
+
+    return {} if RAY_DEFAULTS else worker_config(node_cpus)
+
+
+RAY_DEFAULTS = False  # --ray-defaults
+
+
 def ray_runs(folders: tuple[Path, Path, Path], model: Path, tmp: Path, rounds: int,
              pin: bool = True) -> dict[str, tuple[float, float] | str]:
     """Ray on a one-CPU head, then with a second one-CPU node (each on a core of its own where pin, the
@@ -270,8 +313,8 @@ def ray_runs(folders: tuple[Path, Path, Path], model: Path, tmp: Path, rounds: i
     first, second = sorted(os.sched_getaffinity(0))[:2]
     head_core, worker_core = ({first}, {second}) if pin else (None, None)
     out: dict[str, tuple[float, float] | str] = {}
-    with started_on(head_core):
-        cluster = Cluster(initialize_head=True, head_node_args=node)
+    with started_on(head_core):  # the head's system config is the cluster's (docs/cluster.md: worker reuse)
+        cluster = Cluster(initialize_head=True, head_node_args={**node, "_system_config": cluster_config(1)})
     try:
         for nodes, name in ((1, "ray, 1 node"), (2, "ray, 2 nodes")):
             if nodes == 2:
@@ -374,6 +417,8 @@ def main() -> None:
     ap.add_argument("--local-only", action="store_true", help="the local engine only (no Ray)")
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=len(os.sched_getaffinity(0)) >= 2,
                     help="each Ray node on a core of its own, the driver on the head's (default: with 2 cores or more)")
+    ap.add_argument("--ray-defaults", action="store_true",
+                    help="start the test cluster with Ray's default system config, not docs/cluster.md's")
     ap.add_argument("--json", help="save the fitted cost model here")
     ap.add_argument("--simulate", type=int, metavar="N", help="print the cost model's hours for N files")
     ap.add_argument("--fit", help="a cost model saved by --json (default: the figures of 2026-12-04)")
@@ -381,6 +426,8 @@ def main() -> None:
     ap.add_argument("--gpu-img-s", type=float, default=15_843.0, help="a GPU node's model throughput")
     ap.add_argument("--decode-cores", type=int, default=15, help="decoding cores a GPU node (cores-1 of 16)")
     args = ap.parse_args()
+    global RAY_DEFAULTS
+    RAY_DEFAULTS = args.ray_defaults
     simulate(args) if args.simulate else measure(args)
 
 
