@@ -25,6 +25,9 @@ With --precisions (fp32 always measured first in each round, as the baseline of 
   e2e P         classify() end to end at precision P (--precision bf16; int8: `dinobatch model quantize`
                 of the same model, calibrated on the sample), with the share of its time in the model
   goals         bf16 e2e / fp32 e2e, int8 e2e / fp32 e2e, and each e2e / min(its ceiling, decode)
+  / shared      e2e / 1/(1/ceiling + 1/decode): the bound where decode and model take turns on the same
+                cores, as on a CPU-only machine, where min(ceiling, decode) is out of reach (each
+                ceiling is measured on every core, so the two cannot both run at their ceilings)
   --compile     fp32 (and int8) e2e with classify --compile: compile time included, as a run pays it
 """
 
@@ -277,6 +280,12 @@ def precision_rounds(args, folder: Path) -> None:
             compile_rows(wanted, model, int8, tmp, paths, args)
 
 
+def shared_bound(model: float, decode: float) -> float:
+    """images/s at best when decoding and the model take turns on the same cores (a CPU-only machine: each
+    ceiling already uses every core): each file costs 1/decode + 1/model seconds of the whole machine."""
+    return 1 / (1 / model + 1 / decode)
+
+
 def print_precision_table(rounds: list[dict], wanted: list[str], n: int, bs: int) -> None:
     """Medians over rounds, each precision beside fp32 and beside the lower of its ceiling and decode's."""
     def med(key: str, i: int) -> float:
@@ -284,7 +293,7 @@ def print_precision_table(rounds: list[dict], wanted: list[str], n: int, bs: int
 
     decode = med("decode", 0)
     print(f"\nResNet50 (random weights), batch {bs}, CPU, {n} files; medians of {len(rounds)} rounds")
-    print(f"{'measure':<58} {'img/s':>8} {'x fp32':>7} {'/ bound':>8} {'model %':>8}")
+    print(f"{'measure':<58} {'img/s':>8} {'x fp32':>7} {'/ bound':>8} {'model %':>8} {'/ shared':>9}")
     print(f"{'decode ceiling: sha256 + decode stage, burst pool, no model':<58} {decode:>8.2f}")
     for p in wanted:
         print(f"{'ceiling ' + p + ': forward only, channels-last, tuned':<58} {med(p, 0):>8.2f} "
@@ -292,9 +301,10 @@ def print_precision_table(rounds: list[dict], wanted: list[str], n: int, bs: int
     for p in wanted:
         bound = min(med(p, 0), decode)
         ratio = statistics.median(r[p][1] / min(r[p][0], r["decode"][0]) for r in rounds)
+        shared = statistics.median(r[p][1] / shared_bound(r[p][0], r["decode"][0]) for r in rounds)
         print(f"{'classify end to end, ' + p:<58} {med(p, 1):>8.2f} {med(p, 1) / med('fp32', 1):>7.2f} "
-              f"{ratio:>8.2f} {100 * med(p, 2):>7.0f}%   (bound {bound:.2f}: "
-              f"{'decode' if decode < med(p, 0) else 'model'})")
+              f"{ratio:>8.2f} {100 * med(p, 2):>7.0f}% {shared:>9.2f}   (bound {bound:.2f}: "
+              f"{'decode' if decode < med(p, 0) else 'model'}; shared {shared_bound(med(p, 0), decode):.2f})")
     for p in wanted[1:]:
         goal = {"bf16": 2.0, "int8": 3.0}.get(p)
         print(f"goal: {p} e2e / fp32 e2e = {med(p, 1) / med('fp32', 1):.2f} (goal >= {goal}; "
