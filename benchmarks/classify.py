@@ -29,6 +29,8 @@ With --precisions (fp32 always measured first in each round, as the baseline of 
                 cores, as on a CPU-only machine, where min(ceiling, decode) is out of reach (each
                 ceiling is measured on every core, so the two cannot both run at their ceilings)
   --compile     fp32 (and int8) e2e with classify --compile: compile time included, as a run pays it
+  --split-workers K   each precision's e2e again with -j K: K decode processes beside the model instead of
+                the burst pool (every core decodes, then the model runs on every core): the core split
 """
 
 from __future__ import annotations
@@ -241,12 +243,14 @@ def _module(precision: str, model: Path, int8: Path | None):
 
 
 def _e2e(precision: str, sample: Path, model: Path, int8: Path | None, out: Path,
-         compile: bool = False) -> tuple[float, float]:
-    """classify() end to end at precision into a fresh out: images/s and the model's share of the wall time."""
+         compile: bool = False, workers: int | None = None) -> tuple[float, float]:
+    """classify() end to end at precision into a fresh out (with -j workers where given): images/s and the
+    model's share of the wall time."""
     n = len(list(sample.iterdir()))
     # the int8 file as a user runs it: --precision auto
     ref, options = (int8, {"compile": compile}) if precision == "int8" else (model, {"precision": precision,
                                                                                    "compile": compile})
+    options["workers"] = workers
     with model_clock() as spent:
         wall, _ = dinobatch_run(sample, ref, out, **options)
     return n / wall, spent[0] / wall
@@ -270,8 +274,11 @@ def precision_rounds(args, folder: Path) -> None:
                 module = _module(p, model, int8)
                 before, _ = module_rate(module, p, args.batch_size, args.ceiling_batches, 2)
                 e2e, share = _e2e(p, tmp / "sample", model, int8, tmp / f"out-{p}-{r}")
+                split = {k: _e2e(p, tmp / "sample", model, int8, tmp / f"out-{p}-{r}-j{k}", workers=k)
+                         for k in args.split_workers}
                 after, _ = module_rate(module, p, args.batch_size, args.ceiling_batches, 2)
                 got[p] = ((before + after) / 2, e2e, share)
+                got.update({f"{p} -j {k}": ((before + after) / 2, *rate) for k, rate in split.items()})
             rounds.append(got)
             print(f"round {r + 1}: " + "; ".join(f"{k} ceiling {v[0]:.2f} e2e {v[1]:.2f}" if k != "decode"
                                                   else f"decode {v[0]:.2f}" for k, v in got.items()), flush=True)
@@ -298,7 +305,7 @@ def print_precision_table(rounds: list[dict], wanted: list[str], n: int, bs: int
     for p in wanted:
         print(f"{'ceiling ' + p + ': forward only, channels-last, tuned':<58} {med(p, 0):>8.2f} "
               f"{med(p, 0) / med('fp32', 0):>7.2f}")
-    for p in wanted:
+    for p in [k for k in rounds[0] if k != "decode"]:  # each precision, then its -j rows
         bound = min(med(p, 0), decode)
         ratio = statistics.median(r[p][1] / min(r[p][0], r["decode"][0]) for r in rounds)
         shared = statistics.median(r[p][1] / shared_bound(r[p][0], r["decode"][0]) for r in rounds)
@@ -345,6 +352,9 @@ def main() -> None:
     ap.add_argument("--precisions", default=None, help="e.g. fp32,bf16,int8: ceilings and end to end per precision "
                     "beside fp32's and the decode ceiling [default: the fp32 rows above]")
     ap.add_argument("--compile", action="store_true", help="with --precisions: classify --compile rows too")
+    ap.add_argument("--split-workers", type=lambda v: [int(k) for k in v.split(",")], default=[],
+                    help="with --precisions: e2e rows with -j K too (K decode workers beside the model's threads, "
+                    "instead of the burst pool of every core taking turns with the model), e.g. 1")
     args = ap.parse_args()
     folder = Path(args.folder)
     if not folder.is_dir():
