@@ -25,7 +25,13 @@ from dinobatch.imaging import decode_budget
 from dinobatch.io.lock import exclusive
 from dinobatch.io.walk import check_folder, walk_table
 from dinobatch.jobs import unchanged
-from dinobatch.models.file import LoadedModel, imagenet_weights_name, model_file_fingerprint, resolve_model
+from dinobatch.models.file import (
+    LoadedModel,
+    imagenet_weights_member,
+    imagenet_weights_name,
+    model_file_fingerprint,
+    resolve_model,
+)
 from dinobatch.runtime import faults
 from dinobatch.runtime.device import Runtime, default_batch_size, resolve_runtime
 from dinobatch.runtime.memory import release_memory, retuned, tune_process, untuned_process
@@ -125,6 +131,7 @@ def _classify_empty(cfg: ClassifyConfig, out: ResultsDir, files: pa.Table, *, t0
     log.info("no files to classify under %s (names starting with '.', such as .gitkeep, are skipped): "
              "put the images there, in any sub-folders, and run again", cfg.folder)
     model, model_row = _unloaded_model(cfg.model)
+    _check_asked_runtime(cfg)
     species = load_species(cfg.species if cfg.species else default_species_csv())
     started = _start_time(out)
     out.remove_leftovers()
@@ -158,7 +165,10 @@ def _unloaded_model(ref: str) -> tuple[dict[str, Any], pa.Table | None]:
     """The summary's model and the file index's row for a run that loads none: a model file by its name and
     sha256 (read, not loaded: a path that is not a readable file is refused as loading refuses it);
     torchvision's weights by the name asked, with no fingerprint (that of a cached file fetching may need)."""
-    if imagenet_weights_name(ref) is not None:
+    weights_name = imagenet_weights_name(ref)
+    if weights_name is not None:
+        if weights_name != "DEFAULT":  # a name asked for is checked (torchvision's enum), never fetched
+            imagenet_weights_member("resnet50", weights_name)
         return {"name": ref, "fingerprint": None, "arch": None, "classes": None}, None
     before = unchanged.model_stat(ref)
     fingerprint = model_file_fingerprint(ref)
@@ -166,6 +176,13 @@ def _unloaded_model(ref: str) -> tuple[dict[str, Any], pa.Table | None]:
     return model, unchanged.model_seen(before, unchanged.model_stat(ref), fingerprint)
 
 
+def _check_asked_runtime(cfg: ClassifyConfig) -> None:
+    """A device or precision asked for (not auto) is checked on a night with nothing to classify too, as a
+    run with files checks it (exit 5 where it is missing), so a wrong cron line fails the first night, not
+    the first night with images; auto, the CPU and fp32 are left unresolved (always there: no torch import on a
+    quiet night)."""
+    if cfg.device not in ("auto", "cpu") or cfg.precision not in ("auto", "fp32"):
+        resolve_runtime(cfg.device, cfg.precision)
 
 
 def _rerun_unchanged(cfg: ClassifyConfig, out: ResultsDir, found: unchanged.Unchanged, *, t0: float,

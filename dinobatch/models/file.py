@@ -52,6 +52,7 @@ __all__ = [
     "resolve_model",
     "file_sha256",
     "model_file_fingerprint",
+    "imagenet_weights_member",
     "torch_save_atomic",
 ]
 
@@ -224,8 +225,26 @@ def _read_model_bytes(path: Path) -> bytes:
 
 def model_file_fingerprint(path: str | Path) -> str:
     """A model file's fingerprint without loading it (nor importing torch), for a run with nothing to
-    classify; a path that cannot be read is refused as load_model refuses it."""
-    return hashlib.sha256(_read_model_bytes(Path(path))).hexdigest()
+    classify; a path that cannot be read, or whose bytes are not a PyTorch file, is refused as load_model
+    refuses it."""
+    data = _read_model_bytes(Path(path))
+    what = describe_not_torch(data)
+    if what is not None:
+        raise ModelError(f"{path} is not a PyTorch file: {what}")
+    return hashlib.sha256(data).hexdigest()
+
+
+def imagenet_weights_member(arch: str, weights_name: str = "DEFAULT"):
+    """torchvision's weights enum member of that name for arch (nothing fetched), or the ModelError that
+    lists the names it has."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    try:
+        return enum.DEFAULT if weights_name == "DEFAULT" else enum[weights_name]
+    except KeyError as exc:
+        names = ", ".join(w.name for w in enum)
+        raise ModelError(f"unknown {arch} weights {weights_name!r}; use one of: {names}") from exc
 
 
 def _torch_load(path: Path) -> tuple[Any, str]:
@@ -379,14 +398,8 @@ def import_state_dict(state_dict_path: str | Path, *, arch: str, labels_path: st
 def _imagenet_weights(arch: str, weights_name: str = "DEFAULT"):
     """torchvision's ImageNet weights enum member for arch, its state_dict (cache or download) and cache path."""
     import torch
-    from torchvision.models import get_model_weights
 
-    enum = get_model_weights(arch)
-    try:
-        weights = enum.DEFAULT if weights_name == "DEFAULT" else enum[weights_name]
-    except KeyError as exc:
-        names = ", ".join(w.name for w in enum)
-        raise ModelError(f"unknown {arch} weights {weights_name!r}; use one of: {names}") from exc
+    weights = imagenet_weights_member(arch, weights_name)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     return weights, _fetch_weights(weights, cached), cached
 

@@ -32,7 +32,7 @@ def _run_files(folder: Path) -> list[tuple[Path, dict[str, object]]]:
         except (OSError, pa.ArrowException) as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
-        if meta.get("model_fingerprint"):
+        if "model_fingerprint" in meta:  # a classify run's; empty for torchvision's weights on an empty night
             runs.append((path, meta))
     return runs
 

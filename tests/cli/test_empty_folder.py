@@ -102,6 +102,36 @@ def test_an_empty_folder_still_refuses_a_missing_model_file(empty_inbox, tmp_pat
     assert result.exit_code == 4 and "model file not found" in result.stderr
 
 
+def test_an_empty_folder_still_refuses_a_model_file_that_is_not_one(empty_inbox, tmp_path):
+    text = tmp_path / "model.pt"
+    text.write_text("not a model\n")
+    result = invoke("classify", empty_inbox, "-m", text, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 4 and "is not a PyTorch file" in result.stderr
+
+
+def test_an_empty_folder_still_refuses_torchvision_weights_that_do_not_exist(empty_inbox, tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
+    result = invoke("classify", empty_inbox, "-m", "imagenet:BOGUS", "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 4 and "unknown resnet50 weights 'BOGUS'" in result.stderr
+
+
+def test_an_empty_folder_still_refuses_a_gpu_the_machine_lacks(empty_inbox, tiny_model, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = invoke("classify", empty_inbox, "-m", tiny_model, "-o", tmp_path / "out", "--device", "cuda", "-q")
+    assert result.exit_code == 5, result.output
+
+
+def test_results_and_curate_see_an_empty_night_of_the_default_weights(empty_inbox, tmp_path, monkeypatch):
+    """Offline, the default weights' fingerprint is unknown on an empty night: the run is still a run."""
+    _offline(monkeypatch, tmp_path)
+    assert invoke("classify", empty_inbox, "-o", tmp_path / "out", "-q").exit_code == 0
+    shown = invoke("results", tmp_path / "out")
+    assert shown.exit_code == 0, shown.output
+    queued = CliRunner().invoke(cli, ["curate", str(tmp_path / "out"), "-o", str(tmp_path / "queue")])
+    assert queued.exit_code == 6 and "the latest classify run has no rows" in queued.stderr
+
 
 def test_curate_after_an_empty_night_says_the_run_has_no_rows(empty_inbox, tiny_model, tmp_path):
     assert invoke("classify", empty_inbox, "-m", tiny_model, "-o", tmp_path / "out", "-q").exit_code == 0
