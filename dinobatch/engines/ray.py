@@ -115,7 +115,7 @@ class RayEngine:
 
         ds = decoded.map_batches(
             _Predict, fn_constructor_kwargs={"model": self.model, "device": pool.device,
-                                             "precision": self.precision, "batch_size": pool.batch_size,
+                                             "precision": pool.precision, "batch_size": pool.batch_size,
                                              "embeddings": predictor.embeddings, "compile": self.compile},
             batch_size=pool.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
                 min_size=1, max_size=pool.actors, initial_size=pool.actors), num_cpus=_ACTOR_CPUS, num_gpus=pool.gpus)
@@ -143,12 +143,13 @@ class RayEngine:
         if gpus and self.device != "cpu" and self.model.spec.precision != PRECISION_INT8:  # int8: CPU only
             ran, batch_size = ray.get(ray.remote(_probe).options(num_gpus=1).remote(
                 self.model, self.precision, self.batch_size))
-            pool = _Pool(device="cuda", actors=gpus, gpus=1, batch_size=batch_size)
+            pool = _Pool(device="cuda", actors=gpus, gpus=1, batch_size=batch_size, precision=ran["precision"])
         else:
             ran = _cpu_resolved(self.model, self.precision)
             cpus = int(ray.cluster_resources().get("CPU", 1))
+            told = self.precision if self.model.spec.precision == PRECISION_INT8 else ran["precision"]
             pool = _Pool(device="cpu", actors=max(1, cpus), gpus=0,
-                         batch_size=self.batch_size or _cpu_batch_size())
+                         batch_size=self.batch_size or _cpu_batch_size(), precision=told)
         self.ran = {**ran, "batch_size": pool.batch_size}
         log.info("Ray: at most %d model actor(s) on %s, batches of %d", pool.actors, ran["device"], pool.batch_size)
         return pool
@@ -162,6 +163,10 @@ class _Pool:
     actors: int
     gpus: int  # per actor
     batch_size: int
+    # what every actor is told: the precision resolved once for the pool (auto on the driver's CPU, or on the
+    # GPU the probe ran on), so that nodes with other CPU features never run, or record, another precision
+    # than the run's configuration says; an int8 file's is as asked (its actors run it in int8)
+    precision: str
 
 
 def _cpu_batch_size() -> int:

@@ -105,6 +105,16 @@ def test_a_ray_run_at_bf16_says_bf16_in_every_row_as_a_local_run_does(tmp_path, 
     assert {r["precision"] for r in ray.values() if r["status"] != "error"} == {"bf16"}
 
 
+def test_every_ray_actor_runs_the_precision_the_driver_resolved(tmp_path, awkward, tiny_model, ray_cluster,
+                                                                 monkeypatch):
+    """auto is resolved once for the run: a driver on a CPU with AMX records bf16, and the actors on nodes
+    without it run (and their rows record) bf16 too, not each node's own choice."""
+    monkeypatch.setattr("dinobatch.runtime.cpu.has_amx_bf16", lambda: True)  # this process only: the driver
+    summary, rows = _ray(awkward, tmp_path / "ray", tiny_model, ray_cluster.address)
+    assert summary["config"]["precision"] == "bf16"
+    assert {r["precision"] for r in rows.values() if r["status"] != "error"} == {"bf16"}
+
+
 def test_a_ray_run_of_an_int8_model_records_int8(tmp_path, awkward, tiny_model, ray_cluster):
     int8 = tmp_path / "tiny-int8.pt"
     made = CliRunner().invoke(cli, ["model", "quantize", str(tiny_model), "--calibration", str(awkward),
