@@ -37,10 +37,10 @@ FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAU
 
 def worker_config(node_cpus: int) -> dict[str, int]:
     """The Ray system config a cluster for dinobatch should start with (a local Ray gets it; docs/cluster.md
-    shows `ray start --system-config`): keep up to two idle worker processes a CPU of the largest node. Ray's
-    default keeps one a CPU, which the model actors already fill, so a decode task's worker idle for a
-    second (held back while the actors catch up) is killed, and the next decode task pays a new worker's
-    start and imports (about 1 s): measured on two one-CPU nodes, a sixth of the run's CPU time
+    shows `ray start --system-config`): cap a node's worker processes, actors included, at two a CPU of the
+    largest node. Ray's default cap, the node's CPUs, is filled by the model actors, so a decode task's worker
+    idle for a second (held back while the actors catch up) is killed, and the next decode task pays a new
+    worker's start and imports (about 1 s): measured on two one-CPU nodes, 5 s of a run's 60 s of CPU
     (docs/performance.md, Ray scaling)."""
     return {"num_workers_soft_limit": 2 * max(1, node_cpus)}
 

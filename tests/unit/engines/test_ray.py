@@ -75,6 +75,7 @@ with connected(None):
 """
 
 
+@pytest.mark.slow  # a whole local Ray and a 4 s wait
 def test_a_ray_started_for_the_run_keeps_a_decode_tasks_worker_while_the_model_actors_fill_its_cpus():
     """The Ray that classify starts itself (no --address) keeps an idle decode worker beside the model actors:
     with Ray's defaults (one idle worker a CPU, which the actors fill) the worker was killed after a second's
@@ -83,6 +84,7 @@ def test_a_ray_started_for_the_run_keeps_a_decode_tasks_worker_while_the_model_a
     import subprocess
     import sys
 
+    pytest.importorskip("ray", reason="the ray extra (dinobatch[ray]) is not installed")
     done = subprocess.run([sys.executable, "-c", _WORKER_KEPT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     first, second = done.stdout.split()[-2:]
