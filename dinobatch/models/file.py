@@ -28,6 +28,7 @@ from typing import Any
 
 from dinobatch.errors import ModelError
 from dinobatch.models.diagnose import describe_not_torch, matching_archs, refused_global
+from dinobatch.runtime.device import INT8
 
 __all__ = [
     "FORMAT",
@@ -62,7 +63,7 @@ FORMAT_VERSION = 1
 # failing to fit quantized weights into an fp32 network; fp32 files stay version 1, byte for byte
 INT8_FORMAT_VERSION = 2
 PRECISION_FP32 = "fp32"
-PRECISION_INT8 = "int8"
+PRECISION_INT8 = INT8  # a file's precision field: the runtime's int8, one spelling (runtime.device.INT8)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
