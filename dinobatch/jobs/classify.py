@@ -39,7 +39,7 @@ from dinobatch.schema import Col, cache_schema, file_index_schema, row_schema, s
 from dinobatch.stages.decode import Contents
 from dinobatch.stages.group import duplicates
 from dinobatch.stages.infer import Predictor
-from dinobatch.stages.rows import FileOutcomes, RowContext, file_errors, path_order, row_batches, row_stats
+from dinobatch.stages.rows import FileOutcomes, RowContext, RowStats, file_errors, path_order, row_batches, row_stats
 from dinobatch.store.results import ResultsDir
 from dinobatch.store.species import default_species_csv, load_species
 
@@ -132,25 +132,45 @@ def _classify_empty(cfg: ClassifyConfig, out: ResultsDir, files: pa.Table, *, t0
              "put the images there, in any sub-folders, and run again", cfg.folder)
     model, model_row = _unloaded_model(cfg.model)
     _check_asked_runtime(cfg)
+    shas = pa.chunked_array([], pa.string())
+    written = _write_cached_rows(cfg, out, files, shas, files[Col.ERROR], cache_schema().empty_table(),
+                                 model_name=model["name"], fingerprint=model["fingerprint"] or "", labels=[])
+    summary = RunSummary(
+        run_id=written.run_id, rows_file=str(written.rows_file), files=0, counts=written.stats.counts, inferred=0,
+        reused=0, duplicate_groups=0, seconds=round(time.monotonic() - t0, 3), images_per_second=None,
+        model=model, runtime=NO_RUNTIME, config=cfg.to_dict(), process=untuned_process(_EMPTY),
+        started=written.started.isoformat(), finished=datetime.now(timezone.utc).isoformat())
+    return _record(out, summary, _seen(files, shas, model_row), hashed_at, written.metadata)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A rows file written without inference, and what its summary and record need."""
+
+    run_id: str
+    started: datetime
+    rows_file: Path
+    stats: RowStats
+    metadata: dict[bytes, bytes]
+
+
+def _write_cached_rows(cfg: ClassifyConfig, out: ResultsDir, files: pa.Table, shas: pa.ChunkedArray,
+                       errors: pa.ChunkedArray, content: pa.Table, *, model_name: str, fingerprint: str,
+                       labels: list[str]) -> _Written:
+    """The rows of a run that infers nothing (a folder with nothing to classify, an unchanged rerun): every
+    file's row from content, the cache's predictions, under a run id taken as any run takes it."""
     species = load_species(cfg.species if cfg.species else default_species_csv())
     started = _start_time(out)
     out.remove_leftovers()
-    run_id, fingerprint = new_run_id(started), model["fingerprint"] or ""
-    metadata = schema_metadata(version=__version__, model_name=model["name"], model_fingerprint=fingerprint,
-                               labels=[], folder=cfg.folder)
-    ctx = RowContext(run_id=run_id, model_name=model["name"], model_fingerprint=fingerprint, labels=[],
+    run_id = new_run_id(started)
+    metadata = schema_metadata(version=__version__, model_name=model_name, model_fingerprint=fingerprint,
+                               labels=labels, folder=cfg.folder)
+    ctx = RowContext(run_id=run_id, model_name=model_name, model_fingerprint=fingerprint, labels=labels,
                      top_k=cfg.top_k, embeddings=cfg.embeddings, species=species)
-    shas = pa.chunked_array([], pa.string())
-    content = cache_schema().empty_table()
-    outcomes = _outcomes(cfg, files, shas, files[Col.ERROR], _Inferred({}, set(), 0.0, None), content)
+    outcomes = _outcomes(cfg, files, shas, errors, _Inferred({}, set(), 0.0, None), content)
     stats = row_stats(outcomes)
     rows_file = out.write_rows(run_id, row_batches(outcomes, content, ctx), row_schema(metadata))
-    summary = RunSummary(
-        run_id=run_id, rows_file=str(rows_file), files=0, counts=stats.counts, inferred=0, reused=0,
-        duplicate_groups=0, seconds=round(time.monotonic() - t0, 3), images_per_second=None, model=model,
-        runtime=NO_RUNTIME, config=cfg.to_dict(), process=untuned_process(_EMPTY), started=started.isoformat(),
-        finished=datetime.now(timezone.utc).isoformat())
-    return _record(out, summary, _seen(files, shas, model_row), hashed_at, metadata)
+    return _Written(run_id, started, rows_file, stats, metadata)
 
 
 # A run that loads no model: its summary's runtime, and its saved configuration keeps the device and precision
@@ -189,25 +209,19 @@ def _rerun_unchanged(cfg: ClassifyConfig, out: ResultsDir, found: unchanged.Unch
                      hashed_at: int) -> RunSummary:
     """The rows, summary and file index the normal path writes when it finds nothing to infer, rebuilt
     from the cache: the model, runtime and resolved configuration are the last run's, which asked the same."""
-    species = load_species(cfg.species if cfg.species else default_species_csv())
-    started = _start_time(out)
-    out.remove_leftovers()
-    model, run_id = found.previous["model"], new_run_id(started)
-    metadata = schema_metadata(version=__version__, model_name=model["name"], model_fingerprint=model["fingerprint"],
-                               labels=found.labels, folder=cfg.folder)
-    ctx = RowContext(run_id=run_id, model_name=model["name"], model_fingerprint=model["fingerprint"],
-                     labels=found.labels, top_k=cfg.top_k, embeddings=cfg.embeddings, species=species)
-    outcomes = _outcomes(cfg, found.files, found.shas, found.errors, _Inferred({}, set(), 0.0, None), found.content)
-    stats = row_stats(outcomes)
-    rows_file = out.write_rows(run_id, row_batches(outcomes, found.content, ctx), row_schema(metadata))
+    model = found.previous["model"]
+    written = _write_cached_rows(cfg, out, found.files, found.shas, found.errors, found.content,
+                                 model_name=model["name"], fingerprint=model["fingerprint"], labels=found.labels)
     log.info("unchanged rerun: %d files, every prediction from the cache (torch not imported)", found.files.num_rows)
+    stats = written.stats
     summary = RunSummary(
-        run_id=run_id, rows_file=str(rows_file), files=found.files.num_rows, counts=stats.counts, inferred=0,
-        reused=found.content.num_rows, duplicate_groups=stats.groups, seconds=round(time.monotonic() - t0, 3),
-        images_per_second=None, model=model, runtime=found.previous["runtime"], config=found.config,
-        process=untuned_process(_UNCHANGED, found.previous.get("process")), started=started.isoformat(),
+        run_id=written.run_id, rows_file=str(written.rows_file), files=found.files.num_rows, counts=stats.counts,
+        inferred=0, reused=found.content.num_rows, duplicate_groups=stats.groups,
+        seconds=round(time.monotonic() - t0, 3), images_per_second=None, model=model,
+        runtime=found.previous["runtime"], config=found.config,
+        process=untuned_process(_UNCHANGED, found.previous.get("process")), started=written.started.isoformat(),
         finished=datetime.now(timezone.utc).isoformat(), errors=stats.errors)
-    return _record(out, summary, _seen(found.files, found.shas, found.model_row), hashed_at, metadata)
+    return _record(out, summary, _seen(found.files, found.shas, found.model_row), hashed_at, written.metadata)
 
 
 def _seen(files: pa.Table, shas: pa.ChunkedArray, model_row: pa.Table | None) -> pa.Table:

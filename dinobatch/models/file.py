@@ -213,26 +213,27 @@ def save_model(path: str | Path, spec: ModelSpec, state_dict: dict) -> str:
 
 
 def _read_model_bytes(path: Path) -> bytes:
-    """A model file's bytes, or the ModelError that says why the path cannot be read as one."""
+    """A model file's bytes, or the ModelError that says why the path cannot be read as one or why its bytes
+    are no PyTorch file (named before torch.load, whose errors on such bytes mislead)."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError as exc:
         raise ModelError(f"model file not found: {path}") from exc
     except IsADirectoryError as exc:
         raise ModelError(f"model path is a folder, not a file: {path}") from exc
     except OSError as exc:
         raise ModelError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    what = describe_not_torch(data)
+    if what is not None:
+        raise ModelError(f"{path} is not a PyTorch file: {what}")
+    return data
 
 
 def model_file_fingerprint(path: str | Path) -> str:
     """A model file's fingerprint without loading it (nor importing torch), for a run with nothing to
     classify; a path that cannot be read, or whose bytes are not a PyTorch file, is refused as load_model
     refuses it."""
-    data = _read_model_bytes(Path(path))
-    what = describe_not_torch(data)
-    if what is not None:
-        raise ModelError(f"{path} is not a PyTorch file: {what}")
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(_read_model_bytes(Path(path))).hexdigest()
 
 
 def imagenet_weights_member(arch: str, weights_name: str = "DEFAULT"):
@@ -253,9 +254,6 @@ def _torch_load(path: Path) -> tuple[Any, str]:
     import pickle
 
     data = _read_model_bytes(path)  # read once: the fingerprint must describe the weights loaded
-    what = describe_not_torch(data)
-    if what is not None:  # named before torch.load, whose errors on such bytes mislead
-        raise ModelError(f"{path} is not a PyTorch file: {what}")
     import torch
 
     try:
